@@ -1,0 +1,55 @@
+"""Causal attention over a sequence's cached context (SDPA with GQA), shared by every cache layout."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(q_len: int, ctx_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Bool mask [q_len, ctx_len] (True = attend) for new tokens at the end of a context; None if full."""
+    offset = ctx_len - q_len
+    if q_len == 1 and (sliding_window is None or ctx_len <= sliding_window):
+        return None
+    rows = torch.arange(q_len, device=device)[:, None] + offset
+    cols = torch.arange(ctx_len, device=device)[None, :]
+    mask = cols <= rows
+    if sliding_window is not None:
+        mask &= cols > rows - sliding_window
+    return mask
+
+
+def attend_one(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None = None
+) -> torch.Tensor:
+    """q: [q_len, H, D]; k, v: [ctx_len, KVH, D] -> [q_len, H, D]."""
+    q_len, ctx_len = q.shape[0], k.shape[0]
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+    kh = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+    vh = v.transpose(0, 1).unsqueeze(0)
+    gqa = qh.shape[1] != kh.shape[1]
+    if q_len == ctx_len and sliding_window is None:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        mask = causal_mask(q_len, ctx_len, sliding_window, q.device)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.squeeze(0).transpose(0, 1)  # [q_len, H, D]
+
+
+def decode_mask(context_lens: torch.Tensor, max_len: int, sliding_window: int | None) -> torch.Tensor:
+    """Bool mask [B, 1, 1, max_len] for one new token per sequence over padded contexts."""
+    cols = torch.arange(max_len, device=context_lens.device)[None, :]
+    mask = cols < context_lens[:, None]
+    if sliding_window is not None:
+        mask &= cols >= (context_lens[:, None] - sliding_window)
+    return mask[:, None, None, :]
+
+
+def attend_decode_batch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q: [B, H, D]; k, v: [B, KVH, L, D] padded; mask [B,1,1,L] -> [B, H, D]."""
+    qh = q.unsqueeze(2)  # [B, H, 1, D]
+    gqa = qh.shape[1] != k.shape[1]
+    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.squeeze(2)

@@ -1,0 +1,63 @@
+"""A contiguous KV cache: one preallocated [max_seqs, max_len] row per sequence. The reference layout."""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.config import ModelConfig
+from slimlm.kv.attention import attend_decode_batch, attend_one, decode_mask
+from slimlm.kv.metadata import AttnMetadata
+
+
+class ContiguousKVCache:
+    """Each sequence owns row `meta.slots[i]`; simple and exact, used for single-sequence generation."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_seqs: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (config.num_hidden_layers, max_seqs, max_len, config.num_key_value_heads, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.sliding_window = config.sliding_window
+        self.scale = config.head_dim**-0.5
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata
+    ) -> torch.Tensor:
+        slots = meta.slots or list(range(meta.num_seqs))
+        kc, vc = self.k[layer], self.v[layer]
+        start = 0
+        for slot, q_len, ctx in zip(slots, meta.query_lens, meta.context_lens, strict=True):
+            if ctx > self.max_len:
+                raise ValueError(f"context of {ctx} tokens exceeds the cache's {self.max_len}")
+            kc[slot, ctx - q_len : ctx] = k[start : start + q_len]
+            vc[slot, ctx - q_len : ctx] = v[start : start + q_len]
+            start += q_len
+        if meta.is_decode and meta.num_seqs > 1:
+            max_ctx = max(meta.context_lens)
+            idx = torch.tensor(slots, device=q.device)
+            mask = meta.step_cache.get("contiguous_mask")
+            if mask is None:
+                lens = torch.tensor(meta.context_lens, device=q.device)
+                mask = meta.step_cache["contiguous_mask"] = decode_mask(lens, max_ctx, self.sliding_window)
+            keys = kc[idx, :max_ctx].transpose(1, 2)  # [B, KVH, L, D]
+            values = vc[idx, :max_ctx].transpose(1, 2)
+            return attend_decode_batch(q, keys, values, mask, self.scale)
+        outs = []
+        start = 0
+        for slot, q_len, ctx in zip(slots, meta.query_lens, meta.context_lens, strict=True):
+            outs.append(
+                attend_one(q[start : start + q_len], kc[slot, :ctx], vc[slot, :ctx], self.scale, self.sliding_window)
+            )
+            start += q_len
+        return torch.cat(outs, dim=0)

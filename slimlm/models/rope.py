@@ -1,0 +1,91 @@
+"""Rotary position embeddings with linear, dynamic NTK-aware and Llama-3 style scaling.
+
+The frequency math mirrors HF transformers' `modeling_rope_utils` (fp32 throughout) so that logits match.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from slimlm.config import ModelConfig
+
+
+def base_inv_freq(dim: int, base: float, device: torch.device | str | None = None) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low: float, high: float, orig_len: int) -> torch.Tensor:
+    """Llama-3.1 scaling: long wavelengths divided by `factor`, short kept, a smooth band between."""
+    low_wavelen = orig_len / low
+    high_wavelen = orig_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (orig_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Computes cos/sin for explicit positions; applies them in the HF "rotate half" layout."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.dim = config.head_dim
+        self.base = config.rope_theta
+        self.scaling = config.rope_scaling
+        self.max_position_embeddings = config.max_position_embeddings
+        inv_freq = base_inv_freq(self.dim, self.base, device)
+        if self.scaling is not None:
+            kind = self.scaling.rope_type
+            if kind == "linear":
+                inv_freq = inv_freq / self.scaling.factor
+            elif kind == "llama3":
+                orig = self.scaling.original_max_position_embeddings or self.max_position_embeddings
+                inv_freq = llama3_inv_freq(
+                    inv_freq, self.scaling.factor, self.scaling.low_freq_factor, self.scaling.high_freq_factor, orig
+                )
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _dynamic_inv_freq(self, seq_len: torch.Tensor) -> torch.Tensor:
+        """NTK-aware base growth past the trained length; seq_len: [N] -> inv_freq [N, dim/2]."""
+        orig = self.scaling.original_max_position_embeddings or self.max_position_embeddings
+        factor = self.scaling.factor
+        seq_len = torch.clamp(seq_len.to(torch.float32), min=orig)
+        base = self.base * ((factor * seq_len / orig) - (factor - 1)) ** (self.dim / (self.dim - 2))
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=seq_len.device).float() / self.dim
+        inv = 1.0 / (base[:, None] ** exponents[None, :])
+        # Within the trained length HF keeps the unscaled frequencies exactly.
+        within = (seq_len <= orig)[:, None]
+        return torch.where(within, self.inv_freq[None, :].to(inv.device), inv)
+
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype, scale_lens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> (cos, sin) each [T, head_dim] in `dtype`.
+
+        scale_lens ([T], dynamic scaling only) is the sequence length that sets each token's base,
+        as HF does with `max(position_ids) + 1` of the forward that computes the token.
+        """
+        pos = positions.to(torch.float32)
+        if self.scaling is not None and self.scaling.rope_type == "dynamic":
+            lens = scale_lens if scale_lens is not None else positions + 1
+            freqs = pos[:, None] * self._dynamic_inv_freq(lens)  # [T, dim/2]
+        else:
+            freqs = pos[:, None] * self.inv_freq[None, :].to(pos.device)  # [T, dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    return x * cos + rotate_half(x) * sin
