@@ -1,0 +1,123 @@
+"""Load a model (HF directory, GGUF file or the embedded default) into slimlm's model classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimlm.config import ModelConfig
+from slimlm.errors import SlimlmError
+from slimlm.loading.default_model import DEFAULT_ALIAS, default_model_path, resolve_model_path
+from slimlm.loading.weights import fill_weights
+from slimlm.models import build_model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: ModelConfig
+    tokenizer: Any
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+    load_seconds: float = 0.0
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise SlimlmError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    if dtype not in DTYPES:
+        raise SlimlmError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def load(
+    model: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> LoadedModel:
+    """Load weights, config and tokenizer. `model`: HF dir, .gguf file, alias, or None (embedded default)."""
+    import time
+
+    start = time.perf_counter()
+    torch_dtype = parse_dtype(dtype)
+    path = resolve_model_path(model)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise SlimlmError(f"{path} is not a .gguf file; pass a GGUF file or an HF model directory")
+        loaded = _load_gguf(path, torch_dtype, device, progress)
+    elif path.is_dir():
+        loaded = _load_hf_dir(path, torch_dtype, device, progress)
+    else:
+        raise SlimlmError(f"{path} is neither a file nor a directory")
+    loaded.load_seconds = time.perf_counter() - start
+    return loaded
+
+
+def load_config(model: str | None) -> ModelConfig:
+    """Only the config (no weights): for planning and start-up reports."""
+    path = resolve_model_path(model)
+    if path.is_file():
+        from slimlm.loading.gguf_file import config_from_gguf, gguf_metadata, open_gguf
+
+        reader = open_gguf(path)
+        meta = gguf_metadata(reader)
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
+        return config_from_gguf(meta, {t.name for t in reader.tensors}, vocab)
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelConfig.from_json_file(path / "config.json")
+    if path.suffix == ".json" and path.is_file():
+        return ModelConfig.from_json_file(path)
+    raise SlimlmError(f"{path} is not a model: expected an HF directory with config.json or a .gguf file")
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device, progress: bool) -> LoadedModel:
+    from slimlm.loading.gguf_file import config_from_gguf, gguf_metadata, iter_gguf_tensors, open_gguf, tensor_to_torch
+    from slimlm.tokenizer import Tokenizer
+
+    reader = open_gguf(path)
+    meta = gguf_metadata(reader, skip_tokenizer_arrays=False)
+    vocab = len(meta.get("tokenizer.ggml.tokens") or []) or None
+    config = config_from_gguf(meta, {t.name for t in reader.tensors}, vocab)
+    config.torch_dtype = str(dtype).removeprefix("torch.")
+    tokenizer = Tokenizer.from_gguf(meta)
+    model = build_model(config, dtype, device)
+    tensors = ((name, tensor_to_torch(arr, dtype)) for name, arr in iter_gguf_tensors(reader, config))
+    fill_weights(model, tensors, len(reader.tensors), f"loading {path.name}", progress)
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_ids}
+    return LoadedModel(model, config, tokenizer, gen, path)
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype, device, progress: bool) -> LoadedModel:
+    from slimlm.loading.safetensors_dir import count_tensors, iter_safetensors, read_generation_config, safetensors_files
+    from slimlm.tokenizer import Tokenizer
+
+    if not (path / "config.json").is_file():
+        raise SlimlmError(f"{path} is not a model directory: config.json is missing")
+    config = ModelConfig.from_json_file(path / "config.json")
+    files = safetensors_files(path)
+    if config.quantization:
+        from slimlm.loading.quantized import load_quantized_dir
+
+        model = load_quantized_dir(path, config, files, dtype, device, progress)
+    else:
+        model = build_model(config, dtype, device)
+        fill_weights(model, iter_safetensors(files), count_tensors(files), f"loading {path.name}", progress)
+    config.torch_dtype = str(dtype).removeprefix("torch.")
+    tokenizer = Tokenizer.from_hf_dir(path)
+    gen = read_generation_config(path)
+    if gen.get("eos_token_id") is not None:
+        eos = gen["eos_token_id"]
+        config.eos_token_ids = list(dict.fromkeys(config.eos_token_ids + ([eos] if isinstance(eos, int) else list(eos))))
+    return LoadedModel(model, config, tokenizer, gen, path)
+
+
+__all__ = ["DEFAULT_ALIAS", "LoadedModel", "default_model_path", "load", "load_config", "parse_dtype"]
