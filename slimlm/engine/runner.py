@@ -1,0 +1,56 @@
+"""The model runner: the only place that turns scheduled sequences into tensors and runs the model."""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.kv.metadata import AttnMetadata
+
+
+class ModelRunner:
+    """Builds the flat batch for a step, runs the model over the paged cache, returns last-token logits."""
+
+    def __init__(self, model, cache, block_size: int, device: torch.device | str) -> None:
+        self.model = model
+        self.cache = cache
+        self.block_size = block_size
+        self.device = torch.device(device)
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, seqs: list, is_prefill: bool) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        for seq in seqs:
+            total = seq.num_tokens
+            start = seq.num_cached_tokens if is_prefill else total - 1
+            input_ids.extend(seq.token_ids[start:total])
+            positions.extend(range(start, total))
+            slots.extend(self._slots(seq.block_table, start, total))
+            query_lens.append(total - start)
+            context_lens.append(total)
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        tables = [seq.block_table + [-1] * (max_blocks - len(seq.block_table)) for seq in seqs]
+        dev = self.device
+        meta = AttnMetadata(
+            query_lens=query_lens,
+            context_lens=context_lens,
+            block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return ids, pos, meta
+
+    @torch.inference_mode()
+    def run(self, seqs: list, is_prefill: bool) -> torch.Tensor:
+        """-> float32 logits [num_seqs, vocab] for the last token of each sequence."""
+        ids, pos, meta = self.prepare(seqs, is_prefill)
+        hidden = self.model(ids, pos, self.cache, meta)
+        last = torch.cumsum(torch.tensor(meta.query_lens, device=self.device), 0) - 1
+        return self.model.compute_logits(hidden[last])

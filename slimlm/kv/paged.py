@@ -1,0 +1,94 @@
+"""The engine's paged KV pool: fixed-size blocks per layer, addressed through per-sequence block tables.
+
+Storage formats (bf16/fp16/fp32 here, int8/int4 in `slimlm.kv.quantized`) override `_store` and `_load`;
+the attention logic is shared.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.config import ModelConfig
+from slimlm.kv.attention import attend_decode_batch, attend_one, decode_mask
+from slimlm.kv.metadata import AttnMetadata
+
+
+class PagedKVCache:
+    """Pool of `num_blocks` blocks of `block_size` tokens for every layer, K and V."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.compute_dtype = dtype
+        self.scale = config.head_dim**-0.5
+        self.sliding_window = config.sliding_window
+        self._allocate(config.num_hidden_layers, device)
+
+    # ---- storage format: subclasses replace these three ----
+    def _allocate(self, num_layers: int, device) -> None:
+        shape = (num_layers, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        # empty, not zeros: pages are committed by the OS only when first written.
+        self.k = torch.empty(shape, dtype=self.compute_dtype, device=device)
+        self.v = torch.empty(shape, dtype=self.compute_dtype, device=device)
+
+    def _store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, k.to(self.k.dtype))
+        self.v[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, v.to(self.v.dtype))
+
+    def _load(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """blocks: [..., n] block ids -> K, V [..., n * block_size, KVH, D] in the compute dtype."""
+        k = self.k[layer][blocks]  # [..., n, bs, KVH, D]
+        v = self.v[layer][blocks]
+        return k.flatten(-4, -3), v.flatten(-4, -3)
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * elem
+
+    # ---- shared ----
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.storage_tensors())
+
+    def storage_tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v]
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata
+    ) -> torch.Tensor:
+        self._store(layer, meta.slot_mapping, k, v)
+        tables = meta.block_tables
+        if meta.is_decode:
+            mask = meta.step_cache.get("paged_mask")
+            if mask is None:
+                lens = torch.tensor(meta.context_lens, device=q.device)
+                mask = meta.step_cache["paged_mask"] = decode_mask(
+                    lens, tables.shape[1] * self.block_size, self.sliding_window
+                )
+            keys, values = self._load(layer, tables.clamp(min=0))  # [B, L, KVH, D]
+            keys = keys.transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
+            values = values.transpose(1, 2).to(q.dtype)
+            return attend_decode_batch(q, keys, values, mask, self.scale)
+        outs = []
+        start = 0
+        for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
+            n_blocks = -(-ctx // self.block_size)
+            keys, values = self._load(layer, tables[i, :n_blocks])
+            outs.append(
+                attend_one(
+                    q[start : start + q_len], keys[:ctx].to(q.dtype), values[:ctx].to(q.dtype),
+                    self.scale, self.sliding_window,
+                )
+            )
+            start += q_len
+        return torch.cat(outs, dim=0)
