@@ -53,7 +53,7 @@ def test_rope_scaling_changes_the_logits():
         scaled = slimlm_from_hf(make_hf_model(arch))
         with torch.no_grad():
             diff = (scaled.forward_dense(ids) - plain.forward_dense(ids)).abs().max()
-        assert diff > 1e-3, arch
+        assert diff > 5e-4, arch  # well above the 1e-4 parity tolerance
 
 
 def test_mixed_batch_in_one_contiguous_step_equals_separate_runs():
