@@ -1,0 +1,36 @@
+"""KV caches. The model only calls `cache.attend(layer, q, k, v, meta)`; these classes differ in storage."""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.config import ModelConfig
+from slimlm.errors import SlimlmError
+from slimlm.kv.paged import PagedKVCache
+
+_FLOAT_KV = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def kv_cache_class(kv_dtype: str) -> type[PagedKVCache]:
+    if kv_dtype in ("auto", *_FLOAT_KV):
+        return PagedKVCache
+    if kv_dtype in ("int8", "int4"):
+        from slimlm.kv.quantized import QUANTIZED_CACHES
+
+        return QUANTIZED_CACHES[kv_dtype]
+    raise SlimlmError(f"unknown KV dtype {kv_dtype!r}; choose one of auto, bf16, fp16, fp32, int8, int4")
+
+
+def kv_storage_dtype(kv_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The element type a float cache stores (quantized caches ignore it)."""
+    return _FLOAT_KV.get(kv_dtype, compute_dtype)
+
+
+def make_kv_cache(
+    config: ModelConfig, num_blocks: int, block_size: int, kv_dtype: str, compute_dtype: torch.dtype, device
+) -> PagedKVCache:
+    cls = kv_cache_class(kv_dtype)
+    cache = cls(config, num_blocks, block_size, dtype=kv_storage_dtype(kv_dtype, compute_dtype), device=device)
+    cache.kv_dtype = kv_dtype if kv_dtype != "auto" else {v: k for k, v in _FLOAT_KV.items()}[compute_dtype]
+    return cache
+

@@ -1,0 +1,88 @@
+"""`slimlm chat`: interactive streaming multi-turn chat. The history's KV is reused via the prefix cache."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from slimlm.commands.common import add_engine_args, add_model_args, add_sampling_args, llm_from_args, sampling_params_from_args
+
+HELP = "commands: /reset (new conversation), /system TEXT (set system prompt and reset), /exit"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--stats", action="store_true", help="after each reply print prefill/cached tokens and speed")
+    add_model_args(p)
+    add_engine_args(p)
+    add_sampling_args(p)
+
+
+class ChatSession:
+    """The conversation state; each turn renders the whole history and lets the prefix cache skip it."""
+
+    def __init__(self, llm, params, system: str | None) -> None:
+        self.llm, self.params, self.system = llm, params, system
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def reply(self, user_text: str):
+        """Yields text pieces of the assistant's reply; records it in the history when done."""
+        self.messages.append({"role": "user", "content": user_text})
+        prompt = self.llm.chat_prompt(self.messages)
+        stats = self.llm.engine.stats
+        computed_before = stats.computed_prompt_tokens
+        pieces = []
+        start = time.perf_counter()
+        for out in self.llm.stream(prompt, self.params):
+            pieces.append(out.text)
+            yield out.text
+        elapsed = time.perf_counter() - start
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        self.last_turn = {
+            "prompt_tokens": len(prompt),
+            "prefill_tokens": stats.computed_prompt_tokens - computed_before,
+            "seconds": elapsed,
+        }
+
+
+def run(args: argparse.Namespace) -> int:
+    params = sampling_params_from_args(args)
+    llm = llm_from_args(args)
+    print(llm.memory_report_text(), file=sys.stderr)
+    session = ChatSession(llm, params, args.system)
+    print(HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            session.system = text[len("/system"):].strip() or None
+            session.reset()
+            print("(system prompt set; new conversation)", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]}; {HELP}", file=sys.stderr)
+            continue
+        for piece in session.reply(text):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if args.stats:
+            t = session.last_turn
+            print(f"[prompt {t['prompt_tokens']} tokens, prefilled {t['prefill_tokens']}, {t['seconds']:.2f}s]", file=sys.stderr)
