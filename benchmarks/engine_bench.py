@@ -1,0 +1,25 @@
+"""Engine benchmark (issue 3): slimlm vs transformers vs llama-cpp-python on SmolLM2-135M, one run.
+
+    python benchmarks/engine_bench.py [--dtype bfloat16] [--runs 3]
+
+Writes benchmarks/results/engine_bench_<dtype>.json and prints the table with ratios.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from slimlm.bench.run import print_table, run_bench
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peers", default="slimlm,transformers,llama.cpp")
+    args = ap.parse_args()
+    results = run_bench(None, args.dtype, tuple(args.peers.split(",")), args.runs, threads=args.threads)
+    print_table(results)
+    out = Path(__file__).parent / "results" / f"engine_bench_{args.dtype}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")

@@ -1,0 +1,121 @@
+"""Run the engine benchmark for slimlm and its peers in one process, one after another, same threads."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+from typing import Any
+
+import torch
+
+from slimlm.bench.peers import LlamaCppRunner, SlimlmRunner, TransformersRunner
+from slimlm.bench.workload import make_prompts
+from slimlm.errors import SlimlmError
+
+PEERS = ("slimlm", "transformers", "llama.cpp")
+
+
+def _measure(runner, prompts, prompt_single, gen_len: int, runs: int, log) -> dict[str, Any]:
+    firsts, rates, throughputs = [], [], []
+    runner.first_and_rate(prompt_single[:16], 4)  # warm-up: allocator, kernels, caches
+    for i in range(runs):
+        first, rate = runner.first_and_rate(prompt_single, gen_len)
+        firsts.append(first)
+        rates.append(rate)
+        throughputs.append(runner.throughput(prompts, gen_len))
+        log(f"  {runner.name} run {i + 1}/{runs}: ttft {first * 1000:.0f} ms, decode {rate:.1f} tok/s, "
+            f"{len(prompts)}-way {throughputs[-1]:.1f} tok/s")
+    return {
+        "ttft_s": statistics.median(firsts),
+        "decode_tok_s": statistics.median(rates),
+        "throughput_tok_s": statistics.median(throughputs),
+        "runs": {"ttft_s": firsts, "decode_tok_s": rates, "throughput_tok_s": throughputs},
+    }
+
+
+def run_bench(
+    model: str | None = None,
+    dtype: str = "auto",
+    peers: tuple[str, ...] = PEERS,
+    runs: int = 3,
+    concurrency: int = 16,
+    prompt_len: int = 128,
+    gen_len: int = 128,
+    threads: int | None = None,
+    log=print,
+) -> dict[str, Any]:
+    from slimlm.engine.llm import LLM, resolve_dtype
+
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        raise SlimlmError(f"unknown peer(s) {', '.join(sorted(unknown))}; choose from {', '.join(PEERS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    dtype = resolve_dtype(dtype, torch.device("cpu"))
+    llm = LLM(model, dtype=dtype, device="cpu", kv_cache_tokens=(concurrency + 1) * (prompt_len + gen_len + 16), progress=False)
+    prompts = make_prompts(llm.tokenizer, concurrency + 1, prompt_len)
+    single, batch = prompts[0], prompts[1:]
+    results: dict[str, Any] = {
+        "model": str(llm.loaded.source), "dtype": dtype, "threads": threads, "runs": runs,
+        "concurrency": concurrency, "prompt_len": prompt_len, "gen_len": gen_len, "systems": {},
+    }
+    log(f"benchmark: {llm.loaded.source.name}, {dtype}, {threads} threads, median of {runs} runs")
+    if "slimlm" in peers:
+        results["systems"]["slimlm"] = _measure(SlimlmRunner(llm), batch, single, gen_len, runs, log)
+    del llm
+    gc.collect()
+    if "transformers" in peers:
+        try:
+            runner = TransformersRunner(results_source(results), getattr(torch, dtype))
+            results["systems"]["transformers"] = _measure(runner, batch, single, gen_len, runs, log)
+            del runner
+            gc.collect()
+        except ImportError:
+            results["systems"]["transformers"] = {"unavailable": "pip install transformers accelerate"}
+    if "llama.cpp" in peers:
+        if not str(results["model"]).endswith(".gguf"):
+            results["systems"]["llama.cpp"] = {"unavailable": "needs a GGUF model"}
+        else:
+            try:
+                runner = LlamaCppRunner(results["model"], threads, n_ctx=prompt_len + gen_len + 64)
+                results["systems"]["llama.cpp"] = _measure(runner, batch, single, gen_len, runs, log)
+            except ImportError:
+                results["systems"]["llama.cpp"] = {"unavailable": "pip install llama-cpp-python (slimlm[bench])"}
+    return results
+
+
+def results_source(results: dict[str, Any]):
+    from pathlib import Path
+
+    return Path(results["model"])
+
+
+def ratio_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(system, metric values..., ratio vs slimlm) rows for printing."""
+    base = results["systems"].get("slimlm", {})
+    rows = []
+    for name, r in results["systems"].items():
+        if "unavailable" in r:
+            rows.append((name, "-", "-", "-", f"unavailable: {r['unavailable']}"))
+            continue
+        ratios = ""
+        if name != "slimlm" and "decode_tok_s" in base:
+            ratios = (f"slimlm decode {base['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
+                      f"throughput {base['throughput_tok_s'] / r['throughput_tok_s']:.2f}x, "
+                      f"ttft {r['ttft_s'] / base['ttft_s']:.2f}x faster")
+        rows.append((name, f"{r['ttft_s'] * 1000:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['throughput_tok_s']:.1f}", ratios))
+    return rows
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{results['concurrency']} x {results['prompt_len']}/{results['gen_len']} tokens, "
+                        f"{results['dtype']}, {results['threads']} threads, median of {results['runs']}")
+    for col in ("system", "TTFT ms", "batch-1 decode tok/s", f"{results['concurrency']}-way tok/s", "slimlm vs peer"):
+        table.add_column(col)
+    for row in ratio_rows(results):
+        table.add_row(*row)
+    Console().print(table)

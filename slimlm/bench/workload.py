@@ -1,0 +1,44 @@
+"""The benchmark workload: prompts of an exact token length cut from text nobody here wrote."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+def corpus_text() -> str:
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def make_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+    """n different prompts of exactly `length` tokens (consecutive windows of the corpus)."""
+    ids = tokenizer.encode(corpus_text()[: 200_000], add_special_tokens=False)
+    if len(ids) < n * length:
+        raise ValueError("corpus too short for the requested prompts")
+    return [ids[i * length : (i + 1) * length] for i in range(n)]
+
+
+@dataclass
+class Measurement:
+    name: str
+    values: list[float] = field(default_factory=list)
+    unit: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+
+def repeat(fn: Callable[[], float], runs: int) -> list[float]:
+    return [fn() for _ in range(runs)]
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result

@@ -1,0 +1,34 @@
+"""`slimlm bench`: slimlm vs transformers vs llama.cpp on the same model, dtype and threads, in one run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="model (default: the embedded smollm2-135m GGUF)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto")
+    p.add_argument("--peers", default="slimlm,transformers,llama.cpp", help="comma-separated systems to run")
+    p.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimlm.bench.run import print_table, run_bench
+    from slimlm.errors import SlimlmError
+
+    for name in ("runs", "concurrency", "prompt_len", "gen_len"):
+        if getattr(args, name) <= 0:
+            raise SlimlmError(f"--{name.replace('_', '-')} must be positive")
+    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
+    results = run_bench(args.model, args.dtype, peers, args.runs, args.concurrency, args.prompt_len, args.gen_len, args.threads)
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
