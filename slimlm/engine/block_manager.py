@@ -136,7 +136,9 @@ class BlockManager:
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
         if not self.can_allocate(seq):
-            raise RuntimeError(f"not enough free KV blocks for sequence {seq.seq_id}; check can_allocate first")
+            raise RuntimeError(
+                f"not enough free KV blocks for sequence {seq.seq_id}; check can_allocate first"
+            )
         matched = self._matched_blocks(seq)
         for block in matched:
             if block.ref_count == 0:
@@ -153,7 +155,9 @@ class BlockManager:
             seq.block_table.append(block.block_id)
             if i < num_full:
                 # Announce the content now (still uncomputed) so prefix_in_flight can see it.
-                self._register(block, self._full_block_hashes(seq, i + 1)[i], seq.block_token_ids(i, self.block_size))
+                self._register(
+                    block, self._full_block_hashes(seq, i + 1)[i], seq.block_token_ids(i, self.block_size)
+                )
 
     def can_append(self, seq: Sequence) -> bool:
         """True when the sequence's newest token has a slot or a free block can provide one."""

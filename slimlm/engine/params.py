@@ -21,9 +21,7 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)  # type: ignore[arg-type]
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)  # type: ignore[arg-type]
     )
 
 
@@ -61,7 +59,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
+        _check(
+            _is_int(self.max_tokens) and self.max_tokens >= 1,
+            "max_tokens",
+            self.max_tokens,
+            "an integer >= 1",
+        )
         _check(
             _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
             "min_tokens",
@@ -121,7 +124,9 @@ class SamplingParams:
             self.logprobs,
             f"None or an integer in [0, {MAX_LOGPROBS}]",
         )
-        _check(_is_int(self.num_beams) and self.num_beams >= 1, "num_beams", self.num_beams, "an integer >= 1")
+        _check(
+            _is_int(self.num_beams) and self.num_beams >= 1, "num_beams", self.num_beams, "an integer >= 1"
+        )
         _check(_is_number(self.length_penalty), "length_penalty", self.length_penalty, "a finite number")
         _check(
             self.early_stopping in (True, False, "never"),

@@ -10,8 +10,8 @@ None of these functions changes its input tensor.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Sequence as Seq
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
@@ -61,15 +61,19 @@ def banned_ngram_tokens(token_ids: Seq[int], ngram_size: int) -> list[int]:
     n = ngram_size
     if n <= 0 or len(token_ids) + 1 < n:
         return []
-    if n == 1:
-        return sorted(set(token_ids))
     tail = tuple(token_ids[len(token_ids) - n + 1 :])
     return sorted(
-        {token_ids[i + n - 1] for i in range(len(token_ids) - n + 1) if tuple(token_ids[i : i + n - 1]) == tail}
+        {
+            token_ids[i + n - 1]
+            for i in range(len(token_ids) - n + 1)
+            if tuple(token_ids[i : i + n - 1]) == tail
+        }
     )
 
 
-def apply_no_repeat_ngram(logits: torch.Tensor, token_ids_lists: Seq[Seq[int]], sizes: Seq[int]) -> torch.Tensor:
+def apply_no_repeat_ngram(
+    logits: torch.Tensor, token_ids_lists: Seq[Seq[int]], sizes: Seq[int]
+) -> torch.Tensor:
     """Ban (-inf) every token that would repeat an n-gram of prompt + generated tokens."""
     out = logits.clone()
     for row, (token_ids, size) in enumerate(zip(token_ids_lists, sizes, strict=True)):
@@ -87,7 +91,9 @@ def apply_min_tokens(
 ) -> torch.Tensor:
     """Ban the stop tokens (eos + stop_token_ids) of rows that have generated fewer than min_tokens."""
     out = logits.clone()
-    for row, (n, minimum, stop_ids) in enumerate(zip(num_generated, min_tokens, stop_token_ids_lists, strict=True)):
+    for row, (n, minimum, stop_ids) in enumerate(
+        zip(num_generated, min_tokens, stop_token_ids_lists, strict=True)
+    ):
         ids = [t for t in stop_ids if t < logits.shape[-1]]
         if n < minimum and ids:
             out[row, ids] = float("-inf")
@@ -204,7 +210,9 @@ def apply_penalties(
     """Every history-dependent processor, each only when some row of the batch asks for it."""
     params = [s.params for s in seqs]
     if any(p.repetition_penalty != 1.0 for p in params):
-        logits = apply_repetition_penalty(logits, [s.token_ids for s in seqs], [p.repetition_penalty for p in params])
+        logits = apply_repetition_penalty(
+            logits, [s.token_ids for s in seqs], [p.repetition_penalty for p in params]
+        )
     if any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params):
         logits = apply_presence_frequency_penalties(
             logits,
@@ -213,7 +221,9 @@ def apply_penalties(
             [p.frequency_penalty for p in params],
         )
     if any(p.no_repeat_ngram_size > 0 for p in params):
-        logits = apply_no_repeat_ngram(logits, [s.token_ids for s in seqs], [p.no_repeat_ngram_size for p in params])
+        logits = apply_no_repeat_ngram(
+            logits, [s.token_ids for s in seqs], [p.no_repeat_ngram_size for p in params]
+        )
     if any(s.num_completion_tokens < s.params.min_tokens for s in seqs):
         eos = list(eos_token_ids)
         logits = apply_min_tokens(
@@ -242,7 +252,3 @@ def sample_next_tokens(
         for i, entry in zip(wanted, computed, strict=True):
             logprobs[i] = entry
     return tokens.tolist(), logprobs
-
-
-def count_tokens(token_ids: Seq[int]) -> Counter[int]:
-    return Counter(token_ids)
