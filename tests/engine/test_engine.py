@@ -123,3 +123,20 @@ def test_memory_report_counts_allocated_bytes(smollm):
     assert report["kv_tokens"] == 1008  # rounded up to whole blocks
     assert report["kv_pool_bytes"] == per_token * 1008 == llm.engine.cache.k.nbytes * 2
     assert report["weights_bytes"] == cfg.num_parameters() * 4 + llm.loaded.model.model.rotary_emb.inv_freq.nbytes
+
+
+@pytest.mark.parametrize("num_beams,length_penalty", [(3, 1.0), (4, 0.5)])
+def test_beam_search_equals_transformers(smollm, hf_smollm, num_beams, length_penalty):
+    import torch
+
+    llm = LLM.from_loaded(smollm, kv_cache_tokens=512)
+    prompt = llm.chat_prompt([{"role": "user", "content": "Name a fruit."}])
+    ours = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0, num_beams=num_beams, length_penalty=length_penalty))[0]
+    with torch.no_grad():
+        ref = hf_smollm.generate(
+            torch.tensor([prompt]), num_beams=num_beams, max_new_tokens=12, do_sample=False,
+            length_penalty=length_penalty, eos_token_id=smollm.config.eos_token_ids, pad_token_id=2,
+        )[0, len(prompt):].tolist()
+    while ref and ref[-1] == 2 and len(ref) > len(ours.token_ids):
+        ref.pop()  # HF pads finished beams with pad = eos
+    assert ours.token_ids == ref
