@@ -1,0 +1,197 @@
+"""The two generation endpoints: translate, submit to the engine thread, answer whole or streamed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from slimlm.server.async_engine import AsyncEngine, EngineFailure, RequestStream
+from slimlm.server.errors import APIError, error_body
+from slimlm.server.metrics import Metrics
+from slimlm.server.protocol import ChatCompletionRequest, CompletionRequest
+from slimlm.server.responses import (
+    ChoiceResult,
+    ResponseMeta,
+    chat_chunk,
+    chat_completion,
+    chat_logprobs,
+    completion,
+    completion_chunk,
+    completion_logprobs,
+    usage_chunk,
+)
+from slimlm.server.streaming import ClientGone, EventStream, sse, unless_disconnected
+from slimlm.server.translate import Prepared, prepare_chat, prepare_completion
+
+_ENGINE_FAILED = "the engine failed while generating this request; it was aborted (details in the server log)"
+
+
+class ConcurrencyLimit:
+    """At most `max_requests` generation requests in flight; the next one gets 429 + Retry-After."""
+
+    def __init__(self, max_requests: int, metrics: Metrics) -> None:
+        self.max_requests = max_requests
+        self.metrics = metrics
+
+    def acquire(self) -> Callable[[], None]:
+        if self.metrics.in_flight >= self.max_requests:
+            self.metrics.rejected_busy += 1
+            raise APIError(
+                429,
+                f"the server is busy: {self.max_requests} requests are in flight; retry shortly",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        self.metrics.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.metrics.in_flight -= 1
+
+        return release
+
+
+class _Timing:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.start = time.perf_counter()
+        self.first: float | None = None
+
+    def token(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+            self.metrics.time_to_first_token.observe(self.first - self.start)
+
+    def done(self, choices: list[ChoiceResult]) -> None:
+        self.metrics.request_latency.observe(time.perf_counter() - self.start)
+        for c in choices:
+            self.metrics.finish_reasons[c.finish_reason or "unknown"] += 1
+
+
+class Generation:
+    """Handlers for /v1/chat/completions and /v1/completions over one AsyncEngine."""
+
+    def __init__(
+        self, llm, engine: AsyncEngine, metrics: Metrics, limit: ConcurrencyLimit, model_names: list[str]
+    ):
+        self.llm = llm
+        self.engine = engine
+        self.metrics = metrics
+        self.limit = limit
+        self.model_names = model_names
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        return await self._serve("chat", req, request)
+
+    async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        return await self._serve("completion", req, request)
+
+    async def _serve(self, kind: str, req, request: Request) -> Response:
+        if req.model not in self.model_names:
+            raise APIError(
+                404,
+                f"The model `{req.model}` does not exist; this server serves {', '.join(self.model_names)}",
+                param="model",
+                code="model_not_found",
+            )
+        release = self.limit.acquire()
+        try:
+            prepare = prepare_chat if kind == "chat" else prepare_completion
+            prepared = await asyncio.to_thread(prepare, self.llm, req)
+            timing = _Timing(self.metrics)
+            stream = await self.engine.submit(prepared.requests)
+        except BaseException:
+            release()
+            raise
+        self.metrics.requests[kind] += 1
+        meta = ResponseMeta(kind, req.model)
+
+        def close() -> None:
+            stream.abort()
+            release()
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventStream(self._events(stream, prepared, meta, timing, include_usage), close)
+        try:
+            choices = await unless_disconnected(request, self._collect(stream, prepared, timing))
+        except ClientGone:
+            return Response(status_code=499)
+        except EngineFailure:
+            raise APIError(500, _ENGINE_FAILED, code="engine_failure") from None
+        finally:
+            close()
+        tokenizer = self.llm.tokenizer
+        if kind == "chat":
+            body = chat_completion(meta, choices, prepared.num_prompt_tokens, tokenizer)
+        else:
+            body = completion(meta, choices, prepared.num_prompt_tokens, tokenizer, prepared.echo_texts)
+        return JSONResponse(body)
+
+    @staticmethod
+    async def _collect(stream: RequestStream, prepared: Prepared, timing: _Timing) -> list[ChoiceResult]:
+        choices = [ChoiceResult() for _ in prepared.requests]
+        async for index, out in stream:
+            timing.token()
+            choices[index].add(out)
+        timing.done(choices)
+        return choices
+
+    async def _events(
+        self,
+        stream: RequestStream,
+        prepared: Prepared,
+        meta: ResponseMeta,
+        timing: _Timing,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        tokenizer = self.llm.tokenizer
+        is_chat = meta.kind == "chat"
+        choices = [ChoiceResult() for _ in prepared.requests]
+        offsets = [0] * len(choices)  # completion logprobs' text_offset
+
+        def chunk(
+            index: int, text: str | None, finish: str | None = None, logprobs: dict | None = None
+        ) -> str:
+            if is_chat:
+                delta = {} if text is None else {"content": text}
+                return sse(chat_chunk(meta, index, delta, finish, logprobs, include_usage))
+            return sse(completion_chunk(meta, index, text or "", finish, logprobs, include_usage))
+
+        try:
+            for i in range(len(choices)):
+                if is_chat:
+                    yield sse(
+                        chat_chunk(meta, i, {"role": "assistant", "content": ""}, with_usage=include_usage)
+                    )
+                elif prepared.echo_texts:
+                    echo = prepared.echo_texts[i // prepared.n]
+                    offsets[i] = len(echo)
+                    yield chunk(i, echo)
+            async for i, out in stream:
+                timing.token()
+                choices[i].add(out)
+                logprobs = None
+                if out.logprob is not None:
+                    if is_chat:
+                        logprobs = chat_logprobs(tokenizer, [out.logprob])
+                    else:
+                        logprobs = completion_logprobs(tokenizer, [out.logprob], offsets[i])
+                        offsets[i] += len(logprobs["tokens"][0])
+                if out.text or logprobs:
+                    yield chunk(i, out.text, None, logprobs)
+                if out.finished:
+                    yield chunk(i, None, out.finish_reason)
+            timing.done(choices)
+            if include_usage:
+                yield sse(usage_chunk(meta, prepared.num_prompt_tokens, sum(c.num_tokens for c in choices)))
+        except EngineFailure:
+            yield sse(error_body(500, _ENGINE_FAILED, code="engine_failure"))
+        yield sse("[DONE]")
