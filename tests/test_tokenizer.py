@@ -24,7 +24,7 @@ from tokenizers import Regex, models, pre_tokenizers, trainers  # noqa: E402
 from tokenizers import Tokenizer as Backend  # noqa: E402
 
 from slimlm.errors import SlimlmError  # noqa: E402
-from slimlm.tokenizer import IncrementalDecoder, Tokenizer, gguf_fields  # noqa: E402
+from slimlm.tokenizer import IncrementalDecoder, Tokenizer, gguf_fields, read_gguf_metadata  # noqa: E402
 from slimlm.tokenizer.gguf_vocab import bytes_to_unicode  # noqa: E402
 from slimlm.tokenizer.pretokenizers import LLAMA3_SPLIT, QWEN2_SPLIT  # noqa: E402
 
@@ -69,7 +69,9 @@ SAMPLES = corpus_paragraphs() + UNICODE_SAMPLES
 
 @pytest.fixture(scope="module")
 def smol_fields(smollm_path):
-    return gguf_fields(gguf.GGUFReader(str(smollm_path)))
+    return read_gguf_metadata(
+        smollm_path
+    )  # checked against gguf.GGUFReader in test_gguf_metadata_readers_agree
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +131,9 @@ def llama_cpp_style_encode(fields: dict, text: str, cache: dict) -> list[int]:
 
 def test_smollm_digit_split_follows_llama_cpp(smol, smol_fields):
     cache: dict = {}
-    texts = [t for t in list(topics.values()) + UNICODE_SAMPLES if "<|" not in t]
+    paragraphs = [p for text in topics.values() for p in text.split("\n\n")]
+    texts = [t for t in SAMPLES if "<|" not in t] + [p for p in paragraphs if digit_split_can_matter(p)]
+    assert len(texts) > 300
     for text in texts:
         assert smol.encode(text) == llama_cpp_style_encode(smol_fields, text, cache), text[:80]
     # whitespace before digits stays one run, as in SmolLM2's own tokenizer.json (Digits + ByteLevel)
@@ -480,19 +484,19 @@ SYNTHETIC_TEXTS = (
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    """name -> (our tokenizer from the GGUF file, transformers' tokenizer from the same file)."""
+    """name -> (our tokenizer from the GGUF file, transformers' tokenizer from the same file, the file)."""
     root = tmp_path_factory.mktemp("gguf")
     out = {}
     for name, make_fields in SYNTHETIC.items():
         path = write_gguf(root / f"{name}.gguf", make_fields())
         hf = transformers.AutoTokenizer.from_pretrained(str(root), gguf_file=path.name)
-        out[name] = (Tokenizer.from_gguf_file(path), hf)
+        out[name] = (Tokenizer.from_gguf_file(path), hf, path)
     return out
 
 
 @pytest.mark.parametrize("name", list(SYNTHETIC))
 def test_synthetic_gguf_matches_transformers(synthetic, name):
-    ours, hf = synthetic[name]
+    ours, hf, _ = synthetic[name]
     texts = SYNTHETIC_TEXTS
     if name == "llama3":
         # transformers' GGUF converter adds GPT-2's default "<|endoftext|>" as an extra special token
@@ -520,6 +524,15 @@ def test_synthetic_gguf_matches_transformers(synthetic, name):
         for agp in (True, False):
             expected = hf.apply_chat_template(conversation, add_generation_prompt=agp, tokenize=False)
             assert ours.apply_chat_template(conversation, add_generation_prompt=agp) == expected
+
+
+def test_gguf_metadata_readers_agree(synthetic):
+    for _, _, path in synthetic.values():
+        from_reader = gguf_fields(gguf.GGUFReader(str(path)))
+        assert from_reader["tokenizer.ggml.tokens"] and isinstance(
+            from_reader["tokenizer.ggml.bos_token_id"], int
+        )
+        assert read_gguf_metadata(path) == {k: v for k, v in from_reader.items() if not k.startswith("GGUF.")}
 
 
 def test_synthetic_bos_rules(synthetic):
@@ -635,8 +648,17 @@ def test_bad_gguf_metadata(smol_fields, tmp_path):
     with pytest.raises(SlimlmError, match="dict of GGUF metadata"):
         Tokenizer.from_gguf([("tokenizer.ggml.model", "gpt2")])
     shutil.copyfile(__file__, tmp_path / "fake.gguf")
-    with pytest.raises(SlimlmError, match="not a readable GGUF"):
+    with pytest.raises(SlimlmError, match="not a GGUF file"):
         Tokenizer.from_gguf_file(tmp_path / "fake.gguf")
+    with pytest.raises(SlimlmError, match="not a readable GGUF"):
+        Tokenizer.from_gguf_file(tmp_path / "missing.gguf")
+
+
+def test_truncated_gguf(synthetic, tmp_path):
+    data = synthetic["qwen2"][2].read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 3])
+    with pytest.raises(SlimlmError, match="truncated or corrupt"):
+        Tokenizer.from_gguf_file(tmp_path / "cut.gguf")
 
 
 @pytest.mark.parametrize(
@@ -668,6 +690,8 @@ def test_other_misuse(smol):
         smol.decode([1, smol.vocab_size])
     with pytest.raises(SlimlmError, match="outside the vocabulary"):
         smol.convert_ids_to_tokens(-1)
+    with pytest.raises(SlimlmError, match="outside the vocabulary"):
+        IncrementalDecoder(smol).push(smol.vocab_size)
     with pytest.raises(SlimlmError, match="takes a str"):
         smol.encode(["a list"])
     with pytest.raises(SlimlmError, match="list of str"):

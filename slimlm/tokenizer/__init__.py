@@ -6,7 +6,7 @@ ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True
 """
 
 from slimlm.tokenizer.core import Tokenizer
-from slimlm.tokenizer.gguf_vocab import gguf_fields
+from slimlm.tokenizer.gguf_metadata import gguf_fields, read_gguf_metadata
 from slimlm.tokenizer.incremental import IncrementalDecoder
 
-__all__ = ["IncrementalDecoder", "Tokenizer", "gguf_fields"]
+__all__ = ["IncrementalDecoder", "Tokenizer", "gguf_fields", "read_gguf_metadata"]

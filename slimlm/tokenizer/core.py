@@ -64,15 +64,9 @@ class Tokenizer:
     @classmethod
     def from_gguf_file(cls, path: str | Path) -> Tokenizer:
         """From a .gguf file (reads only its metadata)."""
-        import gguf
+        from slimlm.tokenizer.gguf_metadata import read_gguf_metadata
 
-        from slimlm.tokenizer.gguf_vocab import gguf_fields
-
-        try:
-            reader = gguf.GGUFReader(str(path))
-        except (OSError, ValueError, IndexError) as e:
-            raise SlimlmError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-        return cls.from_gguf(gguf_fields(reader))
+        return cls.from_gguf(read_gguf_metadata(path))
 
     # ids ------------------------------------------------------------------------------------------
 

@@ -278,26 +278,3 @@ def _int_list(fields: Mapping[str, Any], key: str, length: int) -> list[int] | N
             f"GGUF metadata {key!r} should list one entry per token ({length}); the file is corrupt"
         )
     return [int(v) for v in value]
-
-
-def gguf_fields(reader: Any) -> dict[str, Any]:
-    """A `gguf.GGUFReader`'s metadata as a plain dict: strings decoded, arrays as lists, scalars as Python values."""
-    import gguf
-
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        types = field.types
-        if not types:
-            continue
-        if types[0] == gguf.GGUFValueType.ARRAY:
-            if len(types) > 2:
-                continue  # arrays of arrays: no tokenizer key uses them
-            if types[-1] == gguf.GGUFValueType.STRING:
-                out[key] = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-            else:
-                out[key] = [field.parts[i].tolist()[0] for i in field.data]
-        elif types[0] == gguf.GGUFValueType.STRING:
-            out[key] = bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-        else:
-            out[key] = field.parts[field.data[0]].tolist()[0]
-    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from slimlm.errors import SlimlmError
 from slimlm.tokenizer.core import Tokenizer
 
 _REPLACEMENT = "\ufffd"  # what decoding shows for an incomplete UTF-8 sequence
@@ -34,7 +35,12 @@ class IncrementalDecoder:
         self._emitted = 0  # characters of decode(window) already returned
 
     def push(self, token_id: int) -> str:
-        self._window.append(int(token_id))
+        token_id = int(token_id)
+        if not 0 <= token_id < self.tokenizer.vocab_size:  # the backend would silently decode nothing
+            raise SlimlmError(
+                f"token id {token_id} is outside the vocabulary (0..{self.tokenizer.vocab_size - 1})"
+            )
+        self._window.append(token_id)
         text = self._decode(self._window)
         stable = text.rstrip(_REPLACEMENT)
         new = stable[self._emitted :]
