@@ -69,9 +69,8 @@ SAMPLES = corpus_paragraphs() + UNICODE_SAMPLES
 
 @pytest.fixture(scope="module")
 def smol_fields(smollm_path):
-    return read_gguf_metadata(
-        smollm_path
-    )  # checked against gguf.GGUFReader in test_gguf_metadata_readers_agree
+    # the fast reader; test_gguf_metadata_readers_agree checks it against gguf.GGUFReader
+    return read_gguf_metadata(smollm_path)
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +113,7 @@ def llama_cpp_style_encode(fields: dict, text: str, cache: dict) -> list[int]:
         pieces.append(part[pos:])
     ids = []
     for piece in filter(None, pieces):
-        symbols = ["".join(spelling[b] for b in ch.encode()) for ch in piece]
-        symbols = list("".join(symbols))
+        symbols = [spelling[b] for b in piece.encode()]
         while len(symbols) > 1:
             pairs = [
                 (ranks.get((a, b), 1 << 30), i)
@@ -277,7 +275,7 @@ def test_template_errors_are_slimlm_errors(smol):
 # ------------------------------------------------------------------------------------- HF directories
 
 
-def assert_same_as_transformers(ours: Tokenizer, hf, texts: list[str]) -> None:
+def assert_same_as_transformers(ours: Tokenizer, hf, texts: list[str], conversations=CONVERSATIONS) -> None:
     for text in texts:
         for add_special in (True, False):
             assert ours.encode(text, add_special_tokens=add_special) == hf.encode(
@@ -293,7 +291,7 @@ def assert_same_as_transformers(ours: Tokenizer, hf, texts: list[str]) -> None:
         hf.pad_token_id,
     )
     if hf.chat_template is not None:
-        for conversation in CONVERSATIONS:
+        for conversation in conversations:
             for agp in (True, False):
                 expected = hf.apply_chat_template(conversation, add_generation_prompt=agp, tokenize=False)
                 assert ours.apply_chat_template(conversation, add_generation_prompt=agp) == expected
@@ -524,6 +522,18 @@ def test_synthetic_gguf_matches_transformers(synthetic, name):
         for agp in (True, False):
             expected = hf.apply_chat_template(conversation, add_generation_prompt=agp, tokenize=False)
             assert ours.apply_chat_template(conversation, add_generation_prompt=agp) == expected
+
+
+@pytest.mark.parametrize("name", list(SYNTHETIC))
+def test_synthetic_hf_dir_matches_transformers(synthetic, name, tmp_path):
+    """The same tokenizers written by save_pretrained: BOS from tokenizer.json's post-processor (Llama-3,
+    SentencePiece), Metaspace/byte-fallback decoders, templates from chat_template.jinja."""
+    synthetic[name][1].save_pretrained(tmp_path)
+    ours, hf = Tokenizer.from_hf_dir(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    conversations = CONVERSATIONS if name != "sentencepiece" else CONVERSATIONS[::2]  # no system turns there
+    assert_same_as_transformers(ours, hf, SYNTHETIC_TEXTS, conversations)
+    if name != "qwen2":
+        assert ours.encode("hi")[0] == ours.bos_token_id
 
 
 def test_gguf_metadata_readers_agree(synthetic):
