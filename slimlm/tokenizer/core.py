@@ -30,11 +30,7 @@ class Tokenizer:
         self.backend = backend
         self.special_tokens = dict(special_tokens or {})  # e.g. {"bos_token": "<s>", "eos_token": "</s>"}
         self.chat_template = dict(chat_template) if isinstance(chat_template, Mapping) else chat_template
-        eos = (
-            self.token_to_id(self.special_tokens.get("eos_token", ""))
-            if "eos_token" in self.special_tokens
-            else None
-        )
+        eos = self._named_id("eos_token")
         self._eos_token_ids = list(eos_token_ids) if eos_token_ids else ([eos] if eos is not None else [])
         self._special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
         self._byte_ids: frozenset[int] | None = None
