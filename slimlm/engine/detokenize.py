@@ -44,7 +44,7 @@ class StopChecker:
         """At the end (not stopped by a string): release what was held back."""
         if self.stopped:
             return ""
-        held, self.held = self.held, ""
+        held, self.held = self.held + self.decoder.flush(), ""
         return self._emit(held)
 
     def _emit(self, text: str) -> str:
