@@ -1,0 +1,280 @@
+"""Quantize a model in place: swap the nn.Linear modules of its decoder layers for QuantLinear modules.
+
+Calibration runs layer by layer (the model is never run whole after the first layer's inputs are
+captured), so only one layer's activations for the calibration set are held at a time. Two callables
+keep this independent of the model's forward signature:
+
+- `capture_layer0_inputs(model, batch) -> state`: the inputs of `model.model.layers[0]` for one batch,
+- `run_layer(layer, state) -> state`: the same inputs for the next layer.
+
+The defaults capture (args, kwargs) of the first layer with a pre-hook that stops the forward, and
+call `layer(hidden, *args, **kwargs)`; they work for HF transformers models and for slimlm's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimlm.errors import SlimlmError
+from slimlm.progress import progress_bar
+from slimlm.quant.awq import awq_quantize_layer
+from slimlm.quant.gptq import HessianAccumulator, gptq_quantize
+from slimlm.quant.linear import QuantLinear, make_quant_linear
+from slimlm.quant.rtn import rtn_quantize
+from slimlm.quant.scheme import QuantizedWeight, check_scheme
+
+METHODS = ("rtn", "awq", "gptq")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerInputs:
+    """What one decoder layer is called with: hidden states plus everything else, unchanged."""
+
+    hidden: torch.Tensor
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class _StopForward(Exception):
+    def __init__(self, inputs: LayerInputs) -> None:
+        self.inputs = inputs
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """`model.model.layers`, the decoder stack of HF-style and slimlm models."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise SlimlmError("cannot quantize this model: it has no decoder layers at model.model.layers")
+    return layers
+
+
+def capture_layer0_inputs(model: nn.Module, batch: torch.Tensor) -> LayerInputs:
+    """Run the model on `batch` [B, S] until its first decoder layer and return that layer's inputs."""
+
+    def stop(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        raise _StopForward(LayerInputs(hidden, tuple(args[1:]), dict(kwargs)))
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        if hasattr(model, "forward_dense"):  # slimlm models
+            model.forward_dense(batch)
+        else:  # HF models
+            model(input_ids=batch, use_cache=False)
+    except _StopForward as captured:
+        return captured.inputs
+    finally:
+        handle.remove()
+    raise SlimlmError("the model's forward never reached its first decoder layer")
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
+    """Call one decoder layer and wrap its output hidden states as the next layer's inputs."""
+    out = layer(inputs.hidden, *inputs.args, **inputs.kwargs)
+    hidden = out[0] if isinstance(out, tuple | list) else out
+    return LayerInputs(hidden, inputs.args, inputs.kwargs)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    method: str,
+    bits: int,
+    group_size: int,
+    calib_batches: list[torch.Tensor] | None = None,
+    progress: bool = True,
+    *,
+    sym: bool | None = None,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    awq_grid: int = 20,
+    awq_clip: bool = True,
+    awq_max_tokens: int = 4096,
+    capture_layer0_inputs: Callable[[nn.Module, torch.Tensor], Any] = capture_layer0_inputs,
+    run_layer: Callable[[nn.Module, Any], Any] = run_layer,
+) -> dict:
+    """Quantize every nn.Linear inside the decoder layers in place; embeddings and lm_head stay float.
+
+    `sym` defaults to symmetric for 8 bits (the int8 kernel has no zero point) and asymmetric for 4.
+    `awq_max_tokens` caps the calibration tokens the AWQ searches use (evenly subsampled).
+    Returns the quantization section of the checkpoint config.
+    """
+    if method not in METHODS:
+        raise SlimlmError(f"unknown quantization method {method!r}: use one of {', '.join(METHODS)}")
+    check_scheme(bits, group_size)
+    layers = decoder_layers(model)
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise SlimlmError("the model is already quantized: quantize the original float checkpoint instead")
+    targets = [_linears(layer) for layer in layers]
+    for i, linears in enumerate(targets):
+        for name, linear in linears.items():
+            check_scheme(bits, group_size, linear.in_features, f"model.layers.{i}.{name}")
+    sym = bits == 8 if sym is None else sym
+    if method != "rtn" and (not calib_batches or any(b.numel() == 0 for b in calib_batches)):
+        raise SlimlmError(f"{method} needs calibration data: give at least one non-empty batch of token ids")
+
+    if method == "rtn":
+        with progress_bar("quantize (rtn)", total=len(layers), enabled=progress) as advance:
+            for layer, linears in zip(layers, targets, strict=True):
+                for name, linear in linears.items():
+                    _swap(
+                        layer, name, rtn_quantize(linear.weight.detach(), bits, group_size, sym), linear.bias
+                    )
+                advance()
+    else:
+        with progress_bar("calibration", total=len(calib_batches), enabled=progress) as advance:
+            states = []
+            for batch in calib_batches:
+                states.append(capture_layer0_inputs(model, batch))
+                advance()
+        with progress_bar(f"quantize ({method})", total=len(layers), enabled=progress) as advance:
+            for layer, linears in zip(layers, targets, strict=True):
+                if method == "gptq":
+                    states = _gptq_layer(layer, linears, states, run_layer, bits, group_size, sym,
+                                         act_order, damp, block_size)  # fmt: skip
+                else:
+                    states = _awq_layer(layer, linears, states, run_layer, bits, group_size, sym,
+                                        awq_grid, awq_clip, awq_max_tokens)  # fmt: skip
+                advance()
+
+    config = {"quant_method": "slimlm", "format_version": FORMAT_VERSION, "method": method, "bits": bits,
+              "group_size": group_size, "sym": sym}  # fmt: skip
+    if method == "gptq":
+        config.update(act_order=act_order, damp=damp, block_size=block_size)
+    if method == "awq":
+        config.update(grid=awq_grid, clip=awq_clip)
+    if method != "rtn":
+        config["calibration"] = {
+            "batches": len(calib_batches),
+            "tokens": sum(b.numel() for b in calib_batches),
+        }
+    return config
+
+
+def quantized_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight the model holds: quantized codes/scales/zeros plus all float parameters.
+
+    Tensors shared between modules (tied embeddings) count once; non-persistent buffers (RoPE tables)
+    do not count.
+    """
+    seen, total = set(), 0
+    for tensor in model.state_dict(keep_vars=True).values():
+        key = (
+            (tensor.untyped_storage().data_ptr(), tensor.device)
+            if tensor.device.type != "meta"
+            else id(tensor)
+        )
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in layer.named_modules() if type(m) is nn.Linear}
+
+
+def _swap(layer: nn.Module, name: str, qweight: QuantizedWeight, bias: torch.Tensor | None) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = layer.get_submodule(parent_name) if parent_name else layer
+    setattr(parent, child, make_quant_linear(qweight, bias))
+
+
+def _record_inputs(linears: dict[str, nn.Linear], sink: Callable[[dict[str, torch.Tensor]], None]):
+    """Forward pre-hooks that collect each linear's input; `flush` hands one forward's inputs to `sink`.
+
+    Linears that read the same tensor (q/k/v, gate/up) receive the very same tensor object, so callers
+    can share work between them by identity.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(_module, args):
+            seen[name] = args[0]
+
+        return record
+
+    handles = [linear.register_forward_pre_hook(hook(name)) for name, linear in linears.items()]
+
+    def flush():
+        canonical: dict[tuple, torch.Tensor] = {}
+        for name, x in seen.items():
+            key = (x.data_ptr(), x.shape, x.stride())
+            if key not in canonical:
+                canonical[key] = x.reshape(-1, x.shape[-1])  # [tokens, in]
+            seen[name] = canonical[key]
+        sink(dict(seen))
+        seen.clear()
+
+    return handles, flush
+
+
+def _run_recorded(layer, linears, states, run_layer, sink) -> list:
+    handles, flush = _record_inputs(linears, sink)
+    outputs = []
+    try:
+        for state in states:
+            outputs.append(run_layer(layer, state))
+            flush()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def _gptq_layer(layer, linears, states, run_layer, bits, group_size, sym, act_order, damp, block_size):
+    hessians: dict[str, HessianAccumulator] = {}  # linears reading one tensor share one Hessian
+
+    def accumulate(seen: dict[str, torch.Tensor]) -> None:
+        if not hessians:
+            by_input: dict[int, HessianAccumulator] = {}
+            for name, x in seen.items():
+                if id(x) not in by_input:
+                    by_input[id(x)] = HessianAccumulator(x.shape[-1], x.device)
+                hessians[name] = by_input[id(x)]
+        added = set()
+        for name, x in seen.items():
+            if id(hessians[name]) not in added:
+                hessians[name].add(x)
+                added.add(id(hessians[name]))
+
+    _run_recorded(layer, linears, states, run_layer, accumulate)
+    for name, linear in linears.items():
+        if name not in hessians:
+            raise SlimlmError(f"{name} received no input during calibration; cannot run GPTQ on it")
+        qweight = gptq_quantize(linear.weight, hessians[name].hessian, bits, group_size, sym, act_order,
+                                damp, block_size)  # fmt: skip
+        _swap(layer, name, qweight, linear.bias)
+    # GPTQ feeds the next layer this layer's quantized outputs, so later layers compensate earlier errors.
+    return [run_layer(layer, state) for state in states]
+
+
+def _awq_layer(layer, linears, states, run_layer, bits, group_size, sym, grid, clip, max_tokens):
+    chunks: dict[str, list[torch.Tensor]] = {}
+
+    def keep(seen: dict[str, torch.Tensor]) -> None:
+        shared_chunks: dict[int, torch.Tensor] = {}
+        # Subsample every batch evenly so that about max_tokens rows are kept in all.
+        stride = max(1, -(-next(iter(seen.values())).shape[0] * len(states) // max_tokens))
+        for name, x in seen.items():
+            if id(x) not in shared_chunks:
+                shared_chunks[id(x)] = x[::stride]
+            chunks.setdefault(name, []).append(shared_chunks[id(x)])
+
+    next_states = _run_recorded(layer, linears, states, run_layer, keep)  # AWQ feeds on float outputs
+    inputs, joined = {}, {}
+    for name, parts in chunks.items():
+        key = tuple(id(p) for p in parts)  # linears that shared a tensor share the concatenation
+        if key not in joined:
+            joined[key] = torch.cat(parts)
+        inputs[name] = joined[key]
+    for name, qweight in awq_quantize_layer(layer, inputs, bits, group_size, sym, grid, clip).items():
+        _swap(layer, name, qweight, linears[name].bias)
+    return next_states

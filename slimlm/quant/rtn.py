@@ -1,0 +1,55 @@
+"""Round-to-nearest group-wise quantization: the baseline, and the quantizer AWQ and GPTQ build on."""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.quant.scheme import QuantizedWeight, check_scheme, dequantize_codes
+
+
+def group_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and integer zero points for each row of `w` [..., n] (one group per row).
+
+    The range always contains 0 so that zero weights stay exact (the GPTQ convention). Symmetric:
+    z = 2^(bits-1) and s = 2·absmax / (2^bits - 1); asymmetric: s = (max - min) / (2^bits - 1),
+    z = round(-min / s).
+    """
+    maxq = 2**bits - 1
+    w = w.float()
+    lo = w.amin(dim=-1).clamp(max=0)
+    hi = w.amax(dim=-1).clamp(min=0)
+    if sym:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    scale = (hi - lo) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: any scale is exact
+    if sym:
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        zero = torch.round(-lo / scale).clamp(0, maxq)
+    return scale, zero.to(torch.int32)
+
+
+def quantize_to_codes(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """uint8 codes [out, in] of `w` under the given group-wise scales [out, groups] and zeros."""
+    out, n_in = w.shape
+    grouped = w.float().view(out, n_in // group_size, group_size)  # [out, groups, gs]
+    q = torch.round(grouped / scales.unsqueeze(-1)) + zeros.unsqueeze(-1)
+    return q.clamp(0, 2**bits - 1).to(torch.uint8).view(out, n_in)
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool = False) -> QuantizedWeight:
+    """Quantize `weight` [out, in] group-wise by rounding to the nearest grid point."""
+    out, n_in = weight.shape
+    group_size = check_scheme(bits, group_size, n_in)
+    scales, zeros = group_qparams(weight.view(out, n_in // group_size, group_size), bits, sym)
+    codes = quantize_to_codes(weight, scales, zeros, bits, group_size)
+    return QuantizedWeight(codes, scales, zeros, bits, group_size)
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool = False) -> torch.Tensor:
+    """Quantize then dequantize (float32, same shape): what the quantized layer will compute with."""
+    q = rtn_quantize(weight, bits, group_size, sym)
+    return dequantize_codes(q.codes, q.scales, q.zeros, q.group_size)
