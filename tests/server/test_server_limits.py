@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -30,7 +31,8 @@ def test_over_the_concurrency_limit_gets_429_with_retry_after(small_server):
     long = {**BODY, "max_tokens": 500, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=small_server.url, timeout=60) as http:
         with http.stream("POST", "/v1/chat/completions", json=long) as streaming:
-            next(streaming.iter_lines())  # the first request holds the only slot
+            lines = streaming.iter_lines()  # keep it: dropping the iterator closes the connection
+            next(lines)  # the first request holds the only slot
             busy = http.post("/v1/chat/completions", json=BODY)
             assert busy.status_code == 429
             assert busy.headers["Retry-After"] == "1"
@@ -40,7 +42,12 @@ def test_over_the_concurrency_limit_gets_429_with_retry_after(small_server):
                 with pytest.raises(openai.RateLimitError):
                     client.chat.completions.create(**BODY)
             assert http.get("/health").status_code == 200  # only generation is limited
-        # the slot is given back when the stream's client leaves
+        # the slot is given back when the server notices the stream's client left
+        metrics = small_server.app.state.metrics
+        deadline = time.monotonic() + 10
+        while metrics.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert metrics.in_flight == 0
         assert http.post("/v1/chat/completions", json=BODY).status_code == 200
         metrics = http.get("/metrics").text
     assert "slimlm_requests_rejected_busy_total 2" in metrics
