@@ -1,0 +1,153 @@
+"""How one Adam moment of one parameter is stored: plain float32, block-wise codes, rank-1 codes, factored.
+
+Every codec keeps its state as plain tensors under `prefix_*` keys of the optimizer's per-parameter state
+dict, so torch's state_dict machinery saves and loads them unchanged. `decode` returns a float32 tensor the
+step may update in place; `encode` stores the updated value back. `ema_square` (second moments) folds in
+the new squared gradient: v <- beta2 * v + (1 - beta2) * g^2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.optim.quantize import (
+    TINY,
+    CodeTable,
+    blockwise_decode,
+    blockwise_encode,
+    padded_length,
+    rank1_decode,
+    rank1_encode,
+)
+
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class MomentCodec:
+    """Interface and the shared `ema_square` of non-factored codecs."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def layout(self, p: torch.Tensor) -> Layout:
+        """State keys with their shapes and dtypes for parameter p (used to check loaded states)."""
+        raise NotImplementedError
+
+    def init(self, state: dict, p: torch.Tensor) -> None:
+        for key, (shape, dtype) in self.layout(p).items():
+            state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+
+    def decode(self, state: dict, p: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, state: dict, p: torch.Tensor, value: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def ema_square(self, state: dict, p: torch.Tensor, grad: torch.Tensor, beta2: float) -> torch.Tensor:
+        v = self.decode(state, p)
+        return v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+class Float32Codec(MomentCodec):
+    """The moment as a float32 tensor shaped like the parameter (small tensors; updated in place)."""
+
+    def layout(self, p: torch.Tensor) -> Layout:
+        return {self.prefix: (tuple(p.shape), torch.float32)}
+
+    def decode(self, state: dict, p: torch.Tensor) -> torch.Tensor:
+        return state[self.prefix]
+
+    def encode(self, state: dict, p: torch.Tensor, value: torch.Tensor) -> None:
+        if value is not state[self.prefix]:
+            state[self.prefix].copy_(value)
+
+
+class BlockwiseCodec(MomentCodec):
+    """Codes of x / absmax(block) in a code table, blocks of `block_size` consecutive elements (flattened).
+
+    Keys: `{prefix}_codes` (uint8; two 4-bit codes per byte when the table has <= 16 entries) and
+    `{prefix}_absmax` (float32, one per block). The last block is zero-padded.
+    """
+
+    def __init__(self, prefix: str, table: CodeTable, block_size: int) -> None:
+        super().__init__(prefix)
+        self.table = table
+        self.block_size = block_size
+        self.packed = table.values.numel() <= 16
+        self.nonnegative = bool(table.values[0] >= 0)
+
+    def layout(self, p: torch.Tensor) -> Layout:
+        padded = padded_length(p.numel(), self.block_size)
+        return {
+            f"{self.prefix}_codes": ((padded // 2 if self.packed else padded,), torch.uint8),
+            f"{self.prefix}_absmax": ((padded // self.block_size,), torch.float32),
+        }
+
+    def decode(self, state: dict, p: torch.Tensor) -> torch.Tensor:
+        codes, absmax = state[f"{self.prefix}_codes"], state[f"{self.prefix}_absmax"]
+        return blockwise_decode(codes, absmax, self.table.tensors(p.device), p.shape, self.packed)
+
+    def encode(self, state: dict, p: torch.Tensor, value: torch.Tensor) -> None:
+        tables = self.table.tensors(p.device)
+        codes, absmax = blockwise_encode(value, tables, self.block_size, self.packed, self.nonnegative)
+        state[f"{self.prefix}_codes"] = codes
+        state[f"{self.prefix}_absmax"] = absmax
+
+
+class Rank1Codec(MomentCodec):
+    """4-bit codes of x / min_d(max over all dims but d), for tensors of >= 2 dims (Li et al. 2023).
+
+    Keys: `{prefix}_codes` (uint8, two codes per byte, flattened, padded to even length) and
+    `{prefix}_max{d}` (float32 of length shape[d]) for each dim d.
+    """
+
+    def __init__(self, prefix: str, table: CodeTable) -> None:
+        super().__init__(prefix)
+        if table.values.numel() > 16:
+            raise ValueError("rank-1 codes are packed two per byte: the table needs <= 16 entries")
+        self.table = table
+
+    def layout(self, p: torch.Tensor) -> Layout:
+        out: Layout = {f"{self.prefix}_codes": ((padded_length(p.numel(), 2) // 2,), torch.uint8)}
+        for d, size in enumerate(p.shape):
+            out[f"{self.prefix}_max{d}"] = ((size,), torch.float32)
+        return out
+
+    def decode(self, state: dict, p: torch.Tensor) -> torch.Tensor:
+        maxima = [state[f"{self.prefix}_max{d}"] for d in range(p.ndim)]
+        return rank1_decode(state[f"{self.prefix}_codes"], maxima, self.table.tensors(p.device))
+
+    def encode(self, state: dict, p: torch.Tensor, value: torch.Tensor) -> None:
+        codes, maxima = rank1_encode(value, self.table.tensors(p.device))
+        state[f"{self.prefix}_codes"] = codes
+        for d, vec in enumerate(maxima):
+            state[f"{self.prefix}_max{d}"] = vec
+
+
+class FactoredSecondMoment(MomentCodec):
+    """Adafactor's factorization for tensors of >= 2 dims: running means of g^2 over the last dim (`_row`,
+    shape[:-1]) and over the second-to-last dim (`_col`, shape[:-2] + shape[-1:]), float32.
+
+    v is approximated by row / mean(row) (outer) col. Non-finite g^2 enter the means as 0, so a NaN or Inf
+    gradient makes only its own parameter element NaN, as in torch's AdamW.
+    """
+
+    def layout(self, p: torch.Tensor) -> Layout:
+        shape = tuple(p.shape)
+        return {
+            f"{self.prefix}_row": (shape[:-1], torch.float32),
+            f"{self.prefix}_col": (shape[:-2] + shape[-1:], torch.float32),
+        }
+
+    def ema_square(self, state: dict, p: torch.Tensor, grad: torch.Tensor, beta2: float) -> torch.Tensor:
+        row, col = state[f"{self.prefix}_row"], state[f"{self.prefix}_col"]
+        square = (grad * grad).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        row.mul_(beta2).add_(square.mean(dim=-1), alpha=1 - beta2)
+        col.mul_(beta2).add_(square.mean(dim=-2), alpha=1 - beta2)
+        row_factor = row / row.mean(dim=-1, keepdim=True).clamp_min(TINY)
+        v = row_factor.unsqueeze(-1) * col.unsqueeze(-2)
+        # 0 * g^2 is NaN exactly where g is not finite: that element's update is NaN, as in torch's AdamW.
+        return v.addcmul_(grad, grad, value=0.0)
+
+    def encode(self, state: dict, p: torch.Tensor, value: torch.Tensor) -> None:
+        pass  # ema_square already updated the factors in place
