@@ -95,6 +95,7 @@ class Server:
         )
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
+        self.memory_report: str | None = None
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_bench_{name}.log"
 
     def __enter__(self) -> Server:
@@ -243,6 +244,9 @@ def bench_server(server: Server, levels: list[int], max_tokens: int, min_request
     results = []
     with server:
         asyncio.run(run_level(server, 1, 1, 8, "warmup"))
+        server.memory_report = next(
+            (line.strip() for line in server.log.read_text().splitlines() if "KV pool" in line), None
+        )
         for c in levels:
             r = asyncio.run(run_level(server, c, max(c, min_requests), max_tokens, f"c{c}"))
             print(f"  {server.name:9s} c={c:<3d} {_row(r)}", flush=True)
@@ -289,12 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         f"concurrency {args.concurrency}",
         flush=True,
     )
-    report["systems"]["slimlm"] = bench_server(
-        slimlm_server(args.threads, args.dtype, max(args.concurrency)),
-        args.concurrency,
-        args.max_tokens,
-        args.min_requests,
-    )
+    slimlm = slimlm_server(args.threads, args.dtype, max(args.concurrency))
+    report["systems"]["slimlm"] = bench_server(slimlm, args.concurrency, args.max_tokens, args.min_requests)
+    report["slimlm_memory_report"] = slimlm.memory_report
+    print(f"slimlm: {slimlm.memory_report}")
     if args.skip_llama_cpp:
         report["llama_cpp"] = "skipped (--skip-llama-cpp)"
     elif importlib.util.find_spec("llama_cpp") is None:

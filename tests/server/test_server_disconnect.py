@@ -47,12 +47,11 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server, served_llm):
     ) as http:
         with http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as response:
             assert response.status_code == 200
+            lines = response.iter_lines()  # held: a dropped iterator would close the connection here
             content_chunks = 0
-            for line in response.iter_lines():
-                if '"content"' in line and '"role"' not in line:
-                    content_chunks += 1
-                if content_chunks == 3:
-                    break
+            while content_chunks < 3:
+                line = next(lines)
+                content_chunks += '"content"' in line and '"role"' not in line
             held = engine.budget.num_blocks - engine.block_manager.num_free_blocks
             assert engine.scheduler.num_running == 1 and held > 0  # the sequence is alive and holds blocks
         # leaving the `with` closes the connection mid-stream
