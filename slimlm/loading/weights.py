@@ -12,11 +12,16 @@ from slimlm.progress import progress_bar
 
 
 def fill_weights(
-    model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], total: int, label: str, progress: bool = True
+    model: nn.Module,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    total: int,
+    label: str,
+    progress: bool = True,
+    already_loaded: set[str] = frozenset(),
 ) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model.config, "tie_word_embeddings", False)
-    expected = {n for n in params if not (tied and n == "lm_head.weight")}
+    expected = {n for n in params if not (tied and n == "lm_head.weight")} - set(already_loaded)
     seen: set[str] = set()
     with progress_bar(label, total=total, enabled=progress) as advance:
         for name, tensor in tensors:
