@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from slimlm.errors import SlimlmError
 from slimlm.train.batching import BATCHING
-from slimlm.train.lora import DEFAULT_TARGETS
+from slimlm.train.lora import DEFAULT_TARGETS, LoraConfig
 
 METHODS = ("lora", "qlora", "full")
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "factor4bit")
@@ -109,6 +109,10 @@ class TrainConfig:
             raise SlimlmError(f"--qlora-group-size must be 32, 64 or 128, got {self.qlora_group_size}")
         if self.overwrite and self.resume:
             raise SlimlmError("--overwrite and --resume contradict each other; give one")
+        if self.method != "full":
+            LoraConfig(
+                self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets
+            )  # validates them
         if self.method == "full" and self.lora_targets != DEFAULT_TARGETS:
             raise SlimlmError("--lora-targets applies to --method lora/qlora, not full fine-tuning")
 

@@ -8,7 +8,8 @@ an adapter's state dict maps one to one onto PEFT's file format.
 
 Quantized bases (QLoRA): kernels such as int4 tinygemm have no autograd formula, and dequantizing
 inside autograd would keep a float copy of every weight alive for the backward. `_FrozenQuantLinear`
-runs the kernel forward and computes only the input gradient, dequantizing one weight at a time.
+runs the kernel forward and computes only the input gradient, dequantizing one weight at a time; every
+quantized projection of the model gets it, since gradients must pass through the ones without adapters.
 """
 
 from __future__ import annotations
@@ -61,12 +62,31 @@ class _FrozenQuantLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         ctx.base = base
         with torch.no_grad():
-            return base(x)
+            return type(base).forward(base, x)  # the class's kernel forward, not the instance patch
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         weight = ctx.base.dequantized_weight(grad_out.dtype)  # [out, in], original column order
         return grad_out @ weight, None
+
+
+def make_quantized_differentiable(model: nn.Module) -> int:
+    """Let gradients flow through every frozen quantized linear of `model` (adapted or not), in place.
+
+    The instance's forward is replaced (names and state dict unchanged); returns how many were patched.
+    """
+    count = 0
+    for module in model.modules():
+        if is_quantized(module) and "forward" not in vars(module):
+
+            def forward(x: torch.Tensor, _base=module) -> torch.Tensor:
+                if torch.is_grad_enabled() and x.requires_grad:
+                    return _FrozenQuantLinear.apply(x, _base)
+                return type(_base).forward(_base, x)
+
+            module.forward = forward
+            count += 1
+    return count
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -104,10 +124,7 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantized_base and torch.is_grad_enabled() and x.requires_grad:
-            y = _FrozenQuantLinear.apply(x, self.base_layer)
-        else:
-            y = self.base_layer(x)
+        y = self.base_layer(x)
         a = self.lora_A.weight
         update = F.linear(F.linear(self.lora_dropout(x).to(_compute_dtype(x, a)), a), self.lora_B.weight)
         return y + (update * self.scaling).to(y.dtype)
@@ -136,6 +153,7 @@ def _adaptable(module: nn.Module) -> bool:
 def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     """Freeze every parameter of `model` and wrap each target projection in a `LoraLinear`, in place.
 
+    Quantized projections, adapted or not, get a backward for their input (`make_quantized_differentiable`).
     Returns the names of the wrapped modules. Raises SlimlmError for targets that match nothing.
     """
     if any(isinstance(m, LoraLinear) for m in model.modules()):
@@ -152,6 +170,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
             f"LoRA target module(s) {', '.join(unmatched)} do not exist in this model; "
             f"choose from {', '.join(known)}"
         )
+    make_quantized_differentiable(model)
     wrapped = []
     for name, module in candidates.items():
         if not _matches(name, config.target_modules):
@@ -245,5 +264,6 @@ __all__ = [
     "load_lora_state_dict",
     "lora_modules",
     "lora_state_dict",
+    "make_quantized_differentiable",
     "merge_lora",
 ]

@@ -10,7 +10,14 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.quant.linear import Int4TinyGemmLinear, make_quant_linear
 from slimlm.quant.rtn import rtn_quantize
-from slimlm.train.lora import LoraConfig, LoraLinear, apply_lora, lora_state_dict, merge_lora
+from slimlm.train.lora import (
+    LoraConfig,
+    LoraLinear,
+    apply_lora,
+    lora_state_dict,
+    make_quantized_differentiable,
+    merge_lora,
+)
 from slimlm.train.loss import CausalLMLoss
 from slimlm.train.model_setup import enable_gradient_checkpointing
 from tests.tiny_models import make_hf_model, slimlm_from_hf
@@ -65,6 +72,7 @@ def test_quantized_base_gives_the_gradients_of_its_dequantized_float_weight():
     reference = nn.Linear(128, 64, bias=False)
     with torch.no_grad():
         reference.weight.copy_(quant.dequantized_weight(torch.float32))
+    assert make_quantized_differentiable(quant) == 1
     cfg = LoraConfig(rank=8, alpha=16)
     q_layer, f_layer = LoraLinear(quant, cfg), LoraLinear(reference, cfg)
     f_layer.load_state_dict(q_layer.state_dict(), strict=False)
