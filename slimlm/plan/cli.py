@@ -1,0 +1,228 @@
+"""`slimlm plan`: will it fit? Flags, then one table (or JSON, or a plot). The lead's CLI calls these two."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from slimlm.errors import SlimlmError
+from slimlm.plan.shapes import LINEAR_NAMES
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    from slimlm.commands.common import add_engine_args, parse_size
+
+    g = p.add_argument_group("what and where")
+    g.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="preset (e.g. llama-3-8b, see --list), HF directory, config.json, .gguf, or smollm2-135m (default)",
+    )
+    g.add_argument(
+        "--device",
+        default=None,
+        help="GPU preset (rtx3090, rtx4090, a6000, a100-40g, a100-80g, h100-80g, ...), cpu (this machine's RAM) "
+        "or cuda (the local GPU); default: the local GPU if any, else cpu",
+    )
+    g.add_argument(
+        "--device-memory", default=None, help="memory of one device: 24GiB (2^30 B) or 24GB (10^9 B)"
+    )
+    g.add_argument(
+        "--cuda-context",
+        type=parse_size,
+        default=None,
+        help="CUDA context size (default 512MiB, an estimate)",
+    )
+    g.add_argument("--mode", choices=("inference", "training", "train"), default="inference")
+    g.add_argument("--list", action="store_true", help="list the model and device presets and exit")
+
+    g = p.add_argument_group("inference")
+    g.add_argument(
+        "--weights", default="auto", help="auto | fp32 | bf16 | fp16 | w8 | w4 (default: the compute dtype)"
+    )
+    g.add_argument(
+        "--group-size", type=int, default=128, help="w8/w4 quantization group size (-1: per channel)"
+    )
+    g.add_argument("--dtype", default="auto", help="compute dtype: auto | fp32 | bf16 | fp16")
+    g.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="tokens per sequence to plan for (default min(4096, max-model-len))",
+    )
+    g.add_argument("--batch", type=int, default=1, help="sequences in flight at that context (default 1)")
+    g.add_argument(
+        "--no-overheads", action="store_true", help="count weights and KV only (the classic arithmetic)"
+    )
+    add_engine_args(p)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--method", choices=("full", "lora", "qlora"), default="full")
+    g.add_argument(
+        "--precision",
+        choices=("fp32", "mixed", "bf16"),
+        default="mixed",
+        help="fp32 | mixed (bf16 compute, fp32 master weights) | bf16 (pure)",
+    )
+    g.add_argument(
+        "--optimizer", default="adamw", help="adamw | adamw8bit | adamw4bit | adamw4bit-factor | sgd"
+    )
+    g.add_argument("--micro-batch", type=int, default=1)
+    g.add_argument("--seq-len", type=int, default=2048)
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument(
+        "--no-flash-attention", action="store_true", help="eager attention (keeps the [heads, S, S] scores)"
+    )
+    g.add_argument("--lora-rank", type=int, default=16)
+    g.add_argument("--lora-targets", default="all", help=f"comma list of {', '.join(LINEAR_NAMES)}, or all")
+    g.add_argument("--qlora-group-size", type=int, default=64)
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument(
+        "--zero-stage", type=int, default=0, help="ZeRO stage 0-3 (3 = FSDP full shard) over --num-devices"
+    )
+    g.add_argument("--num-devices", type=int, default=1)
+    g.add_argument(
+        "--offload-optimizer", action="store_true", help="optimizer states and master weights in CPU RAM"
+    )
+
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print the plan as JSON (schema slimlm.plan/1)")
+    g.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="memory vs context and vs batch, stacked by component",
+    )
+    g.add_argument("--units", choices=("GiB", "GB"), default="GiB", help="table units (JSON is always bytes)")
+
+
+def _compute_dtype(requested: str, device_kind: str) -> str:
+    from slimlm.plan.inference import normalize_float_dtype
+
+    if requested != "auto":
+        return normalize_float_dtype(requested)
+    if device_kind == "gpu":
+        return "bf16"
+    import torch
+
+    from slimlm.engine.llm import resolve_dtype
+
+    return normalize_float_dtype(resolve_dtype("auto", torch.device("cpu")))
+
+
+def _weight_format(requested: str, dtype: str, config) -> tuple[str, int | None]:
+    if requested != "auto":
+        return requested, None
+    q = config.quantization or {}
+    if q.get("bits") in (4, 8):  # a quantized checkpoint keeps its format
+        return f"w{q['bits']}", q.get("group_size")
+    return dtype, None
+
+
+def _default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def _lora_targets(text: str) -> tuple[str, ...]:
+    if text.strip().lower() in ("all", "all-linear"):
+        return LINEAR_NAMES
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    return tuple(n if n.endswith("_proj") else f"{n}_proj" for n in names)
+
+
+def build_plan(args: argparse.Namespace):
+    """(planned model, plan, suggestions) from parsed flags."""
+    from slimlm.plan.devices import resolve_device
+    from slimlm.plan.models import resolve_model
+
+    pm = resolve_model(args.model)
+    device_name = args.device if (args.device or args.device_memory) else _default_device()
+    device = resolve_device(device_name, args.device_memory, args.cuda_context)
+    dtype = _compute_dtype(args.dtype, device.kind)
+    if args.mode == "inference":
+        from slimlm.commands.common import engine_config_from_args
+        from slimlm.plan.serving import InferenceSettings, plan_inference, suggest
+
+        fmt, group = _weight_format(args.weights, dtype, pm.config)
+        settings = InferenceSettings(
+            weight_format=fmt, group_size=group or args.group_size, dtype=dtype, context=args.context,
+            batch=args.batch, engine=engine_config_from_args(args), runtime_overheads=not args.no_overheads,
+        )  # fmt: skip
+        plan = plan_inference(pm.config, device, settings)
+        return pm, plan, suggest(plan)
+    from slimlm.plan.training import TrainingSettings, plan_training, suggest_training
+
+    settings = TrainingSettings(
+        method=args.method, precision=args.precision, optimizer=args.optimizer, micro_batch=args.micro_batch,
+        seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing,
+        flash_attention=not args.no_flash_attention, lora_rank=args.lora_rank,
+        lora_targets=_lora_targets(args.lora_targets), qlora_group_size=args.qlora_group_size,
+        grad_accumulation=args.grad_accum, zero_stage=args.zero_stage, num_devices=args.num_devices,
+        offload_optimizer=args.offload_optimizer,
+    )  # fmt: skip
+    plan = plan_training(pm.config, device, settings)
+    return pm, plan, suggest_training(plan)
+
+
+def _print_presets() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from slimlm.plan.devices import gpu_presets
+    from slimlm.plan.models import model_presets, preset_model
+    from slimlm.plan.units import GiB
+
+    console = Console()
+    models = Table(title="model presets", title_justify="left")
+    for col in ("name", "model", "params", "layers", "heads / kv", "vocab", "runs in slimlm"):
+        models.add_column(col)
+    for key in model_presets():
+        pm = preset_model(key)
+        c = pm.config
+        models.add_row(key, pm.name, f"{c.num_parameters() / 1e9:.2f} B", str(c.num_hidden_layers),
+                       f"{c.num_attention_heads} / {c.num_key_value_heads}", str(c.vocab_size),
+                       "yes" if pm.runs_in_slimlm else "plan only")  # fmt: skip
+    console.print(models)
+    devices = Table(title="device presets", title_justify="left")
+    for col in ("name", "device", "GiB (2^30 B)"):
+        devices.add_column(col)
+    for key, d in gpu_presets().items():
+        devices.add_row(key, d["name"], f"{d['total_mib'] * 2**20 / GiB:.2f}")
+    devices.add_row("cpu", "this machine's RAM (MemAvailable)", "")
+    console.print(devices)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the plan (table, or JSON with --json); write the plot with --plot. 0 whether or not it fits."""
+    if args.list:
+        _print_presets()
+        return 0
+    if args.mode == "train":
+        args.mode = "training"
+    for name in ("batch", "micro_batch", "seq_len", "num_devices", "grad_accum"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise SlimlmError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.context is not None and args.context <= 0:
+        raise SlimlmError(f"--context must be positive, got {args.context}")
+    from slimlm.plan.report import plan_to_json, render_table
+
+    pm, plan, suggestions = build_plan(args)
+    doc = plan_to_json(pm, plan, suggestions)
+    if args.plot:
+        from slimlm.plan.plot import plot_plan
+
+        plot_plan(plan, args.plot, title=f"{pm.name} on {plan.device.name} ({doc['mode']})")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        render_table(doc, args.units)
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 0

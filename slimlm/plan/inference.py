@@ -1,0 +1,136 @@
+"""Exact bytes of what the inference engine allocates: weights in each format and the KV cache.
+
+These are pure functions of the config; the engine imports them to size its allocations, so the plan and
+the allocation cannot drift apart.
+
+Weights (`weight_bytes`):
+  - fp32 / bf16 / fp16: parameters x 4 / 2 / 2 bytes.
+  - w8 / w4 (slimlm's own format, group size g along the input dimension): every projection of every
+    decoder layer (q, k, v, o, gate, up, down) is stored as packed integers, 1 byte (w8) or 0.5 byte (w4,
+    two values a byte, rows padded to whole bytes) per weight, plus one scale and one zero point per group
+    per output channel, bf16 each (4 bytes per group per row; the int4 tinygemm layout). A row of `in`
+    weights has ceil(in / g) groups. g <= 0 means per-channel: for w4 one group per row; for w8 the
+    symmetric int8 kernel's layout, one bf16 scale per output channel and no zero point (2 bytes per row).
+    Embeddings, norms and biases stay in the model dtype (`dtype`). lm_head stays in the model dtype too (as AWQ and GPTQ keep it) unless
+    `quantize_lm_head`; a tied lm_head is the embedding and is counted once.
+
+KV cache (`kv_bytes_per_token`, `kv_block_bytes`), per token:
+  2 (K and V) x layers x kv_heads x head_dim x bytes per element (fp32 4, bf16/fp16 2);
+  int8: 2 x layers x kv_heads x (head_dim + 3): 1 byte per element plus, per token, per head, for K and for
+  V, an fp16 scale and a uint8 zero point (asymmetric, LMDeploy's quant_policy=8; the layout of
+  `slimlm.kv.quantized`);
+  int4: 2 x layers x kv_heads x (head_dim / 2 + 3): two elements a byte plus the same scale and zero.
+"""
+
+from __future__ import annotations
+
+from slimlm.config import ModelConfig
+from slimlm.errors import SlimlmError
+from slimlm.plan.shapes import model_params
+
+FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "w8", "w4")
+WEIGHT_BITS = {"w8": 8, "w4": 4}
+KV_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
+GROUP_SCALE_ZERO_BYTES = 4  # bf16 scale + bf16 zero point per group per output channel
+INT8_CHANNEL_SCALE_BYTES = 2  # per-channel symmetric int8: one bf16 scale per output channel
+KV_SCALE_ZERO_BYTES = 3  # fp16 scale + uint8 zero point per token per head, for K and for V
+_ALIASES = {
+    "float32": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+    "int8": "w8",
+    "int4": "w4",
+}
+
+
+def normalize_float_dtype(name: str) -> str:
+    """'float32' / 'torch.bfloat16' / 'fp16' -> 'fp32' / 'bf16' / 'fp16'."""
+    key = str(name).removeprefix("torch.").lower()
+    key = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}.get(
+        key, key
+    )
+    if key not in FLOAT_BYTES:
+        raise SlimlmError(f"unknown dtype {name!r}; use fp32, bf16 or fp16")
+    return key
+
+
+def normalize_weight_format(name: str) -> str:
+    key = str(name).removeprefix("torch.").lower()
+    key = _ALIASES.get(key, key)
+    if key not in WEIGHT_FORMATS:
+        raise SlimlmError(f"unknown weight format {name!r}; use one of {', '.join(WEIGHT_FORMATS)}")
+    return key
+
+
+def quantized_linear_bytes(out_features: int, in_features: int, bits: int, group_size: int | None) -> int:
+    """Packed integer weights + a scale and a zero point per group per output channel."""
+    if bits not in (4, 8):
+        raise SlimlmError(f"quantized weights have 8 or 4 bits, got {bits}")
+    packed_row = -(-in_features * bits // 8)
+    if not group_size or group_size <= 0:
+        per_row = INT8_CHANNEL_SCALE_BYTES if bits == 8 else GROUP_SCALE_ZERO_BYTES
+        return out_features * (packed_row + per_row)
+    groups_per_row = -(-in_features // group_size)
+    return out_features * (packed_row + groups_per_row * GROUP_SCALE_ZERO_BYTES)
+
+
+def weight_bytes(
+    config: ModelConfig,
+    weight_format: str = "bf16",
+    group_size: int | None = 128,
+    *,
+    dtype: str = "bf16",
+    quantize_lm_head: bool = False,
+) -> int:
+    """Bytes of all weights as the engine stores them (see the module docstring for the layout).
+
+    `dtype` is the model dtype that unquantized tensors keep under w8/w4 (ignored for float formats).
+    """
+    fmt = normalize_weight_format(weight_format)
+    if fmt in FLOAT_BYTES:
+        return config.num_parameters() * FLOAT_BYTES[fmt]
+    if group_size is not None and group_size > 0 and group_size % 2 and fmt == "w4":
+        raise SlimlmError(f"w4 group size must be even, got {group_size}")
+    rest = FLOAT_BYTES[normalize_float_dtype(dtype)]
+    total = 0
+    for p in model_params(config):
+        if p.kind == "linear" or (p.kind == "lm_head" and quantize_lm_head):
+            total += quantized_linear_bytes(*p.shape, WEIGHT_BITS[fmt], group_size)
+        else:
+            total += p.numel * rest
+    return total
+
+
+def normalize_kv_dtype(name: str) -> str:
+    key = str(name).removeprefix("torch.").lower()
+    key = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(key, key)
+    if key not in KV_DTYPES:
+        raise SlimlmError(f"unknown KV dtype {name!r}; use one of {', '.join(KV_DTYPES)}")
+    return key
+
+
+def kv_bytes_per_head_token(head_dim: int, kv_dtype: str) -> int:
+    """Bytes of one K (or V) vector of one head for one token, scale and zero included."""
+    kind = normalize_kv_dtype(kv_dtype)
+    if kind in FLOAT_BYTES:
+        return head_dim * FLOAT_BYTES[kind]
+    if kind == "int8":
+        return head_dim + KV_SCALE_ZERO_BYTES
+    if head_dim % 2:
+        raise SlimlmError(f"int4 KV packs two values a byte and needs an even head_dim, got {head_dim}")
+    return head_dim // 2 + KV_SCALE_ZERO_BYTES
+
+
+def kv_bytes_per_token(config: ModelConfig, kv_dtype: str) -> int:
+    """2 x layers x kv_heads x bytes per head-vector (GQA-aware: kv_heads, not attention heads)."""
+    per_head = kv_bytes_per_head_token(config.head_dim, kv_dtype)
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * per_head
+
+
+def kv_block_bytes(config: ModelConfig, kv_dtype: str, block_size: int) -> int:
+    """Bytes of one paged-KV block of `block_size` tokens across all layers, K and V."""
+    if block_size <= 0:
+        raise SlimlmError(f"block_size must be positive, got {block_size}")
+    return block_size * kv_bytes_per_token(config, kv_dtype)
