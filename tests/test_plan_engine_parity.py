@@ -1,0 +1,34 @@
+"""The planner's weight and KV figures equal the bytes the engine actually allocates (issue 4, 6)."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimlm.engine.llm import LLM
+from slimlm.plan.inference import kv_block_bytes, weight_bytes
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "fp16", "int8", "int4"])
+def test_planner_kv_bytes_equal_the_engine_pool(smollm, kv_dtype):
+    if kv_dtype in ("int8", "int4"):
+        pytest.importorskip("slimlm.kv.quantized")
+    llm = LLM.from_loaded(smollm, kv_cache_tokens=4096, block_size=16, kv_dtype=kv_dtype)
+    report = llm.memory_report()
+    assert report["kv_pool_bytes"] == report["kv_blocks"] * kv_block_bytes(smollm.config, kv_dtype, 16)
+
+
+def test_planner_weight_bytes_equal_the_loaded_model(smollm):
+    llm = LLM.from_loaded(smollm, kv_cache_tokens=64)
+    params = {id(p): p for p in smollm.model.parameters()}.values()
+    allocated = sum(p.numel() * p.element_size() for p in params)
+    assert weight_bytes(smollm.config, "fp32") == allocated
+    assert llm.memory_report()["weights_bytes"] >= allocated
+
+
+def test_int4_kv_holds_more_tokens_at_the_same_budget(smollm):
+    pytest.importorskip("slimlm.kv.quantized")
+    budget = 64 * 2**20
+    tokens = {d: LLM.from_loaded(smollm, kv_cache_bytes=budget, kv_dtype=d).memory_report()["kv_tokens"]
+              for d in ("bf16", "int8", "int4")}
+    assert tokens["int8"] >= 1.9 * tokens["bf16"]
+    assert tokens["int4"] >= 3.5 * tokens["bf16"]
