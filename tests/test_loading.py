@@ -65,7 +65,7 @@ def _save_hf_dir(tmp_path, arch, shard: str | None):
 
 def _write_tiny_tokenizer(path):
     """A 128-token byte-level BPE tokenizer (vocab matches the tiny models) with a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {f"t{i}": i for i in range(126)}
     vocab.update({"<s>": 126, "</s>": 127})

@@ -6,7 +6,13 @@ import argparse
 import sys
 import time
 
-from slimlm.commands.common import add_engine_args, add_model_args, add_sampling_args, llm_from_args, sampling_params_from_args
+from slimlm.commands.common import (
+    add_engine_args,
+    add_model_args,
+    add_sampling_args,
+    llm_from_args,
+    sampling_params_from_args,
+)
 
 HELP = "commands: /reset (new conversation), /system TEXT (set system prompt and reset), /exit"
 

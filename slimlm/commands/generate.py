@@ -6,7 +6,13 @@ import argparse
 import json
 import sys
 
-from slimlm.commands.common import add_engine_args, add_model_args, add_sampling_args, llm_from_args, sampling_params_from_args
+from slimlm.commands.common import (
+    add_engine_args,
+    add_model_args,
+    add_sampling_args,
+    llm_from_args,
+    sampling_params_from_args,
+)
 from slimlm.errors import SlimlmError
 
 

@@ -135,7 +135,7 @@ class LLM:
             from slimlm.engine.beam import beam_search
 
             results[seq_id] = beam_search(self, ids, sp)
-        for seq_id, res in results.items():
+        for res in results.values():
             seq = getattr(res, "_seq", None)
             if seq is not None:
                 res.num_cached_tokens = getattr(seq, "num_prefix_hit_tokens", 0)

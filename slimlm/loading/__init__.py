@@ -80,7 +80,13 @@ def load_config(model: str | None) -> ModelConfig:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device, progress: bool) -> LoadedModel:
-    from slimlm.loading.gguf_file import config_from_gguf, gguf_metadata, iter_gguf_tensors, open_gguf, tensor_to_torch
+    from slimlm.loading.gguf_file import (
+        config_from_gguf,
+        gguf_metadata,
+        iter_gguf_tensors,
+        open_gguf,
+        tensor_to_torch,
+    )
     from slimlm.tokenizer import Tokenizer
 
     reader = open_gguf(path)
@@ -97,7 +103,12 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, progress: bool) -> Loaded
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype, device, progress: bool) -> LoadedModel:
-    from slimlm.loading.safetensors_dir import count_tensors, iter_safetensors, read_generation_config, safetensors_files
+    from slimlm.loading.safetensors_dir import (
+        count_tensors,
+        iter_safetensors,
+        read_generation_config,
+        safetensors_files,
+    )
     from slimlm.tokenizer import Tokenizer
 
     if not (path / "config.json").is_file():
