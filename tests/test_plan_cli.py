@@ -23,12 +23,13 @@ def test_inference_json_schema(capsys):
     assert set(doc) >= {"model", "device", "settings", "components", "total_bytes", "headroom_bytes", "fits",
                         "host_bytes", "problems", "suggestions", "inference"}  # fmt: skip
     names = [c["name"] for c in doc["components"]]
-    assert names == ["weights", "kv_cache", "cuda_context", "workspace", "logits"]
+    assert names == ["weights", "kv_cache", "cuda_context", "workspace"]
     assert all(isinstance(c["bytes"], int) and isinstance(c["exact"], bool) for c in doc["components"])
     assert doc["total_bytes"] == sum(c["bytes"] for c in doc["components"])
     assert doc["model"]["parameters"] == 8030261248 and doc["device"]["total_bytes"] == 24564 * 2**20
     inf = doc["inference"]
     assert inf["kv_bytes_per_token"] == 131072 and inf["kv_tokens"] == inf["kv_blocks"] * 16
+    assert doc["components"][3]["bytes"] == max(inf["runtime"].values())
     assert doc["settings"]["weight_format"] == "bf16"  # auto on a GPU: bf16
     # 16 GB of bf16 weights leave ~7.3 GB of KV pool on a 24 GiB card: ~56k tokens, not 8 x 8192
     assert 50_000 < inf["kv_tokens"] < 8 * 8192 and inf["max_context"] < 8192

@@ -29,14 +29,14 @@ def inference_series(plan: InferencePlan, xs: list[int], axis: str) -> dict[str,
         context, batch = (x, s.batch) if axis == "context" else (plan.context, x)
         blocks = batch * -(-context // e.block_size)
         settings = dataclasses.replace(s, context=context, batch=batch)
-        work, logits = (
-            runtime_overheads(plan.model, settings, context, max(plan.max_model_len, context))
+        runtime = (
+            runtime_overheads(plan.model, settings, context, max(plan.max_model_len, context)).peak
             if s.runtime_overheads
-            else (0, 0)
+            else 0
         )
         series["weights"].append(weights)
         series["kv_cache (needed)"].append(blocks * plan.kv_block_bytes)
-        series["runtime"].append(fixed + work + logits)
+        series["runtime"].append(fixed + runtime)
     return series
 
 

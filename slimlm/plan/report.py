@@ -95,6 +95,13 @@ def plan_to_json(
             "max_model_len": plan.max_model_len,
             "max_concurrent_sequences": plan.max_concurrent_sequences,
             "max_context": plan.max_context,
+            "runtime": None
+            if plan.runtime is None
+            else {
+                "prefill_workspace_bytes": plan.runtime.prefill_workspace,
+                "decode_workspace_bytes": plan.runtime.decode_workspace,
+                "logits_bytes": plan.runtime.logits,
+            },
         }
     else:
         doc["host_bytes"] = plan.host_bytes

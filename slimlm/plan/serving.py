@@ -73,7 +73,7 @@ class InferencePlan:
     max_concurrent_sequences: int  # at `context`, limited by the pool and by max_num_seqs
     max_context: int  # at `batch`, limited by the pool and by max_model_len
     problems: list[str]
-    suggestions: list[dict] = field(default_factory=list)
+    runtime: RuntimeOverheads | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -88,30 +88,50 @@ class InferencePlan:
         return not self.problems
 
 
+@dataclass(frozen=True)
+class RuntimeOverheads:
+    """Transient memory of an engine step (estimates). The three never coexist: the logits are computed
+    after the last layer's workspace is released, so the step needs their maximum."""
+
+    prefill_workspace: int
+    decode_workspace: int
+    logits: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.prefill_workspace, self.decode_workspace, self.logits)
+
+    @property
+    def largest(self) -> str:
+        parts = {"prefill activations": self.prefill_workspace, "decode K/V gather": self.decode_workspace,
+                 "logits + sampler": self.logits}  # fmt: skip
+        return max(parts, key=lambda k: parts[k])
+
+
 def runtime_overheads(
     config: ModelConfig, settings: InferenceSettings, context: int, max_model_len: int
-) -> tuple[int, int]:
-    """(step workspace, logits + sampler buffers), estimated for slimlm's engine.
+) -> RuntimeOverheads:
+    """Step workspace and logits buffers, estimated for slimlm's engine, one layer at a time (nothing is
+    kept between layers at inference).
 
-    Workspace: the larger of a prefill step and a decode step, one layer at a time (nothing is kept
-    between layers at inference). A prefill step of T = min(max_num_batched_tokens, context) tokens holds
-    the residual stream and the normed input (2·T·h), the larger of the SwiGLU MLP's three [T, i]
-    intermediates and attention's q plus its RoPE temporaries, k, v (4·T·q + 2·T·kv), all in the compute
-    dtype, plus the K/V of the context it attends to, gathered from the pool into the compute dtype
-    (2·context·kv). A decode step of B = min(batch, max_num_seqs) sequences gathers every sequence's K/V
-    of one layer, padded to the longest (2·B·context·kv). Logits: each sequence of the step gets one fp32
-    row of vocab logits and the sampler's copies (~32 bytes per logit).
+    Prefill: the scheduler packs up to T = min(max_num_batched_tokens, batch x context) prompt tokens in a
+    step; it holds the residual stream and the normed input (2·T·h), the larger of the SwiGLU MLP's three
+    [T, i] intermediates and attention's q plus its RoPE temporaries, k, v (4·T·q + 2·T·kv), all in the
+    compute dtype, plus the K/V of the context it attends to, gathered from the pool into the compute
+    dtype (2·context·kv). Decode: B = min(batch, max_num_seqs) sequences gather every sequence's K/V of
+    one layer, padded to the longest (2·B·context·kv). Logits: one fp32 row of vocab logits per sequence
+    of the step and the sampler's copies (~32 bytes per logit).
     """
     b = FLOAT_BYTES[settings.dtype]
     h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
     engine = settings.engine
-    tokens = min(engine.max_num_batched_tokens, context)
+    seqs = min(settings.batch, engine.max_num_seqs)
+    tokens = min(engine.max_num_batched_tokens, seqs * context)
     per_token = 2 * h + max(3 * i, 4 * q + 2 * kv)
     prefill = tokens * per_token * b + 2 * context * kv * b
-    seqs = min(settings.batch, engine.max_num_seqs)
     decode = 2 * seqs * min(context, max_model_len) * kv * b
-    logits = max(seqs, 1) * config.vocab_size * SAMPLER_BYTES_PER_LOGIT
-    return max(prefill, decode), logits
+    logits = seqs * config.vocab_size * SAMPLER_BYTES_PER_LOGIT
+    return RuntimeOverheads(prefill, decode, logits)
 
 
 def _kv_blocks(
@@ -148,9 +168,7 @@ def plan_inference(
     block_bytes = kv_block_bytes(config, s.kv_dtype, engine.block_size)
     free_after_weights = device.usable_bytes - cuda_context - weights
     blocks, source = _kv_blocks(free_after_weights, block_bytes, engine, max_model_len)
-    workspace, logits = (
-        runtime_overheads(config, s, context, max_model_len) if s.runtime_overheads else (0, 0)
-    )
+    runtime = runtime_overheads(config, s, context, max_model_len) if s.runtime_overheads else None
 
     fmt = (
         s.weight_format
@@ -165,11 +183,9 @@ def plan_inference(
     ]
     if device.kind == "gpu" and s.runtime_overheads:
         components.append(Component("cuda_context", cuda_context, False, "CUDA context, before any tensor"))
-    if s.runtime_overheads:
-        components.append(
-            Component("workspace", workspace, False, "largest prefill or decode step, one layer")
-        )
-        components.append(Component("logits", logits, False, "fp32 logits and sampler buffers"))
+    if runtime is not None:
+        note = f"step transients; largest: {runtime.largest}"
+        components.append(Component("workspace", runtime.peak, False, note))
 
     seq_blocks = -(-context // engine.block_size)
     max_seqs = min(blocks // seq_blocks, engine.max_num_seqs)
@@ -179,7 +195,7 @@ def plan_inference(
     )
     plan = InferencePlan(
         config, device, s, components, block_bytes // engine.block_size, block_bytes, blocks, source,
-        max_model_len, context, max_seqs, max_context, problems,
+        max_model_len, context, max_seqs, max_context, problems, runtime,
     )  # fmt: skip
     return plan
 
