@@ -169,3 +169,16 @@ def test_training_verdict_and_suggestions():
 def test_bad_training_settings(kwargs, message):
     with pytest.raises(SlimlmError, match=message):
         TrainingSettings(**kwargs)
+
+
+def test_foreach_adamw_holds_a_sqrt_of_every_state():
+    """torch's multi-tensor AdamW (its default on GPUs) computes sqrt(v) for the whole parameter list at
+    once; the for-loop step holds two tensors of the largest parameter."""
+    cfg = resolve_model("qwen2.5-0.5b").config
+    n = cfg.num_parameters()
+    largest = cfg.vocab_size * cfg.hidden_size
+    gpu = Device("gpu", 10**15, 10**15, "gpu", 0)
+    settings = dict(precision="fp32", seq_len=16)
+    multi = plan_training(cfg, gpu, TrainingSettings(**settings))
+    loop = plan_training(cfg, gpu, TrainingSettings(**settings, foreach=False))
+    assert multi.phases["optimizer_step"] - loop.phases["optimizer_step"] == 4 * n - 2 * 4 * largest

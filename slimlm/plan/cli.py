@@ -85,6 +85,12 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--offload-optimizer", action="store_true", help="optimizer states and master weights in CPU RAM"
     )
+    g.add_argument(
+        "--no-foreach",
+        action="store_true",
+        help="torch optimizer without the multi-tensor path (for-loop or fused): no list-sized temporaries; "
+        "the default follows torch (multi-tensor on GPUs)",
+    )
 
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the plan as JSON (schema slimlm.plan/1)")
@@ -165,6 +171,7 @@ def build_plan(args: argparse.Namespace):
         lora_targets=_lora_targets(args.lora_targets), qlora_group_size=args.qlora_group_size,
         grad_accumulation=args.grad_accum, zero_stage=args.zero_stage, num_devices=args.num_devices,
         offload_optimizer=args.offload_optimizer,
+        foreach=False if args.no_foreach else None,
     )  # fmt: skip
     plan = plan_training(pm.config, device, settings)
     return pm, plan, suggest_training(plan)

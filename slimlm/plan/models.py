@@ -49,11 +49,10 @@ def _from_gguf(path: Path, name: str, source: str) -> PlannedModel:
 
     info = read_gguf_config(path)
     runs = info.architecture in ("llama", "mistral", "qwen2")
-    note = (
-        ""
-        if runs
-        else f"GGUF architecture {info.architecture!r} is planned as a Llama-shaped decoder of the same sizes"
-    )
+    types = ", ".join(f"{n} {k}" for k, n in sorted(info.tensor_types.items(), key=lambda kv: -kv[1]))
+    note = f"GGUF file {info.file_bytes / 2**30:.2f} GiB ({types}); the engine dequantizes it to the compute dtype"
+    if not runs:
+        note += f"; architecture {info.architecture!r} is planned as a Llama-shaped decoder of the same sizes"
     return PlannedModel(info.config, name, source, info.architecture, runs, info.file_bytes, note)
 
 

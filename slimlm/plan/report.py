@@ -153,6 +153,8 @@ def render_table(doc: dict[str, Any], unit: str = "GiB", console=None) -> None:
     if doc.get("host_bytes"):
         table.add_row("total (host RAM)", f"{doc['host_bytes'] / scale:,.3f}", "", "", "optimizer offload")
     console.print(table)
+    if m["note"]:
+        console.print(f"model: {m['note']}")
     unit_note = "GiB = 2^30 bytes" if unit == "GiB" else "GB = 10^9 bytes"
     if doc["mode"] == "inference":
         inf = doc["inference"]
