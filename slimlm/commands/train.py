@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     from slimlm.train.trainer import train
 
     result = train(cfg)
-    if not args.quiet:
+    if not args.quiet and result.rank == 0:
         evals = result.evals
         if len(evals) >= 2:
             print(f"eval loss {evals[0]['eval_loss']:.4f} -> {evals[-1]['eval_loss']:.4f} "

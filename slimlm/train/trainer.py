@@ -52,6 +52,7 @@ class TrainResult:
     measured_peak_bytes: int | None = None
     peak_rss_bytes: int | None = None
     planned_peak_bytes: int | None = None
+    rank: int = 0  # this process's rank (results are reported by rank 0)
 
 
 class Trainer:
@@ -61,6 +62,14 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist.init_distributed(cfg.distributed, "cuda" if cfg.device.startswith("cuda") or (
             cfg.device == "auto" and torch.cuda.is_available()) else "cpu")  # fmt: skip
+        try:
+            self._setup(loaded)
+        except BaseException:
+            dist.shutdown(self.dist)  # a process group this run opened must not outlive it
+            raise
+
+    def _setup(self, loaded) -> None:
+        cfg = self.cfg
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         if self.dist.strategy == "fsdp" and cfg.optim != "adamw":
             raise SlimlmError(
@@ -298,7 +307,9 @@ class Trainer:
                       f"planner predicted {fmt_bytes(planned)} ({plan_note})")  # fmt: skip
         if log:
             log.close()
-        result = TrainResult(self.out, state, losses, state.evals, memory.peak_bytes, rss, planned)
+        result = TrainResult(
+            self.out, state, losses, state.evals, memory.peak_bytes, rss, planned, self.dist.rank
+        )
         if self.dist.is_main:
             self._write_summary(result)
         return result
