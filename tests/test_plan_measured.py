@@ -92,7 +92,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_predicted_peak_within_10_percent_of_measured(case, tiny_llama):
     if case.get("optimizer", "adamw").startswith("adamw") and case.get("optimizer", "adamw") != "adamw":
-        pytest.importorskip("slimlm.optim")
+        pytest.importorskip("slimlm.optim.variants")
     settings = TrainingSettings(micro_batch=2, seq_len=48, lora_rank=4, **case)
     config = ModelConfig.from_hf_dict({**TINY, "architectures": ["LlamaForCausalLM"]})
     plan = plan_training(config, CPU, settings)

@@ -92,7 +92,8 @@ def test_lora_and_qlora_states():
 
 
 def test_low_bit_optimizer_states_equal_slimlm_optim():
-    optim = pytest.importorskip("slimlm.optim")
+    optim = pytest.importorskip("slimlm.optim.variants")
+    memory = pytest.importorskip("slimlm.optim.memory")
     shapes = [(300, 70), (4096,), (5000,), (3, 40, 50), (64,), (2, 2049)]
     for name, cls in {
         "adamw8bit": optim.AdamW8bit,
@@ -104,7 +105,7 @@ def test_low_bit_optimizer_states_equal_slimlm_optim():
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-        assert optim.optimizer_state_bytes(opt) == optimizer_state_bytes(shapes, name), name
+        assert memory.optimizer_state_bytes(opt) == optimizer_state_bytes(shapes, name), name
     params = [torch.nn.Parameter(torch.randn(s, dtype=torch.bfloat16)) for s in shapes]
     for cls, name in ((torch.optim.AdamW, "adamw"), (torch.optim.SGD, "sgd")):
         opt = cls(params, lr=1e-3, momentum=0.9) if name == "sgd" else cls(params, lr=1e-3)
@@ -128,6 +129,8 @@ def test_classic_savings_show_in_the_plan():
         ckpt.activation_bytes < full.activation_bytes / 5 and eager.activation_bytes > full.activation_bytes
     )
     assert full.logits_bytes == 12 * 128256 * 1024  # fp32 log-softmax and its gradients over the vocabulary
+    chunked = plan_training(cfg, BIG, TrainingSettings(seq_len=1024, micro_batch=4, loss_chunk_tokens=256))
+    assert chunked.logits_bytes == 12 * 128256 * 256  # one chunk of the 4096 tokens at a time
     eight = plan_training(cfg, BIG, TrainingSettings(seq_len=1024, optimizer="adamw8bit"))
     # 1 byte per state plus an fp32 absmax per 256 elements, against 4 bytes per state
     assert part(eight, "optimizer_states") / part(full, "optimizer_states") == pytest.approx(
@@ -158,6 +161,7 @@ def test_training_verdict_and_suggestions():
         ({"micro_batch": -1}, "micro batch must be a positive integer"),
         ({"seq_len": 0}, "seq len must be a positive integer"),
         ({"zero_stage": 4}, "ZeRO stage must be 0, 1, 2 or 3"),
+        ({"loss_chunk_tokens": 0}, "loss chunk must be a positive"),
         ({"num_devices": 0}, "num devices must be"),
         ({"method": "dora"}, "unknown training method"),
         ({"precision": "fp8"}, "unknown precision"),

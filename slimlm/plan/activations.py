@@ -20,6 +20,9 @@ RoPE cos/sin (2·b·head_dim per position), int64 labels (8 per token). Logits: 
 b·V logits, their fp32 copy for the loss (when b < 4) and the fp32 log-softmax (4V) the loss saves; the
 backward of the log-softmax holds 12·V bytes per token (saved output, incoming and outgoing fp32 gradients).
 
+With a chunked loss (slimlm train: chunks of 1024 loss tokens, each recomputed in its backward) only one
+chunk's logits exist at a time: the logits terms count min(tokens, chunk) tokens instead of all.
+
 Gradient checkpointing (per decoder layer) keeps only each layer's input, b·h per token, and recomputes
 one layer at a time during the backward. A layer's backward works on top of what is saved with the
 gradient flowing into it (b·h) and, in SwiGLU's product backward, three [N, i] gradients (b·3i), of which
@@ -52,6 +55,7 @@ class ActivationSetup:
     lm_head_trains: bool = False
     input_requires_grad: bool = True  # the embedding output needs a gradient (it trains)
     checkpointing: bool = False
+    loss_chunk_tokens: int | None = None  # loss over chunks of this many tokens, recomputed in the backward
 
     @property
     def tokens(self) -> int:
@@ -144,12 +148,17 @@ def model_saved_bytes(config: ModelConfig, a: ActivationSetup) -> int:
     return per_token * a.tokens + rope
 
 
+def _loss_tokens(a: ActivationSetup) -> int:
+    """Tokens whose logits exist at once: all of them, or one chunk when the loss is chunked."""
+    return min(a.tokens, a.loss_chunk_tokens) if a.loss_chunk_tokens else a.tokens
+
+
 def logits_forward_bytes(config: ModelConfig, a: ActivationSetup) -> int:
     """Peak of the loss forward: logits, their fp32 copy (when b < 4), the saved fp32 log-softmax."""
     b, v = a.compute_bytes, config.vocab_size
-    return (b * v + (4 * v if b < 4 else 0) + 4 * v) * a.tokens
+    return (b * v + (4 * v if b < 4 else 0) + 4 * v) * _loss_tokens(a)
 
 
 def logits_backward_bytes(config: ModelConfig, a: ActivationSetup) -> int:
     """Peak of the loss backward: saved log-softmax and its incoming and outgoing fp32 gradients."""
-    return 12 * config.vocab_size * a.tokens
+    return 12 * config.vocab_size * _loss_tokens(a)

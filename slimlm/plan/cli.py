@@ -86,6 +86,13 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         "--offload-optimizer", action="store_true", help="optimizer states and master weights in CPU RAM"
     )
     g.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="loss over chunks of TOKENS recomputed in the backward (slimlm train: 1024); default: one loss",
+    )
+    g.add_argument(
         "--no-foreach",
         action="store_true",
         help="torch optimizer without the multi-tensor path (for-loop or fused): no list-sized temporaries; "
@@ -172,6 +179,7 @@ def build_plan(args: argparse.Namespace):
         grad_accumulation=args.grad_accum, zero_stage=args.zero_stage, num_devices=args.num_devices,
         offload_optimizer=args.offload_optimizer,
         foreach=False if args.no_foreach else None,
+        loss_chunk_tokens=args.loss_chunk,
     )  # fmt: skip
     plan = plan_training(pm.config, device, settings)
     return pm, plan, suggest_training(plan)

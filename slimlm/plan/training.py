@@ -56,6 +56,7 @@ class TrainingSettings:
     num_devices: int = 1
     offload_optimizer: bool = False
     foreach: bool | None = None  # torch optimizers' multi-tensor path; None: torch's default (on for GPUs)
+    loss_chunk_tokens: int | None = None  # None: one loss over the batch (HF); N: chunks of N, recomputed
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -69,6 +70,12 @@ class TrainingSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise SlimlmError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        if self.loss_chunk_tokens is not None and (
+            not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens <= 0
+        ):
+            raise SlimlmError(
+                f"loss chunk must be a positive number of tokens, got {self.loss_chunk_tokens!r}"
+            )
         if self.zero_stage not in (0, 1, 2, 3):
             raise SlimlmError(f"ZeRO stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if self.method != "full":
@@ -201,6 +208,7 @@ def activation_setup(config: ModelConfig, s: TrainingSettings) -> act.Activation
         lm_head_trains=full,
         input_requires_grad=full,
         checkpointing=s.gradient_checkpointing,
+        loss_chunk_tokens=s.loss_chunk_tokens,
     )
 
 
