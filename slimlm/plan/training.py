@@ -250,6 +250,10 @@ def plan_training(
     full_layer = act.layer_saved_bytes(config, a, first_layer=False)
     model_saved = act.model_saved_bytes(config, a)
     work = act.layer_backward_workspace(config, a)
+    if s.method == "qlora":  # the 4-bit matmul's backward dequantizes one projection weight at a time
+        from slimlm.plan.shapes import linear_shapes
+
+        work += s.compute_bytes * max(o * i for o, i in linear_shapes(config).values())
     activations_all = sum(kept) + model_saved
 
     phases: dict[str, int] = {}
