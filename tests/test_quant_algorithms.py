@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from slimlm.quant.awq import awq_quantize_layer, awq_search_clip, awq_search_scale, fold_scale
-from slimlm.quant.gptq import HessianAccumulator, gptq_quantize
+from slimlm.quant.gptq import gptq_quantize
 from slimlm.quant.rtn import fake_quantize, rtn_quantize
+from slimlm.quant.stats import InputStats
 
 
 def _output_error(w_hat: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> float:
@@ -25,12 +26,16 @@ def _correlated_inputs(n: int, dim: int, sample_seed: int = 0) -> torch.Tensor:
     return (latent @ mix + 0.1 * torch.randn(n, dim, generator=g)) * scale
 
 
-def test_hessian_accumulator_is_the_mean_outer_product_times_two():
-    x = torch.randn(300, 24)
-    acc = HessianAccumulator(24)
+def test_input_stats_are_running_means():
+    x = torch.randn(300, 24) * torch.rand(24)
+    stats = InputStats(24)
     for chunk in x.split(70):
-        acc.add(chunk)
-    torch.testing.assert_close(acc.hessian, 2 * x.T @ x / 300, rtol=1e-5, atol=1e-5)
+        stats.add(chunk)
+    torch.testing.assert_close(stats.hessian, 2 * x.T @ x / 300, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.abs_mean, x.abs().mean(0))
+    scale = torch.rand(24) + 0.5
+    stats.divide_inputs(scale)
+    torch.testing.assert_close(stats.gram, InputStats.of(x / scale).gram, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -39,9 +44,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(act_order, bits, group_size):
     torch.manual_seed(0)
     w = torch.randn(64, 128)
     x = _correlated_inputs(1024, 128)
-    acc = HessianAccumulator(128)
-    acc.add(x)
-    q = gptq_quantize(w, acc.hessian, bits, group_size, act_order=act_order)
+    q = gptq_quantize(w, InputStats.of(x).hessian, bits, group_size, act_order=act_order)
     rtn = rtn_quantize(w, bits, group_size)
     x_test = _correlated_inputs(512, 128, sample_seed=1)  # held out: the gain must generalise
     gptq_err = _output_error(q.dequantize(), w, x_test)
@@ -56,9 +59,7 @@ def test_gptq_handles_dead_inputs():
     w = torch.randn(32, 64)
     x = torch.randn(256, 64)
     x[:, 5] = 0  # an input channel that never fires: H has a zero row and column
-    acc = HessianAccumulator(64)
-    acc.add(x)
-    q = gptq_quantize(w, acc.hessian, 4, 32)
+    q = gptq_quantize(w, InputStats.of(x).hessian, 4, 32)
     assert torch.isfinite(q.scales).all()
     assert float(q.dequantize()[:, 5].abs().max()) <= float(q.scales.max())  # zeroed, within a step
 
@@ -74,7 +75,7 @@ def test_awq_scale_search_beats_rtn_with_outlier_channels():
     torch.manual_seed(0)
     w = torch.randn(96, 128)
     x = _outlier_inputs(512, 128)
-    scale = awq_search_scale(x, [w], bits=4, group_size=64)
+    scale = awq_search_scale(InputStats.of(x), [w], bits=4, group_size=64)
     assert scale[:4].mean() > scale[4:].mean()  # the salient channels get scaled up
     awq_w = fake_quantize(w * scale, 4, 64) / scale
     x_test = _outlier_inputs(512, 128, seed=1)
@@ -86,7 +87,7 @@ def test_awq_clip_search_never_increases_group_error():
     w = torch.randn(32, 128)
     w[:, 7] = 8.0  # an outlier weight stretches its group's range
     x = torch.randn(256, 128)
-    max_val = awq_search_clip(w, x, 4, 32)
+    max_val = awq_search_clip(w, InputStats.of(x), 4, 32)
     clipped = torch.maximum(torch.minimum(w.view(32, 4, 32), max_val[..., None]), -max_val[..., None])
     err_clip = _output_error(fake_quantize(clipped.view(32, 128), 4, 32), w, x)
     assert err_clip <= _output_error(fake_quantize(w, 4, 32), w, x) * (1 + 1e-6)
@@ -130,8 +131,10 @@ def test_awq_layer_folding_keeps_the_float_function():
     block(x)
     for h in hooks:
         h.remove()
+    by_tensor = {id(t): InputStats.of(t) for t in inputs.values()}  # q/k/v read one tensor: one stats
+    stats = {name: by_tensor[id(t)] for name, t in inputs.items()}
     weights_before = {n: m.weight.clone() for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-    quantized = awq_quantize_layer(block, inputs, bits=4, group_size=32, clip=False)
+    quantized = awq_quantize_layer(block, stats, bits=4, group_size=32, clip=False)
     assert set(quantized) == set(weights_before)
     assert not torch.equal(block.self_attn.q_proj.weight, weights_before["self_attn.q_proj"])
     # Folding moved scales between producers and consumers without changing the float function.

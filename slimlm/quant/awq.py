@@ -2,13 +2,14 @@
 before quantization and folding the inverse scale into the operation that produces their input.
 
 Per group of linears sharing one input x, the search tries s = mean|x|^α for α = 0, 1/20, ..., 19/20
-(normalised so that sqrt(max·min) = 1) and keeps the α whose quantized outputs Q(W·s)(x/s) are closest to
-W x. Folding targets, as in AutoAWQ: input_layernorm -> q,k,v; v_proj -> o_proj only when both weights
-have the same shape (no GQA: with fewer kv heads one v channel feeds several o inputs); post-attention
-norm -> gate,up; up_proj -> down_proj. Unlike AutoAWQ, the loss is measured on the linears' own outputs
-instead of the attention block's output, which keeps this free of the model's forward signature.
-The optional clipping search then shrinks each group's range (not for q/k, whose errors the softmax
-amplifies) to minimise the group-wise output error.
+(normalised so that sqrt(max·min) = 1) and keeps the α whose quantized outputs Q(W·s)(x/s) are closest
+to W x over all calibration tokens, computed exactly from E[x xᵀ] (see stats.py). Folding targets, as in
+AutoAWQ: input_layernorm -> q,k,v; v_proj -> o_proj only when both weights have the same shape (with
+GQA one v channel feeds several o inputs); post_attention_layernorm -> gate,up; up_proj -> down_proj.
+Unlike AutoAWQ, the loss is measured on the linears' own outputs instead of the attention block's
+output, which keeps this free of the model's forward signature. The optional clipping search then
+shrinks each group's range (not for q/k, whose errors the softmax amplifies) to minimise each group's
+output error.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from slimlm.quant.rtn import fake_quantize, rtn_quantize
 from slimlm.quant.scheme import QuantizedWeight, check_scheme
+from slimlm.quant.stats import InputStats
 
 # (module that produces the input, linears reading it), relative to a decoder layer; HF names.
 SCALE_GROUPS = (
@@ -29,26 +31,28 @@ SCALE_GROUPS = (
 NO_CLIP = ("q_proj", "k_proj")
 
 
+def _output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
+    """Mean over inputs of ‖ΔW x‖², from E[x xᵀ]: Σ (ΔW G) ⊙ ΔW."""
+    return float(((delta @ gram) * delta).sum())
+
+
 @torch.no_grad()
 def awq_search_scale(
-    x: torch.Tensor,
+    stats: InputStats,
     weights: list[torch.Tensor],
     bits: int,
     group_size: int,
     sym: bool = False,
     grid: int = 20,
 ) -> torch.Tensor:
-    """Best per-input-channel scale [in] for the weights [out_i, in] that all read the input x [n, in]."""
-    x = x.float()
+    """Best per-input-channel scale [in] for the weights [out_i, in] that all read the input of `stats`."""
     w = torch.cat([w.float() for w in weights], dim=0)  # [sum out, in]
-    reference = x @ w.T
-    x_mean = x.abs().mean(dim=0)
-    best_loss, best_scale = float("inf"), torch.ones_like(x_mean)
+    best_loss, best_scale = float("inf"), torch.ones_like(stats.abs_mean)
     for step in range(grid):
-        scale = x_mean.pow(step / grid).clamp(min=1e-4)
+        scale = stats.abs_mean.pow(step / grid).clamp(min=1e-4)
         scale = scale / (scale.max() * scale.min()).sqrt()
         w_q = fake_quantize(w * scale, bits, group_size, sym) / scale
-        loss = float((x @ w_q.T - reference).pow(2).mean())
+        loss = _output_error(w_q - w, stats.gram)
         if loss < best_loss:
             best_loss, best_scale = loss, scale
     return best_scale
@@ -57,28 +61,30 @@ def awq_search_scale(
 @torch.no_grad()
 def awq_search_clip(
     weight: torch.Tensor,
-    x: torch.Tensor,
+    stats: InputStats,
     bits: int,
     group_size: int,
     sym: bool = False,
     grid: int = 20,
     max_shrink: float = 0.5,
-    max_tokens: int = 512,
 ) -> torch.Tensor:
     """Per (row, group) clipping threshold [out, groups] that minimises that group's output error."""
     out, n_in = weight.shape
     group_size = check_scheme(bits, group_size, n_in)
     n_groups = n_in // group_size
-    x = x.float()[:: max(1, x.shape[0] // max_tokens)].view(-1, n_groups, group_size)  # [n, groups, gs]
+    # A group's contribution to the error only involves its diagonal block of E[x xᵀ].
+    gram = stats.gram.view(n_groups, group_size, n_groups, group_size).diagonal(dim1=0, dim2=2)
+    gram_blocks = gram.permute(2, 0, 1)  # [groups, gs, gs]
     w = weight.float().view(out, n_groups, group_size)
-    reference = torch.einsum("ngk,ogk->ong", x, w)  # each group's contribution to each output
     original_max = w.abs().amax(dim=-1)  # [out, groups]
     best_max, best_err = original_max.clone(), torch.full_like(original_max, float("inf"))
     for step in range(int(max_shrink * grid)):
         max_val = original_max * (1 - step / grid)
         clipped = torch.maximum(torch.minimum(w, max_val.unsqueeze(-1)), -max_val.unsqueeze(-1))
-        w_q = fake_quantize(clipped.view(out, n_in), bits, group_size, sym).view(out, n_groups, group_size)
-        err = (torch.einsum("ngk,ogk->ong", x, w_q) - reference).pow(2).mean(dim=1)  # [out, groups]
+        delta = (
+            fake_quantize(clipped.view(out, n_in), bits, group_size, sym).view(out, n_groups, group_size) - w
+        )
+        err = torch.einsum("ogk,gkl,ogl->og", delta, gram_blocks, delta)  # [out, groups]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_max = torch.where(better, max_val, best_max)
@@ -102,7 +108,7 @@ def fold_scale(producer: nn.Module, consumers: list[nn.Linear], scale: torch.Ten
 @torch.no_grad()
 def awq_quantize_layer(
     layer: nn.Module,
-    inputs: dict[str, torch.Tensor],
+    stats: dict[str, InputStats],
     bits: int,
     group_size: int,
     sym: bool = False,
@@ -111,35 +117,32 @@ def awq_quantize_layer(
 ) -> dict[str, QuantizedWeight]:
     """Search and fold the scales of one decoder layer, then quantize each of its linears.
 
-    `inputs` maps each linear's name (relative to `layer`) to the inputs it saw, [n, in]; they are
-    rescaled in place as scales are folded. Returns the quantized weight of every linear in `inputs`.
+    `stats` maps each linear's name (relative to `layer`) to the statistics of its inputs (linears that
+    read one tensor share one object); they are updated in place as scales are folded. Returns the
+    quantized weight of every linear in `stats`.
     """
     modules = dict(layer.named_modules())
     for producer_name, consumer_names in SCALE_GROUPS:
         producer = modules.get(producer_name)
         consumers = [modules.get(name) for name in consumer_names]
         if producer is None or any(
-            c is None or name not in inputs for c, name in zip(consumers, consumer_names, strict=True)
+            c is None or n not in stats for c, n in zip(consumers, consumer_names, strict=True)
         ):
             continue
         if isinstance(producer, nn.Linear) and producer.weight.shape != consumers[0].weight.shape:
             continue  # GQA v_proj -> o_proj: not foldable channel for channel
-        x = inputs[consumer_names[0]]
-        scale = awq_search_scale(x, [c.weight for c in consumers], bits, group_size, sym, grid)
+        shared = stats[consumer_names[0]]
+        scale = awq_search_scale(shared, [c.weight for c in consumers], bits, group_size, sym, grid)
         fold_scale(producer, consumers, scale)
-        rescaled = {}  # consumers usually share one input tensor: divide it once
-        for name in consumer_names:
-            key = id(inputs[name])
-            if key not in rescaled:
-                rescaled[key] = inputs[name] / scale.to(inputs[name].dtype)
-            inputs[name] = rescaled[key]
+        for unique in {id(stats[n]): stats[n] for n in consumer_names}.values():
+            unique.divide_inputs(scale)
 
     result = {}
-    for name, x in inputs.items():
+    for name, input_stats in stats.items():
         linear = modules[name]
         if clip and not name.endswith(NO_CLIP):
-            max_val = awq_search_clip(linear.weight, x, bits, group_size, sym, grid).to(linear.weight.dtype)
-            _clamp_groups(linear.weight, max_val, group_size)
+            max_val = awq_search_clip(linear.weight, input_stats, bits, group_size, sym, grid)
+            _clamp_groups(linear.weight, max_val.to(linear.weight.dtype), group_size)
         result[name] = rtn_quantize(linear.weight.detach(), bits, group_size, sym)
     return result
 

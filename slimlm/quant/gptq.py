@@ -16,23 +16,6 @@ from slimlm.quant.rtn import group_qparams
 from slimlm.quant.scheme import QuantizedWeight, check_scheme
 
 
-class HessianAccumulator:
-    """Running H = 2/n · Σ x xᵀ over all rows x [in] seen so far (float32)."""
-
-    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.count = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # [n, in]
-        n = x.shape[0]
-        # Keep H an average so that its scale (and the 1% dampening) does not grow with the sample count.
-        self.hessian *= self.count / (self.count + n)
-        self.count += n
-        x = x * (2 / self.count) ** 0.5
-        self.hessian += x.T @ x
-
-
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,

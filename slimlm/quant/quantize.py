@@ -23,10 +23,11 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
 from slimlm.quant.awq import awq_quantize_layer
-from slimlm.quant.gptq import HessianAccumulator, gptq_quantize
+from slimlm.quant.gptq import gptq_quantize
 from slimlm.quant.linear import QuantLinear, make_quant_linear
 from slimlm.quant.rtn import rtn_quantize
 from slimlm.quant.scheme import QuantizedWeight, check_scheme
+from slimlm.quant.stats import InputStats
 
 METHODS = ("rtn", "awq", "gptq")
 FORMAT_VERSION = 1
@@ -96,14 +97,12 @@ def quantize_model(
     block_size: int = 128,
     awq_grid: int = 20,
     awq_clip: bool = True,
-    awq_max_tokens: int = 4096,
     capture_layer0_inputs: Callable[[nn.Module, torch.Tensor], Any] = capture_layer0_inputs,
     run_layer: Callable[[nn.Module, Any], Any] = run_layer,
 ) -> dict:
     """Quantize every nn.Linear inside the decoder layers in place; embeddings and lm_head stay float.
 
     `sym` defaults to symmetric for 8 bits (the int8 kernel has no zero point) and asymmetric for 4.
-    `awq_max_tokens` caps the calibration tokens the AWQ searches use (evenly subsampled).
     Returns the quantization section of the checkpoint config.
     """
     if method not in METHODS:
@@ -141,7 +140,7 @@ def quantize_model(
                                          act_order, damp, block_size)  # fmt: skip
                 else:
                     states = _awq_layer(layer, linears, states, run_layer, bits, group_size, sym,
-                                        awq_grid, awq_clip, awq_max_tokens)  # fmt: skip
+                                        awq_grid, awq_clip)  # fmt: skip
                 advance()
 
     config = {"quant_method": "slimlm", "format_version": FORMAT_VERSION, "method": method, "bits": bits,
@@ -216,8 +215,24 @@ def _record_inputs(linears: dict[str, nn.Linear], sink: Callable[[dict[str, torc
     return handles, flush
 
 
-def _run_recorded(layer, linears, states, run_layer, sink) -> list:
-    handles, flush = _record_inputs(linears, sink)
+def _collect_stats(layer, linears, states, run_layer) -> tuple[dict[str, InputStats], list]:
+    """Run the layer on every calibration state; input statistics per linear (shared by identity)."""
+    stats: dict[str, InputStats] = {}
+
+    def accumulate(seen: dict[str, torch.Tensor]) -> None:
+        if not stats:
+            by_input: dict[int, InputStats] = {}
+            for name, x in seen.items():
+                if id(x) not in by_input:
+                    by_input[id(x)] = InputStats(x.shape[-1], x.device)
+                stats[name] = by_input[id(x)]
+        added = set()
+        for name, x in seen.items():
+            if id(stats[name]) not in added:
+                stats[name].add(x)
+                added.add(id(stats[name]))
+
+    handles, flush = _record_inputs(linears, accumulate)
     outputs = []
     try:
         for state in states:
@@ -226,55 +241,24 @@ def _run_recorded(layer, linears, states, run_layer, sink) -> list:
     finally:
         for handle in handles:
             handle.remove()
-    return outputs
+    missing = [name for name in linears if name not in stats]
+    if missing:
+        raise SlimlmError(f"{', '.join(missing)} received no input during calibration; cannot quantize them")
+    return stats, outputs
 
 
 def _gptq_layer(layer, linears, states, run_layer, bits, group_size, sym, act_order, damp, block_size):
-    hessians: dict[str, HessianAccumulator] = {}  # linears reading one tensor share one Hessian
-
-    def accumulate(seen: dict[str, torch.Tensor]) -> None:
-        if not hessians:
-            by_input: dict[int, HessianAccumulator] = {}
-            for name, x in seen.items():
-                if id(x) not in by_input:
-                    by_input[id(x)] = HessianAccumulator(x.shape[-1], x.device)
-                hessians[name] = by_input[id(x)]
-        added = set()
-        for name, x in seen.items():
-            if id(hessians[name]) not in added:
-                hessians[name].add(x)
-                added.add(id(hessians[name]))
-
-    _run_recorded(layer, linears, states, run_layer, accumulate)
+    stats, _ = _collect_stats(layer, linears, states, run_layer)
     for name, linear in linears.items():
-        if name not in hessians:
-            raise SlimlmError(f"{name} received no input during calibration; cannot run GPTQ on it")
-        qweight = gptq_quantize(linear.weight, hessians[name].hessian, bits, group_size, sym, act_order,
+        qweight = gptq_quantize(linear.weight, stats[name].hessian, bits, group_size, sym, act_order,
                                 damp, block_size)  # fmt: skip
         _swap(layer, name, qweight, linear.bias)
     # GPTQ feeds the next layer this layer's quantized outputs, so later layers compensate earlier errors.
     return [run_layer(layer, state) for state in states]
 
 
-def _awq_layer(layer, linears, states, run_layer, bits, group_size, sym, grid, clip, max_tokens):
-    chunks: dict[str, list[torch.Tensor]] = {}
-
-    def keep(seen: dict[str, torch.Tensor]) -> None:
-        shared_chunks: dict[int, torch.Tensor] = {}
-        # Subsample every batch evenly so that about max_tokens rows are kept in all.
-        stride = max(1, -(-next(iter(seen.values())).shape[0] * len(states) // max_tokens))
-        for name, x in seen.items():
-            if id(x) not in shared_chunks:
-                shared_chunks[id(x)] = x[::stride]
-            chunks.setdefault(name, []).append(shared_chunks[id(x)])
-
-    next_states = _run_recorded(layer, linears, states, run_layer, keep)  # AWQ feeds on float outputs
-    inputs, joined = {}, {}
-    for name, parts in chunks.items():
-        key = tuple(id(p) for p in parts)  # linears that shared a tensor share the concatenation
-        if key not in joined:
-            joined[key] = torch.cat(parts)
-        inputs[name] = joined[key]
-    for name, qweight in awq_quantize_layer(layer, inputs, bits, group_size, sym, grid, clip).items():
+def _awq_layer(layer, linears, states, run_layer, bits, group_size, sym, grid, clip):
+    stats, next_states = _collect_stats(layer, linears, states, run_layer)  # AWQ feeds on float outputs
+    for name, qweight in awq_quantize_layer(layer, stats, bits, group_size, sym, grid, clip).items():
         _swap(layer, name, qweight, linears[name].bias)
     return next_states
