@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": args.max_tokens,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
         "systems": {},
     }
     print(
@@ -316,7 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, httpx.HTTPError) as e:
             report["llama_cpp"] = f"unavailable: {e}"
             print(f"llama.cpp: {report['llama_cpp']}")
+    report["load_average_at_end"] = os.getloadavg()
     _print_table(report)
+    print(
+        f"load average (1/5/15 min) at start {report['load_average_at_start']}, at end {report['load_average_at_end']}:"
+        f" on a shared machine, compare only numbers taken in the same run"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

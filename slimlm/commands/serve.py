@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--api-key",
         default=None,
-        help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})",
+        help=f"require 'Authorization: Bearer KEY' on every route but /health and the chat page (default: ${API_KEY_ENV})",
     )
     g.add_argument(
         "--served-model-name",
