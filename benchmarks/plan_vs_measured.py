@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--match", nargs="*", default=[], help="only cases whose name contains one of these")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -78,13 +79,15 @@ def main() -> None:
     print(f"{'case':58s} {'plan MB':>9s} {'meas MB':>9s} {'error':>7s}  peak phase")
     worst = 0.0
     for kw in cases(args.quick):
+        name = " ".join(f"{k}={v}" for k, v in kw.items())
+        if args.match and not any(m in name for m in args.match):
+            continue
         s = TrainingSettings(micro_batch=args.micro_batch, seq_len=args.seq_len, lora_rank=16, **kw)
         plan = plan_training(config, device, s)
         start = time.perf_counter()
         measured = measure_training_step(copy.deepcopy(base), s, config.vocab_size)
         err = plan.total_bytes / measured.peak_bytes - 1
         worst = max(worst, abs(err))
-        name = " ".join(f"{k}={v}" for k, v in kw.items())
         print(f"{name:58s} {plan.total_bytes / 1e6:9.1f} {measured.peak_bytes / 1e6:9.1f} {err * 100:+6.1f}%  "
               f"{plan.peak_phase} ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
     print(f"worst |error|: {worst * 100:.1f}%")

@@ -26,7 +26,7 @@ from slimlm.errors import SlimlmError
 from slimlm.plan import activations as act
 from slimlm.plan.components import Component, device_total, host_total
 from slimlm.plan.devices import Device
-from slimlm.plan.inference import FLOAT_BYTES, quantized_linear_bytes
+from slimlm.plan.inference import quantized_linear_bytes
 from slimlm.plan.optimizers import (
     LOOKUP_TABLE_BYTES,
     normalize_optimizer,
@@ -284,7 +284,10 @@ def plan_training(
     )
     point("backward_end", grads_all, 0, 0, tied_extra)
     step_grads, step_work = _optimizer_step(states, s, grads_all, device)
-    point("optimizer_step", step_grads, 0, 0, 0 if on_host else step_work)
+    if on_host:  # the step, its temporaries and any fp32 gradient copies live in CPU RAM
+        host_step = step_work + (step_grads if s.precision == "mixed" else 0)
+        step_grads, step_work = grads_all, 0
+    point("optimizer_step", step_grads, 0, 0, step_work)
 
     peak_phase = max(phases, key=lambda k: phases[k])
     d = detail[peak_phase]
@@ -309,7 +312,7 @@ def plan_training(
     ]
     if on_host:
         components.append(
-            Component("optimizer_step_host", step_work, False, "step temporaries in RAM", host=True)
+            Component("optimizer_step_host", host_step, False, "step temporaries in RAM", host=True)
         )
     if device.kind == "gpu":
         components.append(Component("cuda_context", device.cuda_context_bytes, False, "CUDA context"))
@@ -351,9 +354,6 @@ def _weights_note(s: TrainingSettings) -> str:
     if s.method == "lora":
         return f"{dtype} base + {dtype} adapters (rank {s.lora_rank})"
     return dtype
-
-
-__all__ = ["FLOAT_BYTES", "TrainingPlan", "TrainingSettings", "plan_training", "shard", "model_states"]
 
 
 def with_training_changes(plan: TrainingPlan, **changes) -> TrainingPlan:
@@ -406,3 +406,14 @@ def suggest_training(plan: TrainingPlan, limit: int = 4) -> list[dict]:
         if len(out) >= limit:
             break
     return out
+
+
+__all__ = [
+    "ModelStates",
+    "TrainingPlan",
+    "TrainingSettings",
+    "model_states",
+    "plan_training",
+    "shard",
+    "suggest_training",
+]
