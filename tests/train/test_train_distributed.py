@@ -6,6 +6,7 @@ import json
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
@@ -40,6 +41,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two fresh processes import torch: ~25 s on the busy 2-core machine
 def test_two_processes_match_one_process_with_accumulation(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "qa.jsonl", qa_records(24))
     single = train(settings(tiny_model_dir, data, tmp_path / "single", grad_accum=2))

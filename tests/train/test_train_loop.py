@@ -116,3 +116,13 @@ def test_full_fine_tuning_writes_a_checkpoint_the_engine_loads(tiny_model_dir, d
         served = load(str(tmp_path / "out"), progress=False)
         torch.testing.assert_close(served.model.forward_dense(ids), expected)
     assert served.tokenizer.apply_chat_template([{"role": "user", "content": "x"}]).endswith("assistant\n")
+
+
+def test_bf16_mixed_keeps_fp32_master_weights_and_learns(tiny_model_dir, data_file, tmp_path):
+    trainer = Trainer(
+        config(tiny_model_dir, data_file, tmp_path / "out", precision="bf16-mixed", max_steps=12, lr=2e-2)
+    )
+    dtypes = {(p.requires_grad, p.dtype) for p in trainer.model.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}  # fp32 adapters, bf16 frozen base
+    result = trainer.run()
+    assert result.evals[-1]["eval_loss"] < result.evals[0]["eval_loss"] - 0.05
