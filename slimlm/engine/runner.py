@@ -35,6 +35,9 @@ class ModelRunner:
             query_lens.append(total - start)
             context_lens.append(total)
         max_blocks = max(len(seq.block_table) for seq in seqs)
+        padded = any(len(seq.block_table) < max_blocks for seq in seqs)
+        # -1 padding is read as block 0 in decode, so block 0 must hold finite values too.
+        self.cache.prepare_blocks([b for seq in seqs for b in seq.block_table] + ([0] if padded else []))
         tables = [seq.block_table + [-1] * (max_blocks - len(seq.block_table)) for seq in seqs]
         dev = self.device
         meta = AttnMetadata(

@@ -32,6 +32,10 @@ class PagedKVCache:
         self.scale = config.head_dim**-0.5
         self.sliding_window = config.sliding_window
         self._allocate(config.num_hidden_layers, device)
+        # Storage is allocated lazily (torch.empty), so a block is zeroed the first time it is handed out:
+        # decode reads the unwritten tail of a block (masked), and garbage there could be NaN/Inf,
+        # which a mask does not remove (0 * NaN = NaN).
+        self._never_used = set(range(num_blocks))
 
     # ---- storage format: subclasses replace these three ----
     def _allocate(self, num_layers: int, device) -> None:
@@ -62,6 +66,16 @@ class PagedKVCache:
 
     def storage_tensors(self) -> list[torch.Tensor]:
         return [self.k, self.v]
+
+    def prepare_blocks(self, block_ids) -> None:
+        """Zero any of these blocks that was never used before; cheap after the first touch."""
+        fresh = [b for b in block_ids if b in self._never_used]
+        if not fresh:
+            return
+        self._never_used.difference_update(fresh)
+        index = torch.tensor(fresh, device=self.storage_tensors()[0].device)
+        for tensor in self.storage_tensors():  # every storage tensor is [layers, blocks, ...]
+            tensor.index_fill_(1, index, 0)
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata
