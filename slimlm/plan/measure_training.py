@@ -62,6 +62,20 @@ def make_optimizer(params: list[torch.Tensor], s: TrainingSettings) -> torch.opt
     return cls[s.optimizer](params, lr=1e-4)
 
 
+def drop_cached_tables() -> None:
+    """slimlm.optim's code tables cache lookup tensors once per process and device. Dropping them before a
+    measurement makes the optimizer rebuild the ones it uses under the tracker, so the measured peak
+    does not depend on which optimizers ran earlier in the process."""
+    try:
+        from slimlm.optim import variants
+    except ImportError:
+        return
+    for table in vars(variants).values():
+        cache = getattr(table, "_per_device", None)
+        if isinstance(cache, dict):
+            cache.clear()
+
+
 @dataclass
 class MeasuredStep:
     peak_bytes: int  # tensor bytes, peak over the measured step
@@ -88,6 +102,7 @@ def measure_training_step(
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (s.micro_batch, s.seq_len), generator=gen)
 
+    drop_cached_tables()
     tracker = TensorMemoryTracker()
     tracker.track_existing([*model.parameters(), *model.buffers(), *(masters or []), ids])
     start = 0
