@@ -28,7 +28,9 @@ def test_planner_weight_bytes_equal_the_loaded_model(smollm):
 def test_int4_kv_holds_more_tokens_at_the_same_budget(smollm):
     pytest.importorskip("slimlm.kv.quantized")
     budget = 64 * 2**20
-    tokens = {d: LLM.from_loaded(smollm, kv_cache_bytes=budget, kv_dtype=d).memory_report()["kv_tokens"]
-              for d in ("bf16", "int8", "int4")}
+    tokens = {
+        d: LLM.from_loaded(smollm, kv_cache_bytes=budget, kv_dtype=d).memory_report()["kv_tokens"]
+        for d in ("bf16", "int8", "int4")
+    }
     assert tokens["int8"] >= 1.9 * tokens["bf16"]
     assert tokens["int4"] >= 3.5 * tokens["bf16"]

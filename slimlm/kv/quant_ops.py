@@ -1,0 +1,105 @@
+"""Pure functions for the quantized KV cache: per-token, per-head asymmetric int8/int4 and int4 packing.
+
+Each vector x (one token, one KV head, `head_dim` values) is stored as unsigned codes q, one fp16 scale
+and one uint8 zero point z:
+
+    scale = (max - min) / (2^bits - 1)          # LMDeploy's quant_policy formula
+    z     = round(-min / scale)                 # LMDeploy's zero in code units, rounded to fit a byte
+    q     = clamp(round(x / scale) + z, 0, 2^bits - 1)
+    x'    = (q - z) * scale
+
+The range [min, max] is widened to include 0 so that z fits in [0, 2^bits - 1]; K and V vectors span
+both signs in practice, so this rarely costs anything. A byte for z (instead of an fp16 `min`) is what
+lets int8 reach more than 1.9x the tokens of bf16 at head_dim 64: (64 + 3) bytes against 128.
+int4 puts element i in the low nibble and element i + head_dim/2 in the high nibble of byte i.
+
+Before quantizing, the cache turns every K/V vector by an orthogonal matrix (`rotation_matrix`: Hadamard
+where head_dim is a power of two). A few outlier channels otherwise set the range of every vector and
+leave the other channels a handful of levels; turned, the energy spreads evenly over the channels.
+Measured on SmolLM2-135M (benchmarks/kv_quant.py): int4 Δppl about 25% without, about 9% with it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.errors import SlimlmError
+
+SCALE_DTYPE = torch.float16
+ZERO_DTYPE = torch.uint8
+PARAM_BYTES = 2 + 1  # fp16 scale + uint8 zero point, per token per head, for K and for V each
+SUPPORTED_BITS = (8, 4)
+
+# Smallest fp16 subnormal: a constant vector still gets a non-zero scale to divide by.
+_SCALE_FLOOR = 2.0**-24
+_SCALE_CEIL = torch.finfo(torch.float16).max
+
+
+def check_bits(bits: int, head_dim: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise SlimlmError(f"KV quantization supports 8 or 4 bits, got {bits}")
+    if bits == 4 and head_dim % 2:
+        raise SlimlmError(
+            f"int4 KV packs two values a byte and needs an even head_dim, got {head_dim}; use int8"
+        )
+
+
+def packed_dim(head_dim: int, bits: int) -> int:
+    """Bytes that hold one token-head's codes."""
+    return head_dim * bits // 8
+
+
+def bytes_per_token_head(head_dim: int, bits: int) -> int:
+    """Bytes of one token's K (or V) for one head: codes plus scale and zero point."""
+    return packed_dim(head_dim, bits) + PARAM_BYTES
+
+
+def rotation_matrix(head_dim: int) -> torch.Tensor:
+    """Orthogonal float32 [D, D]: normalized Sylvester-Hadamard for powers of two, else a fixed random one."""
+    if head_dim & (head_dim - 1) == 0:
+        h = torch.ones(1, 1)
+        while h.shape[0] < head_dim:
+            h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+        return h / head_dim**0.5
+    gaussian = torch.randn(
+        head_dim, head_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    q, r = torch.linalg.qr(gaussian)
+    return (q * torch.sign(torch.diagonal(r))).float()  # sign fix: a unique, well-spread orthogonal matrix
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, 15], [..., D] -> [..., D/2]: low nibble from the first half, high from the second."""
+    half = codes.shape[-1] // 2
+    return codes[..., :half] | (codes[..., half:] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[..., D/2] uint8 -> [..., D] codes in [0, 15]; inverse of `pack_int4`."""
+    return torch.cat((packed & 0xF, packed >> 4), dim=-1)
+
+
+def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., D] float -> (codes uint8 [..., D * bits / 8], scale fp16 [...], zero uint8 [...])."""
+    levels = 2**bits - 1
+    xf = x.float()
+    lo = xf.amin(dim=-1).clamp(max=0)
+    hi = xf.amax(dim=-1).clamp(min=0)
+    scale = ((hi - lo) / levels).clamp(_SCALE_FLOOR, _SCALE_CEIL).to(SCALE_DTYPE)
+    # Quantize against the scale as stored, so rounding it to fp16 does not bias the codes.
+    s = scale.float()
+    zero = torch.round(-lo / s).clamp(0, levels)
+    codes = torch.round(xf / s.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, levels).to(torch.uint8)
+    if bits == 4:
+        codes = pack_int4(codes)
+    return codes, scale, zero.to(ZERO_DTYPE)
+
+
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of `quantize`: -> [..., D] in `dtype` (q - z is an exact small integer in any float dtype)."""
+    if bits == 4:
+        codes = unpack_int4(codes)
+    centered = codes.to(dtype) - zero.to(dtype).unsqueeze(-1)
+    return centered * scale.to(dtype).unsqueeze(-1)
