@@ -22,7 +22,7 @@ def generate_tokens(
     """Yields generated token ids one by one; greedy when temperature == 0."""
     config = model.config
     device = next(model.parameters()).device
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = next(model.parameters()).dtype  # the compute dtype (the embedding may be quantized)
     total = len(prompt_ids) + max_tokens
     cache = ContiguousKVCache(config, 1, total, dtype=dtype, device=device)
     generator = torch.Generator(device=device)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.quant.embedding import QuantEmbedding
 from slimlm.quant.format import load_quantized_state, save_quantized
 from slimlm.quant.linear import QuantLinear
 from slimlm.quant.quantize import quantize_model, quantized_weight_bytes
@@ -40,17 +41,21 @@ def _relative_error(a, b):
 
 @pytest.mark.parametrize("method", ["rtn", "awq", "gptq"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantize_tiny_hf_llama_end_to_end(hf_llama, calib, method, bits):
+@pytest.mark.parametrize("embeddings", [True, False])
+def test_quantize_tiny_hf_llama_end_to_end(hf_llama, calib, method, bits, embeddings):
     model = copy.deepcopy(hf_llama)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     reference = _logits(hf_llama, ids)
-    config = quantize_model(model, method, bits, 32, calib, progress=False)
+    config = quantize_model(model, method, bits, 32, calib, progress=False, quantize_embeddings=embeddings)
     assert config["method"] == method and config["bits"] == bits and config["group_size"] == 32
     for layer in model.model.layers:
         swapped = {name.rsplit(".", 1)[-1] for name, m in layer.named_modules() if isinstance(m, QuantLinear)}
         assert swapped == set(LINEARS)
-    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, hf_llama.lm_head.weight)
-    assert torch.equal(model.model.embed_tokens.weight, hf_llama.model.embed_tokens.weight)
+    if embeddings:  # RTN after the decoder (tests/test_quant_embeddings.py checks them in detail)
+        assert isinstance(model.lm_head, QuantLinear) and isinstance(model.model.embed_tokens, QuantEmbedding)
+    else:
+        assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, hf_llama.lm_head.weight)
+        assert torch.equal(model.model.embed_tokens.weight, hf_llama.model.embed_tokens.weight)
     err = _relative_error(_logits(model, ids), reference)
     assert err < (0.15 if bits == 4 else 0.02), err
     assert quantized_weight_bytes(model) < quantized_weight_bytes(hf_llama)
@@ -71,7 +76,8 @@ def test_quantize_slimlm_model_with_default_layer_capture(hf_llama, calib):
     model = slimlm_from_hf(hf_llama)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
     reference = _logits(model, ids)
-    quantize_model(model, "gptq", 4, 32, calib, progress=False, act_order=True)
+    # float embeddings: the error bound below is about the decoder layers that the default capture feeds
+    quantize_model(model, "gptq", 4, 32, calib, progress=False, act_order=True, quantize_embeddings=False)
     assert isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
     assert _relative_error(_logits(model, ids), reference) < 0.15
 

@@ -18,7 +18,7 @@ def beam_search(llm, prompt_ids: list[int], params: SamplingParams):
     model = llm.loaded.model
     config = llm.config
     device = next(model.parameters()).device
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = next(model.parameters()).dtype  # the compute dtype (the embedding may be quantized)
     search = BeamSearch.from_params(params, llm.engine.eos_token_ids)
     n = params.num_beams
     cache = ContiguousKVCache(config, n, len(prompt_ids) + params.max_tokens, dtype=dtype, device=device)

@@ -15,6 +15,7 @@ from slimlm.models.rope import RotaryEmbedding
 
 
 def load_quantized_dir(path: Path, config: ModelConfig, files: list[Path], dtype: torch.dtype, device, progress: bool):
+    from slimlm.quant.embedding import QuantEmbedding
     from slimlm.quant.format import load_quantized_state
     from slimlm.quant.linear import QuantLinear
 
@@ -31,8 +32,10 @@ def load_quantized_dir(path: Path, config: ModelConfig, files: list[Path], dtype
     for module in model.modules():  # QuantLinear biases and scales follow the compute dtype
         if isinstance(module, QuantLinear) and getattr(module, "bias", None) is not None:
             module.bias.data = module.bias.data.to(dtype)
+        if isinstance(module, QuantEmbedding):  # looked-up rows come out in the compute dtype
+            module.dtype = dtype
     model.model.rotary_emb = RotaryEmbedding(config, device=device)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and not isinstance(model.model.embed_tokens, QuantEmbedding):
         model.lm_head.weight = model.model.embed_tokens.weight
     quantized_params = {
         f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, QuantLinear) for p, _ in m.named_parameters()

@@ -1,6 +1,7 @@
 """Quantized checkpoints: slimlm's own layout, and the AutoAWQ (GEMM) and GPTQ layouts users already have.
 
-slimlm layout (quant_method "slimlm"), per quantized linear `P`:
+slimlm layout (quant_method "slimlm"), per quantized linear `P` (and for model.embed_tokens, whose
+table a tied lm_head shares: then no lm_head.* is written; see embedding.py):
     P.qweight  uint8 [out, in/2] for 4 bits (two codes a byte, even column in the low nibble),
                uint8 [out, in] for 8 bits
     P.scales   float [out, groups]         P.zeros  uint8 (int16 if a zero exceeds 255) [out, groups]
@@ -37,23 +38,26 @@ CONFIG_FILE = "config.json"
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights in slimlm's layout (parameters only; tied tensors kept under their first name)."""
+    """The model's weights in slimlm's layout (parameters only; tied tensors kept under their first name).
+
+    A quantized embedding is written like a quantized linear under its own name (model.embed_tokens.*);
+    a lm_head tied to it is that same table and is not written again.
+    """
+    from slimlm.quant.embedding import QuantEmbedding
+
     state: dict[str, torch.Tensor] = {}
-    quant_prefixes = []
+    quant_prefixes, written = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantEmbedding):
+            quant_prefixes.append(name + ".")
+            written.add(id(module.table))
+            _write_quantized(state, name, module.table, module.quantized_table())
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             quant_prefixes.append(name + ".")
-            qweight = module.quantized_weight()
-            codes = pack_nibbles(qweight.codes) if qweight.bits == 4 else qweight.codes
-            state[f"{name}.qweight"] = codes
-            state[f"{name}.scales"] = qweight.scales
-            state[f"{name}.zeros"] = qweight.zeros.to(
-                torch.uint8 if qweight.zeros.max() < 256 else torch.int16
-            )
-            if qweight.perm is not None:
-                state[f"{name}.perm"] = qweight.perm.to(torch.int64)
-            if module.bias is not None:
-                state[f"{name}.bias"] = module.bias.detach()
+            if id(module) not in written:
+                written.add(id(module))
+                _write_quantized(state, name, module)
     seen = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if name.startswith(tuple(quant_prefixes)) or param.data_ptr() in seen:
@@ -61,6 +65,17 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(param.data_ptr())
         state[name] = param.detach()
     return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+def _write_quantized(state: dict[str, torch.Tensor], name: str, module: QuantLinear, qweight=None) -> None:
+    qweight = module.quantized_weight() if qweight is None else qweight
+    state[f"{name}.qweight"] = pack_nibbles(qweight.codes) if qweight.bits == 4 else qweight.codes
+    state[f"{name}.scales"] = qweight.scales
+    state[f"{name}.zeros"] = qweight.zeros.to(torch.uint8 if qweight.zeros.max() < 256 else torch.int16)
+    if qweight.perm is not None:
+        state[f"{name}.perm"] = qweight.perm.to(torch.int64)
+    if module.bias is not None:
+        state[f"{name}.bias"] = module.bias.detach()
 
 
 def save_quantized(
@@ -112,6 +127,10 @@ def load_quantized_state(
             linear = model.get_submodule(prefix)
         except AttributeError:
             raise SlimlmError(f"the checkpoint quantizes {prefix}, which this model does not have") from None
+        if isinstance(linear, nn.Embedding) and method == "slimlm":
+            consumed.update(k for k in state_dict if k.startswith(prefix + "."))
+            _load_embedding(model, prefix, linear, state_dict, quant_config, device)
+            continue
         if not isinstance(linear, nn.Linear):
             raise SlimlmError(f"the checkpoint quantizes {prefix}, which is not a linear layer in this model")
         tensors = {
@@ -133,6 +152,25 @@ def load_quantized_state(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, make_quant_linear(qweight.map_tensors(lambda t, d=target: t.to(d)), bias))
     return {k: v for k, v in state_dict.items() if k not in consumed}
+
+
+def _load_embedding(model, prefix, embed, state_dict, quant_config, device) -> None:
+    from slimlm.quant.embedding import EMBED_PATH, install_embedding
+
+    if prefix != EMBED_PATH:
+        raise SlimlmError(f"the checkpoint quantizes the embedding {prefix}; slimlm expects {EMBED_PATH}")
+    tensors = {k.removeprefix(prefix + "."): v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+    qweight = _read_slimlm(tensors, quant_config, prefix)
+    if (qweight.out_features, qweight.in_features) != (embed.num_embeddings, embed.embedding_dim):
+        raise SlimlmError(
+            f"{prefix}: checkpoint table is {qweight.out_features}x{qweight.in_features}, "
+            f"the model expects {embed.num_embeddings}x{embed.embedding_dim}"
+        )
+    target = torch.device(device) if device is not None else embed.weight.device
+    target = torch.device("cpu") if target.type == "meta" else target
+    bias = tensors.get("bias")
+    bias = None if bias is None else bias.to(target, embed.weight.dtype)
+    install_embedding(model, qweight.map_tensors(lambda t: t.to(target)), embed.weight.dtype, bias)
 
 
 def unpack_awq_gemm(

@@ -1,4 +1,5 @@
-"""Quantize a model in place: swap the nn.Linear modules of its decoder layers for QuantLinear modules.
+"""Quantize a model in place: swap the nn.Linear modules of its decoder layers for QuantLinear modules,
+and the token embedding / lm_head for a QuantEmbedding and a QuantLinear (RTN, see embedding.py).
 
 Calibration runs layer by layer (the model is never run whole after the first layer's inputs are
 captured), so only one layer's activations for the calibration set are held at a time. Two callables
@@ -23,6 +24,8 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
 from slimlm.quant.awq import awq_quantize_layer
+from slimlm.quant.embedding import QuantEmbedding, check_embeddings
+from slimlm.quant.embedding import quantize_embeddings as _quantize_embeddings
 from slimlm.quant.gptq import gptq_quantize
 from slimlm.quant.linear import QuantLinear, make_quant_linear
 from slimlm.quant.rtn import rtn_quantize
@@ -99,8 +102,10 @@ def quantize_model(
     awq_clip: bool = True,
     capture_layer0_inputs: Callable[[nn.Module, torch.Tensor], Any] = capture_layer0_inputs,
     run_layer: Callable[[nn.Module, Any], Any] = run_layer,
+    quantize_embeddings: bool = True,
 ) -> dict:
-    """Quantize every nn.Linear inside the decoder layers in place; embeddings and lm_head stay float.
+    """Quantize every nn.Linear inside the decoder layers in place, then (unless `quantize_embeddings` is
+    False) the token embedding and lm_head with RTN: one shared table when tied (see quant/embedding.py).
 
     `sym` defaults to symmetric for 8 bits (the int8 kernel has no zero point) and asymmetric for 4.
     Returns the quantization section of the checkpoint config.
@@ -109,12 +114,14 @@ def quantize_model(
         raise SlimlmError(f"unknown quantization method {method!r}: use one of {', '.join(METHODS)}")
     check_scheme(bits, group_size)
     layers = decoder_layers(model)
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
+    if any(isinstance(m, QuantLinear | QuantEmbedding) for m in model.modules()):
         raise SlimlmError("the model is already quantized: quantize the original float checkpoint instead")
     targets = [_linears(layer) for layer in layers]
     for i, linears in enumerate(targets):
         for name, linear in linears.items():
             check_scheme(bits, group_size, linear.in_features, f"model.layers.{i}.{name}")
+    if quantize_embeddings:
+        check_embeddings(model, bits, group_size)
     sym = bits == 8 if sym is None else sym
     if method != "rtn" and (not calib_batches or any(b.numel() == 0 for b in calib_batches)):
         raise SlimlmError(f"{method} needs calibration data: give at least one non-empty batch of token ids")
@@ -142,9 +149,11 @@ def quantize_model(
                     states = _awq_layer(layer, linears, states, run_layer, bits, group_size, sym,
                                         awq_grid, awq_clip)  # fmt: skip
                 advance()
+    if quantize_embeddings:  # after the decoder: calibration above ran on the float embeddings
+        _quantize_embeddings(model, bits, group_size, sym)
 
     config = {"quant_method": "slimlm", "format_version": FORMAT_VERSION, "method": method, "bits": bits,
-              "group_size": group_size, "sym": sym}  # fmt: skip
+              "group_size": group_size, "sym": sym, "quantize_embeddings": quantize_embeddings}  # fmt: skip
     if method == "gptq":
         config.update(act_order=act_order, damp=damp, block_size=block_size)
     if method == "awq":
