@@ -36,15 +36,31 @@ def check_output_dir(path: str | Path, overwrite: bool) -> Path:
 
 @torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
-    """Replace every quantized linear by a float nn.Linear; returns how many were replaced."""
-    swaps = [(name, m) for name, m in model.named_modules() if is_quantized(m)]
-    for name, module in swaps:
+    """Replace every quantized linear (and quantized embedding) by a float module; returns how many."""
+    from slimlm.quant.embedding import QuantEmbedding
+
+    embeds = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantEmbedding)]
+    tables = {id(m.table) for _, m in embeds}
+    tied_heads = [(name, m) for name, m in model.named_modules() if id(m) in tables]
+    swaps = [(name, dequantize_linear(m, dtype)) for name, m in model.named_modules()
+             if is_quantized(m) and id(m) not in tables]  # fmt: skip
+    for name, module in embeds:
+        weight = module.dequantized_table(torch.float32).to(dtype)
+        embedding = nn.Embedding(*weight.shape, device=weight.device, dtype=dtype)
+        embedding.weight.copy_(weight)
+        swaps.append((name, embedding))
+        for head_name, head in tied_heads:
+            if module.tied and head is module.table:  # keep the tie: the float head shares the weight
+                linear = nn.Linear(
+                    *reversed(weight.shape), bias=head.bias is not None, device=weight.device, dtype=dtype
+                )
+                linear.weight = embedding.weight
+                if head.bias is not None:
+                    linear.bias.copy_(head.bias.float())
+                swaps.append((head_name, linear))
+    for name, replacement in swaps:
         parent_name, _, child = name.rpartition(".")
-        setattr(
-            model.get_submodule(parent_name) if parent_name else model,
-            child,
-            dequantize_linear(module, dtype),
-        )
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
     return len(swaps)
 
 
@@ -111,7 +127,8 @@ def merge_adapter(
         from slimlm.quant.quantize import quantize_model
 
         quantize_model(loaded.model, quant.get("method", "rtn"), quant["bits"], quant["group_size"],
-                       progress=False, sym=quant.get("sym"))  # fmt: skip
+                       progress=False, sym=quant.get("sym"),
+                       quantize_embeddings=quant.get("quantize_embeddings", False))  # fmt: skip
     apply_lora(loaded.model, lora)
     load_lora_state_dict(loaded.model, state, f"adapter {adapter_dir}")
     merge_lora(loaded.model)

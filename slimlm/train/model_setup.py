@@ -101,7 +101,8 @@ def prepare_model(cfg: TrainConfig, loaded, precision: str) -> PreparedModel:
         from slimlm.quant.quantize import quantize_model
 
         group = qlora_group_size(loaded.config, cfg.qlora_group_size)
-        base_quantization = quantize_model(model, "rtn", 4, group, progress=False)
+        # QLoRA quantizes the frozen projections only; the embedding and lm_head stay float
+        base_quantization = quantize_model(model, "rtn", 4, group, progress=False, quantize_embeddings=False)
     mixed = precision == "bf16-mixed"
     if cfg.method != "full" and mixed:
         model.to(torch.bfloat16)  # frozen base only; quantized buffers are integer-typed and stay
