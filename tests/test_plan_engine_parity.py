@@ -34,3 +34,30 @@ def test_int4_kv_holds_more_tokens_at_the_same_budget(smollm):
     }
     assert tokens["int8"] >= 1.9 * tokens["bf16"]
     assert tokens["int4"] >= 3.5 * tokens["bf16"]
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, -1)])
+@pytest.mark.parametrize("embeddings", [True, False])
+def test_planner_quantized_weight_bytes_equal_the_quantized_model(bits, group_size, embeddings):
+    """w4/w8 as `slimlm quantize` makes them (embedding and tied lm_head quantized by default)."""
+    from slimlm.loading import load
+    from slimlm.plan.cli import _weight_format
+    from slimlm.quant.quantize import quantize_model, quantized_weight_bytes
+
+    loaded = load(None, dtype="bfloat16", progress=False)
+    qconfig = quantize_model(
+        loaded.model, "rtn", bits, group_size, progress=False, quantize_embeddings=embeddings
+    )
+    allocated = quantized_weight_bytes(loaded.model)  # every persistent tensor, the shared table once
+    planned = weight_bytes(
+        loaded.config, f"w{bits}", group_size, dtype="bf16", quantize_embeddings=embeddings
+    )
+    assert planned == allocated
+    llm = LLM.from_loaded(loaded, kv_cache_tokens=64)
+    assert llm.memory_report()["weights_bytes"] >= allocated
+    # `slimlm plan -m <checkpoint>` reads the format from the checkpoint's quantization config
+    loaded.config.quantization = qconfig
+    assert _weight_format("auto", "bf16", loaded.config, False) == (f"w{bits}", group_size, embeddings)
+    old = {k: v for k, v in qconfig.items() if k != "quantize_embeddings"}  # made before embeddings were
+    loaded.config.quantization = old
+    assert _weight_format("auto", "bf16", loaded.config, False)[2] is False

@@ -31,15 +31,22 @@ def test_float_weights_are_parameters_times_bytes():
 
 
 def test_quantized_weights_count_scales_zeros_and_unquantized_tensors():
-    rest = (2 * EMBED + NORMS) * 2  # embeddings, lm_head and norms stay bf16
+    norms = NORMS * 2  # norms stay bf16
     # w4 group 128: half a byte per weight + bf16 scale and zero per group of 128 per output channel
     groups = 32 * (4 * 4096 * (4096 // 128) + 2 * 11008 * (4096 // 128) + 4096 * (11008 // 128))
-    assert weight_bytes(LLAMA2_7B, "w4", 128) == PROJ // 2 + groups * 4 + rest
-    # w8 per channel: a byte per weight + one bf16 scale per output channel
-    assert weight_bytes(LLAMA2_7B, "w8", -1) == PROJ + ROWS * 2 + rest
+    # the embedding and the (untied) lm_head are quantized too: w4 at the same group size ...
+    embed_w4 = 2 * (EMBED // 2 + 32000 * (4096 // 128) * 4)
+    assert weight_bytes(LLAMA2_7B, "w4", 128) == PROJ // 2 + groups * 4 + embed_w4 + norms
+    # ... w8 per channel whatever the group size: a byte per weight + one bf16 scale per row
+    embed_w8 = 2 * (EMBED + 32000 * 2)
+    assert weight_bytes(LLAMA2_7B, "w8", -1) == PROJ + ROWS * 2 + embed_w8 + norms
     # w8 group 64: scale and zero per group
-    assert weight_bytes(LLAMA2_7B, "w8", 64) == PROJ + (PROJ // 64) * 4 + rest
-    assert weight_bytes(LLAMA2_7B, "w4", 128, dtype="fp32") == PROJ // 2 + groups * 4 + rest * 2
+    assert weight_bytes(LLAMA2_7B, "w8", 64) == PROJ + (PROJ // 64) * 4 + embed_w8 + norms
+    assert weight_bytes(LLAMA2_7B, "w4", 128, dtype="fp32") == PROJ // 2 + groups * 4 + embed_w4 + norms * 2
+    # --keep-embeddings-float (and checkpoints from before): embeddings, lm_head and norms stay bf16
+    rest = (2 * EMBED + NORMS) * 2
+    assert weight_bytes(LLAMA2_7B, "w4", 128, quantize_embeddings=False) == PROJ // 2 + groups * 4 + rest
+    assert weight_bytes(LLAMA2_7B, "w8", -1, quantize_embeddings=False) == PROJ + ROWS * 2 + rest
 
 
 def test_tied_lm_head_is_counted_once():

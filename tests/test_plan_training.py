@@ -27,8 +27,8 @@ BIG = Device("big", 10**15, 10**15, "gpu", 0)
 def test_llama_6b_classic_weights_and_adamw_states():
     """Classic: 6 B parameters -> 24 GB in fp32, 6 GB in int8, AdamW's two fp32 states 48 GB.
     The classic arithmetic assumes every parameter is int8 and ignores scales; slimlm's w8 keeps the
-    embeddings and norms in bf16 and stores a bf16 scale per output channel, and AdamW keeps a 4-byte
-    step counter per tensor."""
+    norms in bf16 (the embeddings too with --keep-embeddings-float) and stores a bf16 scale per output
+    channel, and AdamW keeps a 4-byte step counter per tensor."""
     psi = 6 * 10**9
     assert optimizer_state_bytes([(psi,)], "adamw", 4) == 48 * GB + 4
     llama = resolve_model("llama-2-7b").config  # "LLaMA-6B/7B": 6.74 B parameters
@@ -36,8 +36,11 @@ def test_llama_6b_classic_weights_and_adamw_states():
     assert weight_bytes(llama, "fp32") == 4 * n  # 26.95 GB: the classic number for 6.74 B
     w8 = weight_bytes(llama, "w8", -1)
     classic_w8 = n  # 1 byte per parameter
+    scales = 2 * (32 * (4 * 4096 + 2 * 11008 + 4096) + 2 * 32000)  # a bf16 scale per row, embeddings too
+    assert w8 - classic_w8 == 65 * 4096 + scales  # norms stay bf16: +3.1 MB, +0.05%
     embed_and_norms = 2 * 32000 * 4096 + 65 * 4096
-    assert w8 - classic_w8 == embed_and_norms + 2 * 32 * (4 * 4096 + 2 * 11008 + 4096)  # +0.53 GB, +7.8%
+    float_embeddings = weight_bytes(llama, "w8", -1, quantize_embeddings=False)
+    assert float_embeddings - w8 == embed_and_norms - 65 * 4096 - 2 * 2 * 32000  # +0.26 GB kept in bf16
     states = optimizer_state_bytes([p.shape for p in model_params(llama)], "adamw", 4)
     assert states == 8 * n + 4 * (32 * 9 + 3)  # 8 bytes per parameter + a step per tensor
 

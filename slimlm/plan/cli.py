@@ -44,6 +44,10 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--group-size", type=int, default=128, help="w8/w4 quantization group size (-1: per channel)"
     )
+    g.add_argument(
+        "--keep-embeddings-float", action="store_true",
+        help="w8/w4: embedding and lm_head stay in the compute dtype (as `slimlm quantize --keep-embeddings-float`)",
+    )  # fmt: skip
     g.add_argument("--dtype", default="auto", help="compute dtype: auto | fp32 | bf16 | fp16")
     g.add_argument(
         "--context",
@@ -124,13 +128,14 @@ def _compute_dtype(requested: str, device_kind: str) -> str:
     return normalize_float_dtype(resolve_dtype("auto", torch.device("cpu")))
 
 
-def _weight_format(requested: str, dtype: str, config) -> tuple[str, int | None]:
+def _weight_format(requested: str, dtype: str, config, keep_float: bool) -> tuple[str, int | None, bool]:
+    """(format, group size or None for --group-size, whether embeddings are quantized)."""
     if requested != "auto":
-        return requested, None
+        return requested, None, not keep_float
     q = config.quantization or {}
-    if q.get("bits") in (4, 8):  # a quantized checkpoint keeps its format
-        return f"w{q['bits']}", q.get("group_size")
-    return dtype, None
+    if q.get("bits") in (4, 8):  # a quantized checkpoint keeps its format; older ones kept float embeddings
+        return f"w{q['bits']}", q.get("group_size"), bool(q.get("quantize_embeddings", False))
+    return dtype, None, not keep_float
 
 
 def _default_device() -> str:
@@ -162,10 +167,13 @@ def build_plan(args: argparse.Namespace):
         from slimlm.commands.common import engine_config_from_args
         from slimlm.plan.serving import InferenceSettings, plan_inference, suggest
 
-        fmt, group = _weight_format(args.weights, dtype, pm.config)
+        fmt, group, quantize_embeddings = _weight_format(
+            args.weights, dtype, pm.config, args.keep_embeddings_float
+        )
         settings = InferenceSettings(
             weight_format=fmt, group_size=group or args.group_size, dtype=dtype, context=args.context,
             batch=args.batch, engine=engine_config_from_args(args), runtime_overheads=not args.no_overheads,
+            quantize_embeddings=quantize_embeddings,
         )  # fmt: skip
         plan = plan_inference(pm.config, device, settings)
         return pm, plan, suggest(plan)

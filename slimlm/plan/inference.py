@@ -11,8 +11,11 @@ Weights (`weight_bytes`):
     per output channel, bf16 each (4 bytes per group per row; the int4 tinygemm layout). A row of `in`
     weights has ceil(in / g) groups. g <= 0 means per-channel: for w4 one group per row; for w8 the
     symmetric int8 kernel's layout, one bf16 scale per output channel and no zero point (2 bytes per row).
-    Embeddings, norms and biases stay in the model dtype (`dtype`). lm_head stays in the model dtype too (as AWQ and GPTQ keep it) unless
-    `quantize_lm_head`; a tied lm_head is the embedding and is counted once.
+    The token embedding and lm_head are quantized too (`slimlm quantize`'s default): w4 at the same group
+    size, w8 per-channel symmetric whatever the group size (the int8 kernel's layout); a tied lm_head is
+    the embedding's table and is counted once. With `quantize_embeddings=False` (--keep-embeddings-float,
+    and checkpoints made before embeddings were quantized) they stay in the model dtype. Norms and
+    biases always stay in the model dtype (`dtype`).
 
 KV cache (`kv_bytes_per_token`, `kv_block_bytes`), per token:
   2 (K and V) x layers x kv_heads x head_dim x bytes per element (fp32 4, bf16/fp16 2);
@@ -82,7 +85,7 @@ def weight_bytes(
     group_size: int | None = 128,
     *,
     dtype: str = "bf16",
-    quantize_lm_head: bool = False,
+    quantize_embeddings: bool = True,
 ) -> int:
     """Bytes of all weights as the engine stores them (see the module docstring for the layout).
 
@@ -96,8 +99,11 @@ def weight_bytes(
     rest = FLOAT_BYTES[normalize_float_dtype(dtype)]
     total = 0
     for p in model_params(config):
-        if p.kind == "linear" or (p.kind == "lm_head" and quantize_lm_head):
+        if p.kind == "linear":
             total += quantized_linear_bytes(*p.shape, WEIGHT_BITS[fmt], group_size)
+        elif p.kind in ("embedding", "lm_head") and quantize_embeddings:
+            bits = WEIGHT_BITS[fmt]
+            total += quantized_linear_bytes(*p.shape, bits, group_size if bits == 4 else -1)
         else:
             total += p.numel * rest
     return total

@@ -40,6 +40,7 @@ class InferenceSettings:
     batch: int = 1  # sequences that must be in flight together at that context
     engine: EngineConfig = field(default_factory=EngineConfig)
     runtime_overheads: bool = True  # False: the classic arithmetic (weights + KV only)
+    quantize_embeddings: bool = True  # w8/w4: embedding and lm_head quantized too (slimlm quantize's default)
 
     def __post_init__(self) -> None:
         self.weight_format = normalize_weight_format(self.weight_format)
@@ -163,7 +164,9 @@ def plan_inference(
     engine = s.engine
     max_model_len = engine.max_model_len or config.max_position_embeddings
     context = s.context or min(4096, max_model_len)
-    weights = weight_bytes(config, s.weight_format, s.group_size, dtype=s.dtype)
+    weights = weight_bytes(
+        config, s.weight_format, s.group_size, dtype=s.dtype, quantize_embeddings=s.quantize_embeddings
+    )
     cuda_context = device.cuda_context_bytes if s.runtime_overheads else 0
     block_bytes = kv_block_bytes(config, s.kv_dtype, engine.block_size)
     free_after_weights = device.usable_bytes - cuda_context - weights
@@ -173,7 +176,7 @@ def plan_inference(
     fmt = (
         s.weight_format
         if s.weight_format in FLOAT_BYTES
-        else f"{s.weight_format} g{s.group_size}, rest {s.dtype}"
+        else f"{s.weight_format} g{s.group_size}{'' if s.quantize_embeddings else ' (float embeddings)'}, rest {s.dtype}"
     )
     components = [
         Component("weights", weights, True, fmt),
