@@ -1,9 +1,12 @@
-"""GGUF reader: metadata -> ModelConfig, tensors dequantized one at a time into the target dtype."""
+"""GGUF files: metadata -> ModelConfig, tensors dequantized block by block straight into the model's storage."""
 
 from __future__ import annotations
 
+import math
+import mmap
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +31,6 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def open_gguf(path: Path):
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises bare ValueError/IndexError on bad bytes
-        raise SlimlmError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-convert it") from None
-
-
 def field_value(field) -> Any:
     """Decode one GGUFReader field into a plain Python value (str, number, or list)."""
     import gguf
@@ -51,16 +45,6 @@ def field_value(field) -> Any:
     if types[0] == gguf.GGUFValueType.STRING:
         return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
     return field.parts[field.data[0]].tolist()[0]
-
-
-def gguf_metadata(reader, skip_tokenizer_arrays: bool = True) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if skip_tokenizer_arrays and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                              "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-            continue
-        out[key] = field_value(field)
-    return out
 
 
 def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], vocab_size: int | None = None) -> ModelConfig:
@@ -124,47 +108,167 @@ def hf_name(gguf_name: str) -> str | None:
     return f"{mapped}.{suffix}" if mapped else None
 
 
-def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs -> HF's rotate-half halves)."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+class GGUFFile:
+    """A memory-mapped GGUF file: metadata (a plain dict), the tensor directory, tensor bytes on demand.
+
+    Parsed with slimlm's own header reader (`parse_gguf_header`): `gguf.GGUFReader` builds a numpy view
+    per tokenizer string (~250k small objects, ~150 MiB, seconds for a 49k-token vocabulary) and holds
+    them as long as the reader lives. Use as a context manager; `drop_metadata()` frees the tokenizer
+    arrays once the config and tokenizer are built.
+    """
+
+    def __init__(self, path: Path) -> None:
+        from gguf import GGML_QUANT_SIZES
+
+        from slimlm.tokenizer.gguf_metadata import parse_gguf_header
+
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
+            raise SlimlmError(f"{path} is not a readable GGUF file ({e}); re-download or re-convert it") from None
+        try:
+            with memoryview(self._map) as view:
+                self.metadata, directory, data_start = parse_gguf_header(view, str(path))
+            self.tensors: list[GGUFTensorInfo] = []
+            for name, dims, type_id, offset in directory:
+                if type_id not in GGML_QUANT_SIZES:
+                    raise SlimlmError(f"GGUF tensor {name} has unknown ggml type {type_id}")
+                block, type_size = GGML_QUANT_SIZES[type_id]
+                if not dims or dims[0] % block:
+                    raise SlimlmError(f"GGUF tensor {name} has shape {dims}, not whole {block}-element blocks")
+                shape = tuple(int(d) for d in reversed(dims))  # GGUF lists the fastest dim first
+                start = data_start + offset
+                nbytes = math.prod(shape) // block * type_size
+                if start + nbytes > len(self._map):
+                    raise SlimlmError(
+                        f"the file is truncated: tensor {name} ends at byte {start + nbytes:,} of {len(self._map):,}"
+                    )
+                self.tensors.append(GGUFTensorInfo(name, shape, int(type_id), start, nbytes))
+        except SlimlmError as e:
+            self.close()
+            detail = str(e).removeprefix(str(path)).lstrip(": ")
+            raise SlimlmError(f"{path} is not a readable GGUF file ({detail}); re-download or re-convert it") from None
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:  # a caller still holds a view of the bytes: the map goes with it
+            pass
+
+    def drop_metadata(self) -> None:
+        """Forget the metadata (tokenizer vocabulary and merges: ~100k Python strings)."""
+        self.metadata = {}
+
+    def raw(self, info: GGUFTensorInfo) -> np.ndarray:
+        """The tensor's bytes (read-only, no copy), one row (of the fastest dim) per row of the array."""
+        data = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.start)
+        return data.reshape(math.prod(info.shape[:-1]), -1)
+
+    def release(self, info: GGUFTensorInfo) -> None:
+        """Drop the tensor's pages from this process's resident set (they stay in the page cache)."""
+        if not hasattr(self._map, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        first = info.start - info.start % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, first, info.start + info.nbytes - first)
 
 
-def _to_numpy(tensor) -> np.ndarray:
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str  # the GGUF name (blk.0.attn_q.weight)
+    shape: tuple[int, ...]  # torch order: slowest dim first
+    qtype: int  # ggml type id
+    start: int  # byte offset of the data in the file
+    nbytes: int
+
+
+# Elements dequantized per step: 4 MiB of float32, plus the gguf package's temporaries (a few times that).
+CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One GGUF tensor, dequantized only when `copy_to` writes it into its destination.
+
+    Dequantizes a block of rows at a time (about CHUNK_ELEMENTS) and copies each block straight into the
+    destination tensor, converting to its dtype on the way: the extra memory is one block, never a full
+    float32 copy of the tensor. Llama-arch Q/K weights are un-permuted by writing through a view.
+    """
+
+    file: GGUFFile
+    info: GGUFTensorInfo
+    unpermute_heads: int | None = None  # undo llama.cpp's Q/K row permutation for this many heads
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    def copy_to(self, dest: torch.Tensor) -> None:
+        info, heads = self.info, self.unpermute_heads
+        if tuple(dest.shape) != info.shape:
+            raise SlimlmError(f"GGUF tensor {info.name} has shape {info.shape}, the destination {tuple(dest.shape)}")
+        target = dest
+        if heads:
+            if info.shape[0] % (2 * heads):
+                raise SlimlmError(f"GGUF tensor {info.name}: {info.shape[0]} rows do not split into {heads} heads")
+            target = _file_order_view(dest, heads)
+        raw = self.file.raw(info)
+        lead = target.shape[0]
+        numel = math.prod(info.shape)
+        if len(info.shape) == 1 or numel <= CHUNK_ELEMENTS:
+            step, rows_per_lead = lead, None
+        else:
+            rows_per_lead = raw.shape[0] // lead
+            step = max(1, CHUNK_ELEMENTS // (numel // lead))
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", UserWarning)  # from_numpy of a read-only mmap view: we only read
+            for i in range(0, lead, step):
+                j = min(lead, i + step)
+                part = raw if rows_per_lead is None else raw[i * rows_per_lead : j * rows_per_lead]
+                values = _dequantize(part, info)
+                block = target[i:j]
+                block.copy_(torch.from_numpy(values).view(block.shape))
+        self.file.release(info)
+
+
+def _file_order_view(dest: torch.Tensor, heads: int) -> torch.Tensor:
+    """`dest` seen in llama.cpp's Q/K row order (interleaved RoPE pairs), so writing it un-permutes.
+
+    Row h*2R + 2r + t of the file (head h, pair r, half t) is row h*2R + t*R + r of HF's rotate-half layout.
+    """
+    rows = dest.shape[0]
+    return dest.view(heads, 2, rows // heads // 2, *dest.shape[1:]).transpose(1, 2)
+
+
+def _dequantize(raw: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
     from gguf import GGMLQuantizationType, quants
 
-    qtype = tensor.tensor_type
-    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-        arr = np.asarray(tensor.data)
-    else:
-        try:
-            arr = quants.dequantize(tensor.data, qtype)
-        except NotImplementedError:
-            raise SlimlmError(f"GGUF tensor {tensor.name} uses {qtype.name}, which the gguf package cannot dequantize") from None
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists the fastest dim first
-    return arr.reshape(shape)
+    qtype = GGMLQuantizationType(info.qtype)
+    try:
+        return quants.dequantize(raw, qtype)
+    except NotImplementedError:
+        raise SlimlmError(f"GGUF tensor {info.name} uses {qtype.name}, which the gguf package cannot dequantize") from None
+    except (ValueError, IndexError) as e:
+        raise SlimlmError(f"GGUF tensor {info.name} is corrupt or truncated ({e}); re-download the file") from None
 
 
-def iter_gguf_tensors(reader, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (hf_name, float array) one tensor at a time; never holds more than one dequantized."""
+def gguf_weights(file: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, GGUFTensor]]:
+    """(HF name, lazily dequantized tensor) for every tensor slimlm has a place for."""
     unpermute = config.family != "qwen2"  # llama.cpp permutes Q/K for llama-arch files only
-    for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+    for info in file.tensors:
+        name = hf_name(info.name)
         if name is None:
             continue
-        try:
-            arr = _to_numpy(tensor)
-        except (ValueError, IndexError) as e:
-            raise SlimlmError(f"GGUF tensor {tensor.name} is corrupt or truncated ({e}); re-download the file") from None
+        heads = None
         if unpermute and name.endswith(("q_proj.weight", "q_proj.bias")):
-            arr = _unpermute(arr, config.num_attention_heads)
+            heads = config.num_attention_heads
         elif unpermute and name.endswith(("k_proj.weight", "k_proj.bias")):
-            arr = _unpermute(arr, config.num_key_value_heads)
-        yield name, arr
-
-
-def tensor_to_torch(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Wrap without copying; F32/F16 arrays are read-only views of the mmap, which we only read from."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
+            heads = config.num_key_value_heads
+        yield name, GGUFTensor(file, info, heads)

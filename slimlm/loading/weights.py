@@ -1,8 +1,13 @@
-"""Copy named tensors into a model built on empty storage, checking every parameter gets a value."""
+"""Copy named tensors into a model built on empty storage, checking every parameter gets a value.
+
+A "tensor" is a torch.Tensor (copied with `copy_`, converting dtype) or a lazy source with `.shape` and
+`.copy_to(target)` (a GGUF tensor dequantizing itself block by block into the target).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +18,7 @@ from slimlm.progress import progress_bar
 
 def fill_weights(
     model: nn.Module,
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, torch.Tensor | Any]],
     total: int,
     label: str,
     progress: bool = True,
@@ -36,7 +41,10 @@ def fill_weights(
                     f"checkpoint tensor {name} has shape {tuple(tensor.shape)} but the config implies {tuple(target.shape)}"
                 )
             with torch.no_grad():
-                target.copy_(tensor)
+                if isinstance(tensor, torch.Tensor):
+                    target.copy_(tensor)
+                else:
+                    tensor.copy_to(target)
             seen.add(name)
     missing = sorted(expected - seen)
     if missing:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from slimlm.config import ModelConfig
@@ -20,18 +23,69 @@ MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
 def build_model(
     config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> LlamaForCausalLM:
-    """Build an uninitialised model on the meta device, then materialise empty storage on `device`.
+    """Build an uninitialised model on the meta device, then materialise empty `dtype` storage on `device`.
 
-    Weights are filled by the loader afterwards, so no random init is ever computed or held twice.
+    The storage is allocated once, directly in the target dtype (no float32 storage converted afterwards),
+    and left untouched until the loader writes the weights into it, so no random init is ever computed
+    and no weight is ever held twice.
     """
-    with torch.device("meta"):
+    with torch.device("meta"), _no_param_init():
         model = MODEL_CLASSES[config.family](config)
-    model = model.to_empty(device=device).to(dtype)
+    _materialize_empty(model, dtype, device)
     # Buffers are not loaded from checkpoints: recompute them on the real device.
     model.model.rotary_emb = RotaryEmbedding(config, device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def _materialize_empty(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Replace every meta parameter/buffer by uninitialised storage on `device`, floating ones in `dtype`.
+
+    `model.to(dtype).to_empty(device)` does the same, but its meta `empty_like` goes through torch._refs
+    and imports sympy (~0.5 s). Tied parameters stay tied (one new tensor per meta tensor).
+    """
+    new: dict[int, torch.Tensor] = {}
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in new:
+            kind = dtype if t.is_floating_point() else t.dtype
+            data = torch.empty(t.shape, dtype=kind, device=device)
+            new[id(t)] = torch.nn.Parameter(data, t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
+        return new[id(t)]
+
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    table[name] = empty(t)
+
+
+# torch.nn.init functions the layers' reset_parameters() call (nn.Linear, nn.Embedding, ...)
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_",
+                   "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def _no_param_init() -> Iterator[None]:
+    """Skip random init while building on the meta device (the loader overwrites every value anyway).
+
+    It computes nothing on meta tensors, but torch routes meta `normal_` through torch._refs, whose first
+    call imports torch._dynamo and sympy: ~1.5 s and ~70 MiB of modules, for a load that never compiles.
+    (transformers' `no_init_weights` does the same.)
+    """
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+    for name in saved:
+        setattr(torch.nn.init, name, _keep)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def _keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
 
 
 __all__ = ["MODEL_CLASSES", "build_model", "LlamaForCausalLM"]

@@ -37,6 +37,12 @@ class RotaryEmbedding(torch.nn.Module):
         self.base = config.rope_theta
         self.scaling = config.rope_scaling
         self.max_position_embeddings = config.max_position_embeddings
+        target = torch.device(device) if device is not None else torch.get_default_device()
+        if target.type == "meta":
+            # Shape only: build_model recomputes the buffer on the real device, and math on meta tensors
+            # goes through torch._refs, whose first call imports torch._dynamo (~1.5 s).
+            self.register_buffer("inv_freq", torch.empty(self.dim // 2, device="meta"), persistent=False)
+            return
         inv_freq = base_inv_freq(self.dim, self.base, device)
         if self.scaling is not None:
             kind = self.scaling.rope_type

@@ -1,4 +1,4 @@
-"""GGUF metadata as a plain dict: from a `gguf.GGUFReader`, or read directly (fast, metadata only)."""
+"""GGUF metadata as a plain dict: from a `gguf.GGUFReader`, or read directly (fast; the tensor directory too)."""
 
 from __future__ import annotations
 
@@ -65,9 +65,20 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _parse(buf: memoryview, name: str) -> dict[str, Any]:
+    return parse_gguf_header(buf, name, tensors=False)[0]
+
+
+def parse_gguf_header(
+    buf: memoryview, name: str, tensors: bool = True
+) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:
+    """Metadata, and with `tensors` the tensor directory, of a GGUF file held in `buf`.
+
+    Returns (metadata, [(name, shape as GGUF lists it (fastest dim first), ggml type id, data offset)],
+    offset of the data section (aligned to general.alignment)); the last two are empty/0 without `tensors`.
+    """
     if len(buf) < 24 or bytes(buf[:4]) != b"GGUF":
         raise SlimlmError(f"{name} is not a GGUF file (no GGUF magic number)")
-    version, _, kv_count = struct.unpack_from("<IQQ", buf, 4)
+    version, n_tensors, kv_count = struct.unpack_from("<IQQ", buf, 4)
     if version not in (2, 3):
         raise SlimlmError(
             f"{name}: GGUF version {version} is not supported (2 and 3 are; re-convert the file)"
@@ -75,13 +86,26 @@ def _parse(buf: memoryview, name: str) -> dict[str, Any]:
     reader = _Reader(buf)
     reader.pos = 24
     out = {}
+    directory: list[tuple[str, tuple[int, ...], int, int]] = []
     try:
         for _ in range(kv_count):
             key = reader.string()
             out[key] = reader.value(reader.scalar("<I"))
+        if not tensors:
+            return out, directory, 0
+        for _ in range(n_tensors):
+            tensor_name = reader.string()
+            n_dims = reader.scalar("<I")
+            if n_dims > 8:
+                raise IndexError(f"tensor {tensor_name!r} claims {n_dims} dimensions")
+            shape = tuple(reader.scalar("<Q") for _ in range(n_dims))
+            directory.append((tensor_name, shape, reader.scalar("<I"), reader.scalar("<Q")))
     except (struct.error, IndexError, UnicodeDecodeError) as e:
         raise SlimlmError(f"{name}: GGUF metadata is truncated or corrupt ({e})") from None
-    return out
+    alignment = out.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise SlimlmError(f"{name}: GGUF general.alignment {alignment!r} is not a positive integer")
+    return out, directory, -(-reader.pos // alignment) * alignment
 
 
 class _Reader:
