@@ -17,6 +17,7 @@ from slimlm.quant.format import load_quantized_state, save_quantized
 from slimlm.quant.linear import DequantLinear, Int4TinyGemmLinear, Int8Linear, QuantLinear
 from slimlm.quant.quantize import quantize_model, quantized_weight_bytes
 from slimlm.quant.rtn import rtn_quantize
+from slimlm.quant.scheme import QuantizedWeight
 from tests.tiny_models import make_hf_model, slimlm_from_hf
 
 SCHEMES = [(4, 32), (8, -1)]
@@ -175,6 +176,16 @@ def test_int4_row_plan_is_verified_against_the_kernel():
     from slimlm.quant.embedding import _kernel_agrees
 
     assert not _kernel_agrees(table, period, offsets.roll(1, dims=0))
+
+
+def test_unpack_of_a_tall_int4_matrix_uses_the_row_period_and_is_exact():
+    from slimlm.quant.linear import _unpack_plan
+
+    codes = torch.randint(0, 16, (576, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    qweight = QuantizedWeight(codes, torch.rand(576, 3) + 0.1, torch.randint(0, 16, (576, 3)), 4, 32)
+    assert torch.equal(Int4TinyGemmLinear(qweight, None).quantized_weight().codes, codes)
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":  # x86 AVX2/AVX512 builds tile rows by 64
+        assert _unpack_plan(576, 96, torch.device("cpu")) is not None
 
 
 def test_fallback_table_gives_the_same_rows():

@@ -9,8 +9,8 @@ QuantLinear. Untied, the embedding owns its table (a registered child) and the l
 Row gathers per backend:
 - Int8Linear: the int8 weight is row-major [V, K]; index it.
 - DequantLinear: nibble-packed rows [V, K/2]; index and unpack.
-- Int4TinyGemmLinear: the kernel's packed layout is tiled. We probe it on a small [256, K] matrix with
-  `_int4_layout` and look for a row period P (16..128): nibble(r, c) = (r // P)·P·K + offsets[r % P, c].
+- Int4TinyGemmLinear: the kernel's packed layout is tiled. linear.py probes it on a small [256, K] matrix
+  (`_periodic_layout`) for a row period P (16..128): nibble(r, c) = (r // P)·P·K + offsets[r % P, c].
   The plan is then checked on the real matrix: one-hot inputs through the kernel must give our gathered
   column values. If no period is found or the check fails (another ISA or layout), the builder uses a
   DequantLinear table instead (one copy, correct, lm_head slower); after a device move to such a layout, a
@@ -18,8 +18,6 @@ Row gathers per backend:
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import nn
@@ -30,13 +28,14 @@ from slimlm.quant.linear import (
     Int4TinyGemmLinear,
     Int8Linear,
     QuantLinear,
-    _int4_layout,
+    _gather_int4,
+    _nibbles_at,
+    _periodic_layout,
     make_quant_linear,
 )
 from slimlm.quant.rtn import rtn_quantize
 from slimlm.quant.scheme import QuantizedWeight, check_scheme, unpack_nibbles
 
-ROW_PERIODS = (16, 32, 64, 128)
 EMBED_PATH = "model.embed_tokens"
 
 
@@ -80,10 +79,7 @@ class QuantEmbedding(nn.Module):
         plan = self._row_plan() if isinstance(table, Int4TinyGemmLinear) else None
         if plan is None:
             return self._lookup_copy().weight_rows(ids)
-        period, offsets = plan
-        k = table.in_features
-        nibbles = (ids // period * (period * k)).unsqueeze(1) + offsets[ids % period]  # [T, K]
-        codes = _nibbles_at(table.packed, nibbles).to(torch.uint8)
+        codes = _gather_int4(table.packed, *plan, ids)
         sz = table.scale_and_zero.view(torch.bfloat16)[:, ids].transpose(0, 1)  # [T, groups, 2]
         scales = sz[..., 0]
         zeros = torch.round(8 - sz[..., 1].float() / scales.float()).to(torch.int32)  # as quantized_weight()
@@ -106,8 +102,7 @@ class QuantEmbedding(nn.Module):
         return self._copy
 
     def quantized_table(self, chunk: int = 4096) -> QuantizedWeight:
-        """The whole table, portable, gathered `chunk` rows at a time (unpacking an int4 table in one go
-        needs an index of 8 bytes per weight)."""
+        """The whole table, portable, gathered `chunk` rows at a time."""
         parts = [self.weight_rows(torch.arange(i, min(i + chunk, self.num_embeddings), device=self.table.device))
                  for i in range(0, self.num_embeddings, chunk)]  # fmt: skip
         first = parts[0]
@@ -195,23 +190,6 @@ def int4_row_plan(table: Int4TinyGemmLinear) -> tuple[int, torch.Tensor] | None:
     return plan if _kernel_agrees(table, *plan) else None
 
 
-@functools.lru_cache(maxsize=16)
-def _periodic_layout(k: int, device: torch.device) -> tuple[int, torch.Tensor] | None:
-    n = 2 * ROW_PERIODS[-1]
-    try:
-        source = _int4_layout(n, k, device)  # nibble position -> flat [n, k] index
-    except RuntimeError:
-        return None
-    position = torch.empty_like(source)
-    position[source] = torch.arange(source.numel(), device=device)  # flat [n, k] index -> nibble position
-    for period in ROW_PERIODS:
-        blocks = position.view(n // period, period * k)
-        shifts = torch.arange(n // period, device=device).unsqueeze(1) * (period * k)
-        if torch.equal(blocks - shifts, blocks[:1].expand_as(blocks)):
-            return period, blocks[0].view(period, k).clone()
-    return None
-
-
 def _kernel_agrees(table: Int4TinyGemmLinear, period: int, offsets: torch.Tensor) -> bool:
     """One-hot inputs through the kernel give W[:, c] for a few columns c; compare to our gather."""
     n, k, device = table.out_features, table.in_features, table.packed.device
@@ -229,12 +207,6 @@ def _kernel_agrees(table: Int4TinyGemmLinear, period: int, offsets: torch.Tensor
     scales, float_zeros = sz[..., 0].T, sz[..., 1].T
     expected = (codes - 8) * scales + float_zeros  # the kernel's dequantization (see linear.py)
     return bool(((kernel - expected).abs() <= 0.25 * scales).all())
-
-
-def _nibbles_at(packed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """4-bit fields at nibble positions `index`, counted like `_read_nibbles` (little-endian bytes)."""
-    flat = packed.reshape(-1).view(torch.uint8)
-    return (flat[index >> 1].to(torch.int32) >> ((index & 1) * 4).to(torch.int32)) & 0xF
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:

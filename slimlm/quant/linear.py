@@ -214,10 +214,66 @@ def _int4_layout(n: int, k: int, device: torch.device) -> torch.Tensor:
 
 
 def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    plan = _unpack_plan(n, k, packed.device)
+    if plan is not None:  # big matrices (a vocab-sized lm_head): no index of 8 bytes per weight
+        return _gather_int4(packed, *plan, torch.arange(n, device=packed.device))
     nibbles = _read_nibbles(packed).to(torch.uint8)
     codes = torch.empty(n * k, dtype=torch.uint8, device=packed.device)
     codes[_int4_layout(n, k, packed.device)] = nibbles
     return codes.view(n, k)
+
+
+ROW_PERIODS = (16, 32, 64, 128)
+
+
+@functools.lru_cache(maxsize=16)
+def _periodic_layout(k: int, device: torch.device) -> tuple[int, torch.Tensor] | None:
+    """(P, offsets [P, K]) with code (r, c) at nibble (r // P)·P·K + offsets[r % P, c], found on a
+    [256, K] probe (the CPU layout tiles 64 rows, CUDA's 8); None if no period up to 128 fits."""
+    n = 2 * ROW_PERIODS[-1]
+    try:
+        source = _int4_layout(n, k, device)  # nibble position -> flat [n, k] index
+    except RuntimeError:
+        return None
+    position = torch.empty_like(source)
+    position[source] = torch.arange(source.numel(), device=device)  # flat [n, k] index -> nibble position
+    for period in ROW_PERIODS:
+        blocks = position.view(n // period, period * k)
+        shifts = torch.arange(n // period, device=device).unsqueeze(1) * (period * k)
+        if torch.equal(blocks - shifts, blocks[:1].expand_as(blocks)):
+            return period, blocks[0].view(period, k).clone()
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _unpack_plan(n: int, k: int, device: torch.device) -> tuple[int, torch.Tensor] | None:
+    """The periodic layout if it holds for all n rows, checked by unpacking one random [n, k] pack."""
+    plan = _periodic_layout(k, device)
+    if plan is None or n % plan[0] or n <= 2 * ROW_PERIODS[-1]:  # small: the exact index is cheap
+        return None
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(n), dtype=torch.int32).to(
+        device
+    )
+    unpacked = _gather_int4(_pack_int4(codes, device), *plan, torch.arange(n, device=device))
+    return plan if torch.equal(unpacked, codes.to(torch.uint8)) else None
+
+
+def _gather_int4(
+    packed: torch.Tensor, period: int, offsets: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """uint8 codes [len(rows), K] of the given rows, 4096 rows at a time (the index is int64)."""
+    k = offsets.shape[1]
+    parts = []
+    for chunk in rows.split(4096):
+        index = (chunk // period * (period * k)).unsqueeze(1) + offsets[chunk % period]
+        parts.append(_nibbles_at(packed, index).to(torch.uint8))
+    return torch.cat(parts) if parts else torch.empty(0, k, dtype=torch.uint8, device=packed.device)
+
+
+def _nibbles_at(packed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """4-bit fields at nibble positions `index`, counted like `_read_nibbles` (little-endian bytes)."""
+    flat = packed.reshape(-1).view(torch.uint8)
+    return (flat[index >> 1].to(torch.int32) >> ((index & 1) * 4).to(torch.int32)) & 0xF
 
 
 @functools.cache
