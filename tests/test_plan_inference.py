@@ -39,9 +39,9 @@ def test_quantized_weights_count_scales_zeros_and_unquantized_tensors():
     assert weight_bytes(LLAMA2_7B, "w4", 128) == PROJ // 2 + groups * 4 + embed_w4 + norms
     # ... w8 per channel whatever the group size: a byte per weight + one bf16 scale per row
     embed_w8 = 2 * (EMBED + 32000 * 2)
-    assert weight_bytes(LLAMA2_7B, "w8", -1) == PROJ + ROWS * 2 + embed_w8 + norms
+    assert weight_bytes(LLAMA2_7B, "w8", -1, quantize_embeddings=True) == PROJ + ROWS * 2 + embed_w8 + norms
     # w8 group 64: scale and zero per group
-    assert weight_bytes(LLAMA2_7B, "w8", 64) == PROJ + (PROJ // 64) * 4 + embed_w8 + norms
+    assert weight_bytes(LLAMA2_7B, "w8", 64, quantize_embeddings=True) == PROJ + (PROJ // 64) * 4 + embed_w8 + norms
     assert weight_bytes(LLAMA2_7B, "w4", 128, dtype="fp32") == PROJ // 2 + groups * 4 + embed_w4 + norms * 2
     # --keep-embeddings-float (and checkpoints from before): embeddings, lm_head and norms stay bf16
     rest = (2 * EMBED + NORMS) * 2
@@ -160,3 +160,16 @@ def test_bad_inference_settings():
     for fraction in (0.0, 1.5, -0.2):
         with pytest.raises(SlimlmError, match=r"in \(0, 1\]"):
             EngineConfig(cache_max_entry_count=fraction)
+
+
+def test_embeddings_default_follows_slimlm_quantize_auto_rule():
+    from slimlm.plan.cli import _weight_format
+
+    # auto: quantized for w4, float for w8 (`slimlm quantize --embeddings auto`)
+    assert weight_bytes(LLAMA2_7B, "w4", 128) == weight_bytes(LLAMA2_7B, "w4", 128, quantize_embeddings=True)
+    assert weight_bytes(LLAMA2_7B, "w8", -1) == weight_bytes(LLAMA2_7B, "w8", -1, quantize_embeddings=False)
+    assert _weight_format("w4", "bf16", LLAMA2_7B, "auto")[2] is True
+    assert _weight_format("w8", "bf16", LLAMA2_7B, "auto")[2] is False
+    assert _weight_format("w8", "bf16", LLAMA2_7B, "quantize")[2] is True
+    assert _weight_format("w4", "bf16", LLAMA2_7B, "float")[2] is False
+    assert _weight_format("w4", "bf16", LLAMA2_7B, True)[2] is False  # the old keep-float flag

@@ -41,7 +41,7 @@ def _logits(model, ids):
 def test_lookup_rows_are_the_dequantized_rows(arch, bits, group_size):
     model = slimlm_from_hf(make_hf_model(arch))
     weight = model.model.embed_tokens.weight.detach().clone()
-    quantize_model(model, "rtn", bits, group_size, progress=False)
+    quantize_model(model, "rtn", bits, group_size, progress=False, quantize_embeddings=True)
     embed = model.model.embed_tokens
     assert isinstance(embed, QuantEmbedding)
     assert type(embed.table) is (Int4TinyGemmLinear if bits == 4 else Int8Linear)
@@ -56,7 +56,7 @@ def test_lookup_rows_are_the_dequantized_rows(arch, bits, group_size):
 @pytest.mark.parametrize("bits,group_size", SCHEMES)
 def test_tied_model_keeps_one_table_for_lookup_and_lm_head(bits, group_size):
     model = slimlm_from_hf(make_hf_model("llama-tied"))
-    quantize_model(model, "rtn", bits, group_size, progress=False)
+    quantize_model(model, "rtn", bits, group_size, progress=False, quantize_embeddings=True)
     embed, head = model.model.embed_tokens, model.lm_head
     assert embed.tied and head is embed.table and isinstance(head, QuantLinear)
     state = model.state_dict()
@@ -101,14 +101,14 @@ def test_hf_transformers_model_runs_with_quantized_embeddings():
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     reference = _logits(hf, ids)
     model = copy.deepcopy(hf)
-    quantize_model(model, "rtn", 8, -1, progress=False)
+    quantize_model(model, "rtn", 8, -1, progress=False, quantize_embeddings="quantize")
     assert model.lm_head is model.model.embed_tokens.table
     err = float((_logits(model, ids) - reference).norm() / reference.norm())
     assert err < 0.02, err
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-tied"])
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "awq", "gptq"])
 def test_save_load_round_trip_gives_identical_logits(tmp_path, arch, method):
     hf = make_hf_model(arch)
     model = copy.deepcopy(hf)
@@ -121,6 +121,9 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, arch, method):
     state = load_file(tmp_path / "model.safetensors")
     assert "model.embed_tokens.qweight" in state and "model.embed_tokens.weight" not in state
     assert ("lm_head.qweight" in state) == (arch == "llama") and "lm_head.weight" not in state
+    # AWQ folds its head scale into the final norm; a tied table then needs it back on lookup
+    assert ("model.embed_tokens.lookup_scale" in state) == (method == "awq" and arch == "llama-tied")
+    assert config["head_method"] == method
 
     skeleton = make_hf_model(arch, seed=7)  # different float weights: everything must come from disk
     rest = load_quantized_state(skeleton, state, config)
@@ -163,7 +166,7 @@ def test_group_size_must_divide_the_hidden_size_of_the_embedding():
 def test_model_without_an_embedding_asks_for_the_opt_out():
     model = slimlm_from_hf(make_hf_model("llama"))
     model.model.embed_tokens = nn.Identity()
-    with pytest.raises(SlimlmError, match="keep-embeddings-float"):
+    with pytest.raises(SlimlmError, match="embeddings float"):
         quantize_model(model, "rtn", 4, 32, progress=False)
     quantize_model(model, "rtn", 4, 32, progress=False, quantize_embeddings=False)
 
@@ -249,19 +252,24 @@ def test_smollm_w4_checkpoint_loads_and_the_engine_generates(smollm, smollm_w4):
     assert result.token_ids == reference
 
 
-@pytest.mark.parametrize("keep_float", [False, True])
-def test_quantize_cli_flag_and_the_loaded_checkpoint(tmp_path, keep_float):
+@pytest.mark.parametrize(
+    "flags,bits,quantized",
+    [([], 4, True), ([], 8, False), (["--keep-embeddings-float"], 4, False),
+     (["--embeddings", "float"], 4, False), (["--embeddings", "quantize"], 8, True)],
+)  # fmt: skip
+def test_quantize_cli_embeddings_modes_and_the_loaded_checkpoint(tmp_path, flags, bits, quantized):
     from slimlm.cli import main
     from slimlm.loading import load
     from tests.test_loading import _save_hf_dir
 
     _save_hf_dir(tmp_path / "src", "qwen2", None)  # tied
     out = tmp_path / "out"
-    flags = ["--keep-embeddings-float"] if keep_float else []
-    assert main(["quantize", "--model", str(tmp_path / "src"), "--method", "rtn", "--bits", "4",
+    assert main(["quantize", "--model", str(tmp_path / "src"), "--method", "rtn", "--bits", str(bits),
                  "--group-size", "32", "--out", str(out), "-q", *flags]) == 0  # fmt: skip
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["quantize_embeddings"] is not keep_float
+    assert config["quantize_embeddings"] is quantized
+    assert config["embeddings"] == ("auto" if not flags else flags[-1].removeprefix("--keep-embeddings-"))
+    keep_float = not quantized
     model = load(str(out), progress=False).model
     embed = model.model.embed_tokens
     assert isinstance(embed, nn.Embedding if keep_float else QuantEmbedding)
@@ -272,7 +280,7 @@ def test_dequantize_model_restores_a_tied_float_embedding():
     from slimlm.train.merge import dequantize_model
 
     model = slimlm_from_hf(make_hf_model("llama-tied"))
-    quantize_model(model, "rtn", 8, -1, progress=False)
+    quantize_model(model, "rtn", 8, -1, progress=False, quantize_embeddings=True)
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(6))
     quantized = _logits(model, ids)
     table = model.model.embed_tokens.dequantized_table()

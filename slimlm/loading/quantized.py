@@ -24,7 +24,7 @@ def load_quantized_dir(path: Path, config: ModelConfig, files: list[Path], dtype
     state = dict(iter_safetensors(files))  # memory-mapped views, not copies
     rest = load_quantized_state(model, state, config.quantization, device=device)
     for module in model.modules():
-        if not isinstance(module, QuantLinear):
+        if not isinstance(module, QuantLinear | QuantEmbedding):  # those were built from the checkpoint
             module.to_empty(device=device, recurse=False)
     for param in model.parameters():
         if param.is_floating_point():

@@ -45,9 +45,12 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         "--group-size", type=int, default=128, help="w8/w4 quantization group size (-1: per channel)"
     )
     g.add_argument(
-        "--keep-embeddings-float", action="store_true",
-        help="w8/w4: embedding and lm_head stay in the compute dtype (as `slimlm quantize --keep-embeddings-float`)",
+        "--embeddings", choices=("auto", "quantize", "float"), default="auto",
+        help="w8/w4: embedding and lm_head quantized or in the compute dtype (as `slimlm quantize`; "
+        "auto: quantized for w4, float for w8)",
     )  # fmt: skip
+    g.add_argument("--keep-embeddings-float", dest="embeddings", action="store_const", const="float",
+                   help="alias of --embeddings float")  # fmt: skip
     g.add_argument("--dtype", default="auto", help="compute dtype: auto | fp32 | bf16 | fp16")
     g.add_argument(
         "--context",
@@ -128,14 +131,25 @@ def _compute_dtype(requested: str, device_kind: str) -> str:
     return normalize_float_dtype(resolve_dtype("auto", torch.device("cpu")))
 
 
-def _weight_format(requested: str, dtype: str, config, keep_float: bool) -> tuple[str, int | None, bool]:
-    """(format, group size or None for --group-size, whether embeddings are quantized)."""
-    if requested != "auto":
-        return requested, None, not keep_float
+def _weight_format(
+    requested: str, dtype: str, config, embeddings: str | bool = "auto"
+) -> tuple[str, int | None, bool]:
+    """(format, group size or None for --group-size, whether embeddings are quantized).
+
+    `embeddings` is --embeddings (auto: quantized for w4, float for w8, as `slimlm quantize`); a bool is
+    the old keep-float flag."""
+    from slimlm.plan.inference import normalize_weight_format
+    from slimlm.quant_policy import quantize_embeddings_for
+
+    if isinstance(embeddings, bool):
+        embeddings = "float" if embeddings else "auto"
     q = config.quantization or {}
-    if q.get("bits") in (4, 8):  # a quantized checkpoint keeps its format; older ones kept float embeddings
+    if requested == "auto" and q.get("bits") in (4, 8):  # a quantized checkpoint keeps its format;
+        # older ones kept float embeddings
         return f"w{q['bits']}", q.get("group_size"), bool(q.get("quantize_embeddings", False))
-    return dtype, None, not keep_float
+    fmt = requested if requested != "auto" else dtype
+    bits = {"w4": 4, "w8": 8}.get(normalize_weight_format(fmt), 16)
+    return fmt, None, quantize_embeddings_for(embeddings, bits)
 
 
 def _default_device() -> str:
@@ -168,7 +182,7 @@ def build_plan(args: argparse.Namespace):
         from slimlm.plan.serving import InferenceSettings, plan_inference, suggest
 
         fmt, group, quantize_embeddings = _weight_format(
-            args.weights, dtype, pm.config, args.keep_embeddings_float
+            args.weights, dtype, pm.config, args.embeddings
         )
         settings = InferenceSettings(
             weight_format=fmt, group_size=group or args.group_size, dtype=dtype, context=args.context,

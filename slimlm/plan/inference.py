@@ -11,10 +11,11 @@ Weights (`weight_bytes`):
     per output channel, bf16 each (4 bytes per group per row; the int4 tinygemm layout). A row of `in`
     weights has ceil(in / g) groups. g <= 0 means per-channel: for w4 one group per row; for w8 the
     symmetric int8 kernel's layout, one bf16 scale per output channel and no zero point (2 bytes per row).
-    The token embedding and lm_head are quantized too (`slimlm quantize`'s default): w4 at the same group
-    size, w8 per-channel symmetric whatever the group size (the int8 kernel's layout); a tied lm_head is
-    the embedding's table and is counted once. With `quantize_embeddings=False` (--keep-embeddings-float,
-    and checkpoints made before embeddings were quantized) they stay in the model dtype. Norms and
+    The token embedding and lm_head are quantized when `quantize_embeddings` is True (None: for w4 only,
+    `slimlm quantize --embeddings auto`): w4 at the same group size, w8 per-channel symmetric whatever the
+    group size (the int8 kernel's layout); a tied lm_head is the embedding's table and is counted once.
+    With False (--embeddings float, w8 by default, and checkpoints made before embeddings were
+    quantized) they stay in the model dtype. Norms and
     biases always stay in the model dtype (`dtype`).
 
 KV cache (`kv_bytes_per_token`, `kv_block_bytes`), per token:
@@ -85,7 +86,7 @@ def weight_bytes(
     group_size: int | None = 128,
     *,
     dtype: str = "bf16",
-    quantize_embeddings: bool = True,
+    quantize_embeddings: bool | None = None,
 ) -> int:
     """Bytes of all weights as the engine stores them (see the module docstring for the layout).
 
@@ -97,6 +98,8 @@ def weight_bytes(
     if group_size is not None and group_size > 0 and group_size % 2 and fmt == "w4":
         raise SlimlmError(f"w4 group size must be even, got {group_size}")
     rest = FLOAT_BYTES[normalize_float_dtype(dtype)]
+    if quantize_embeddings is None:  # `slimlm quantize --embeddings auto`: quantized for w4 only
+        quantize_embeddings = WEIGHT_BITS[fmt] == 4
     total = 0
     for p in model_params(config):
         if p.kind == "linear":

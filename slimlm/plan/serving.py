@@ -40,13 +40,15 @@ class InferenceSettings:
     batch: int = 1  # sequences that must be in flight together at that context
     engine: EngineConfig = field(default_factory=EngineConfig)
     runtime_overheads: bool = True  # False: the classic arithmetic (weights + KV only)
-    quantize_embeddings: bool = True  # w8/w4: embedding and lm_head quantized too (slimlm quantize's default)
+    quantize_embeddings: bool | None = None  # embedding and lm_head quantized; None: w4 only (quantize's auto)
 
     def __post_init__(self) -> None:
         self.weight_format = normalize_weight_format(self.weight_format)
         self.dtype = normalize_float_dtype(self.dtype)
         if self.weight_format in FLOAT_BYTES:
             self.dtype = self.weight_format
+        if self.quantize_embeddings is None:  # `slimlm quantize --embeddings auto`
+            self.quantize_embeddings = self.weight_format == "w4"
         if self.group_size is None or self.group_size == 0 or self.group_size < -1:
             raise SlimlmError(f"group size must be positive (or -1 for per-channel), got {self.group_size}")
         if self.context is not None and self.context <= 0:

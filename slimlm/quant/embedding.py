@@ -42,7 +42,9 @@ EMBED_PATH = "model.embed_tokens"
 class QuantEmbedding(nn.Module):
     """nn.Embedding over a quantized table; forward(ids) -> [*ids.shape, hidden] in `self.dtype`."""
 
-    def __init__(self, table: QuantLinear, dtype: torch.dtype, tied: bool) -> None:
+    def __init__(
+        self, table: QuantLinear, dtype: torch.dtype, tied: bool, lookup_scale: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         if table.perm is not None:
             raise SlimlmError("a quantized embedding table cannot have an act-order permutation")
@@ -54,6 +56,9 @@ class QuantEmbedding(nn.Module):
             self.own_table = table
         self._plan_key, self._plan = None, None  # int4 gather plan, per device and storage
         self._copy_key, self._copy = None, None  # fallback lookup table, see _lookup_copy
+        # AWQ on a tied head: the table holds W·s (s folded into the final norm); lookups divide by s.
+        scale = None if lookup_scale is None else lookup_scale.detach().float().reshape(self.embedding_dim)
+        self.register_buffer("lookup_scale", scale)
 
     @property
     def table(self) -> QuantLinear:
@@ -61,7 +66,11 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.weight_rows(ids.reshape(-1))
-        return rows.dequantize(self.dtype).view(*ids.shape, self.embedding_dim)
+        if self.lookup_scale is not None:
+            out = (rows.dequantize(torch.float32) / self.lookup_scale.float()).to(self.dtype)
+        else:
+            out = rows.dequantize(self.dtype)
+        return out.view(*ids.shape, self.embedding_dim)
 
     def weight_rows(self, ids: torch.Tensor) -> QuantizedWeight:
         """Codes, scales and zeros of rows `ids` only (1-D int tensor)."""
@@ -110,8 +119,9 @@ class QuantEmbedding(nn.Module):
                                torch.cat([p.zeros for p in parts]), first.bits, first.group_size)  # fmt: skip
 
     def dequantized_table(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float [vocab, hidden] matrix this embedding looks rows up in."""
-        return self.quantized_table().dequantize(dtype)
+        """The float [vocab, hidden] matrix of lookups (the table divided by lookup_scale, if any)."""
+        table = self.quantized_table().dequantize(torch.float32)
+        return (table if self.lookup_scale is None else table / self.lookup_scale.float()).to(dtype)
 
     def _apply(self, fn, recurse=True):
         self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # follow model.to(dtype) like a float weight
@@ -120,7 +130,7 @@ class QuantEmbedding(nn.Module):
     def extra_repr(self) -> str:
         t = self.table
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={t.bits}, group={t.group_size}, " \
-               f"tied={self.tied}, table={type(t).__name__}"  # fmt: skip
+               f"tied={self.tied}, table={type(t).__name__}, lookup_scale={self.lookup_scale is not None}"  # fmt: skip
 
 
 def embedding_scheme(bits: int, group_size: int, sym: bool) -> tuple[int, bool]:
@@ -134,7 +144,7 @@ def check_embeddings(model: nn.Module, bits: int, group_size: int) -> nn.Embeddi
     embed = _get(model, EMBED_PATH)
     if not isinstance(embed, nn.Embedding):
         raise SlimlmError(f"cannot quantize the embeddings: {EMBED_PATH} is not an nn.Embedding; "
-                          "pass quantize_embeddings=False (--keep-embeddings-float)")  # fmt: skip
+                          "pass quantize_embeddings=False (--embeddings float)")  # fmt: skip
     check_scheme(bits, embedding_scheme(bits, group_size, False)[0], embed.embedding_dim, EMBED_PATH)
     return embed
 
@@ -158,7 +168,11 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int, sym: bool)
 
 
 def install_embedding(
-    model: nn.Module, qweight: QuantizedWeight, dtype: torch.dtype, bias: torch.Tensor | None = None
+    model: nn.Module,
+    qweight: QuantizedWeight,
+    dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    lookup_scale: torch.Tensor | None = None,
 ) -> QuantEmbedding:
     """Swap a QuantEmbedding for model.model.embed_tokens; every nn.Linear tied to it gets the table."""
     embed = _get(model, EMBED_PATH)
@@ -166,7 +180,9 @@ def install_embedding(
         n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is embed.weight
     ]
     table = build_table(qweight, bias if tied_names else None, gather=True)
-    module = QuantEmbedding(table, dtype, tied=bool(tied_names))
+    if lookup_scale is not None and not tied_names:
+        raise SlimlmError("a lookup scale only applies to an embedding tied to the lm_head")
+    module = QuantEmbedding(table, dtype, tied=bool(tied_names), lookup_scale=lookup_scale)
     model.get_submodule("model").embed_tokens = module
     for name in tied_names:
         parent, _, child = name.rpartition(".")

@@ -6,6 +6,7 @@ table a tied lm_head shares: then no lm_head.* is written; see embedding.py):
                uint8 [out, in] for 8 bits
     P.scales   float [out, groups]         P.zeros  uint8 (int16 if a zero exceeds 255) [out, groups]
     P.perm     int64 [in], act-order only  P.bias   float [out], if the layer has one
+    model.embed_tokens.lookup_scale  float [in], AWQ on a tied head only: lookups divide rows by it
   with W[:, perm] = (q - z) * s group-wise (see scheme.py). Everything else is a plain float tensor.
 
 AutoAWQ GEMM (quant_method "awq", version "gemm"), 4 bits only:
@@ -52,6 +53,8 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             quant_prefixes.append(name + ".")
             written.add(id(module.table))
             _write_quantized(state, name, module.table, module.quantized_table())
+            if module.lookup_scale is not None:  # AWQ on a tied head, see quant/head.py
+                state[f"{name}.lookup_scale"] = module.lookup_scale.detach().float()
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             quant_prefixes.append(name + ".")
@@ -170,7 +173,9 @@ def _load_embedding(model, prefix, embed, state_dict, quant_config, device) -> N
     target = torch.device("cpu") if target.type == "meta" else target
     bias = tensors.get("bias")
     bias = None if bias is None else bias.to(target, embed.weight.dtype)
-    install_embedding(model, qweight.map_tensors(lambda t: t.to(target)), embed.weight.dtype, bias)
+    scale = tensors.get("lookup_scale")
+    scale = None if scale is None else scale.to(target, torch.float32)
+    install_embedding(model, qweight.map_tensors(lambda t: t.to(target)), embed.weight.dtype, bias, scale)
 
 
 def unpack_awq_gemm(

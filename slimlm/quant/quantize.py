@@ -1,5 +1,5 @@
 """Quantize a model in place: swap the nn.Linear modules of its decoder layers for QuantLinear modules,
-and the token embedding / lm_head for a QuantEmbedding and a QuantLinear (RTN, see embedding.py).
+and the token embedding / lm_head for a QuantEmbedding and a QuantLinear (see embedding.py, head.py).
 
 Calibration runs layer by layer (the model is never run whole after the first layer's inputs are
 captured), so only one layer's activations for the calibration set are held at a time. Two callables
@@ -25,12 +25,13 @@ from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
 from slimlm.quant.awq import awq_quantize_layer
 from slimlm.quant.embedding import QuantEmbedding, check_embeddings
-from slimlm.quant.embedding import quantize_embeddings as _quantize_embeddings
 from slimlm.quant.gptq import gptq_quantize
+from slimlm.quant.head import head_input_stats, quantize_head
 from slimlm.quant.linear import QuantLinear, make_quant_linear
 from slimlm.quant.rtn import rtn_quantize
 from slimlm.quant.scheme import QuantizedWeight, check_scheme
 from slimlm.quant.stats import InputStats
+from slimlm.quant_policy import quantize_embeddings_for
 
 METHODS = ("rtn", "awq", "gptq")
 FORMAT_VERSION = 1
@@ -102,10 +103,11 @@ def quantize_model(
     awq_clip: bool = True,
     capture_layer0_inputs: Callable[[nn.Module, torch.Tensor], Any] = capture_layer0_inputs,
     run_layer: Callable[[nn.Module, Any], Any] = run_layer,
-    quantize_embeddings: bool = True,
+    quantize_embeddings: bool | str | None = None,
 ) -> dict:
-    """Quantize every nn.Linear inside the decoder layers in place, then (unless `quantize_embeddings` is
-    False) the token embedding and lm_head with RTN: one shared table when tied (see quant/embedding.py).
+    """Quantize every nn.Linear inside the decoder layers in place, then, if `quantize_embeddings` says so
+    (True/"quantize", False/"float", None/"auto": 4 bits only, see slimlm/quant_policy.py), the token
+    embedding and lm_head: one shared table when tied; the head with the same method (see quant/head.py).
 
     `sym` defaults to symmetric for 8 bits (the int8 kernel has no zero point) and asymmetric for 4.
     Returns the quantization section of the checkpoint config.
@@ -120,12 +122,17 @@ def quantize_model(
     for i, linears in enumerate(targets):
         for name, linear in linears.items():
             check_scheme(bits, group_size, linear.in_features, f"model.layers.{i}.{name}")
+    embeddings = quantize_embeddings
+    if not isinstance(embeddings, bool):
+        embeddings = "auto" if embeddings is None else embeddings
+    quantize_embeddings = quantize_embeddings_for(embeddings, bits)
     if quantize_embeddings:
         check_embeddings(model, bits, group_size)
     sym = bits == 8 if sym is None else sym
     if method != "rtn" and (not calib_batches or any(b.numel() == 0 for b in calib_batches)):
         raise SlimlmError(f"{method} needs calibration data: give at least one non-empty batch of token ids")
 
+    states = None
     if method == "rtn":
         with progress_bar("quantize (rtn)", total=len(layers), enabled=progress) as advance:
             for layer, linears in zip(layers, targets, strict=True):
@@ -149,11 +156,19 @@ def quantize_model(
                     states = _awq_layer(layer, linears, states, run_layer, bits, group_size, sym,
                                         awq_grid, awq_clip)  # fmt: skip
                 advance()
+    head_method = None
     if quantize_embeddings:  # after the decoder: calibration above ran on the float embeddings
-        _quantize_embeddings(model, bits, group_size, sym)
+        stats = head_input_stats(model, states) if states is not None else None
+        head_method = quantize_head(model, method, stats, bits, group_size, sym, damp=damp,
+                                    block_size=block_size, grid=awq_grid, clip=awq_clip)  # fmt: skip
 
+    if isinstance(embeddings, bool):
+        embeddings = "quantize" if embeddings else "float"
     config = {"quant_method": "slimlm", "format_version": FORMAT_VERSION, "method": method, "bits": bits,
-              "group_size": group_size, "sym": sym, "quantize_embeddings": quantize_embeddings}  # fmt: skip
+              "group_size": group_size, "sym": sym, "embeddings": embeddings,
+              "quantize_embeddings": quantize_embeddings}  # fmt: skip
+    if head_method is not None:
+        config["head_method"] = head_method
     if method == "gptq":
         config.update(act_order=act_order, damp=damp, block_size=block_size)
     if method == "awq":

@@ -54,7 +54,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
                 linear = nn.Linear(
                     *reversed(weight.shape), bias=head.bias is not None, device=weight.device, dtype=dtype
                 )
-                linear.weight = embedding.weight
+                if module.lookup_scale is None:
+                    linear.weight = embedding.weight
+                else:  # AWQ head: the head reads W·s, lookups W; they can no longer share one tensor
+                    linear.weight.copy_(head.dequantized_weight(torch.float32))
                 if head.bias is not None:
                     linear.bias.copy_(head.bias.float())
                 swaps.append((head_name, linear))

@@ -1,0 +1,94 @@
+"""The lm_head with calibration (and, when tied, the token embedding that shares its table).
+
+After the decoder layers, the head's inputs are the final norm's outputs over the calibration batches
+(the last layer's outputs as the decoder pass left them: quantized for GPTQ, float for AWQ). Then:
+- gptq: GPTQ on the Hessian of those inputs. No act-order: lookups gather whole rows in stored order.
+- awq: a per-input-channel scale s folded into the final norm (norm.weight / s, table W·s), then AWQ's
+  clipping search. A tied embedding looks rows up in the same W·s table, so it stores s and divides the
+  gathered rows by it (QuantEmbedding.lookup_scale). s is rounded to bf16 so that casting the model to
+  any float dtype keeps it exact.
+- rtn, or no usable inputs: RTN (embedding.quantize_embeddings).
+The untied embedding is RTN in every case: its error does not depend on any activation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimlm.quant.awq import _clamp_groups, awq_search_clip, awq_search_scale
+from slimlm.quant.embedding import check_embeddings, embedding_scheme, install_embedding, quantize_embeddings
+from slimlm.quant.gptq import gptq_quantize
+from slimlm.quant.linear import make_quant_linear
+from slimlm.quant.rtn import rtn_quantize
+from slimlm.quant.stats import InputStats
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """`model.model.norm` (HF and slimlm decoders), the module whose output the lm_head reads."""
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    return norm if isinstance(norm, nn.Module) else None
+
+
+@torch.no_grad()
+def head_input_stats(model: nn.Module, states: list) -> InputStats | None:
+    """Statistics of the lm_head inputs from the states after the last decoder layer; None if unknown."""
+    norm, stats = final_norm(model), None
+    for state in states:
+        hidden = getattr(state, "hidden", state)
+        if not isinstance(hidden, torch.Tensor):
+            return None  # a custom run_layer state we cannot read: fall back to RTN
+        x = norm(hidden) if norm is not None else hidden
+        stats = stats or InputStats(x.shape[-1], x.device)
+        stats.add(x)
+    return stats
+
+
+@torch.no_grad()
+def quantize_head(
+    model: nn.Module,
+    method: str,
+    stats: InputStats | None,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    grid: int = 20,
+    clip: bool = True,
+    scale: bool = True,
+) -> str:
+    """Quantize the embedding and lm_head in place; returns the method the head actually got."""
+    embed = check_embeddings(model, bits, group_size)
+    head = getattr(model, "lm_head", None)
+    norm = final_norm(model)
+    if method == "rtn" or stats is None or not isinstance(head, nn.Linear):
+        quantize_embeddings(model, bits, group_size, sym)
+        return "rtn"
+    tied = head.weight is embed.weight
+    gs, sym = embedding_scheme(bits, group_size, sym)
+    w = head.weight.detach().float().clone()
+    lookup_scale = None
+    if method == "gptq":
+        qweight = gptq_quantize(w, stats.hessian, bits, gs, sym, False, damp, block_size)
+    else:
+        norm_weight = getattr(norm, "weight", None)
+        if scale and isinstance(norm_weight, torch.Tensor) and norm_weight.shape == (w.shape[1],):
+            s = awq_search_scale(stats, [w], bits, gs, sym, grid).to(torch.bfloat16).float()
+            norm_weight.div_(s.to(norm_weight.dtype))
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.div_(s.to(norm.bias.dtype))
+            w.mul_(s)
+            stats.divide_inputs(s)
+            lookup_scale = s if tied else None
+        if clip:
+            _clamp_groups(w, awq_search_clip(w, stats, bits, gs, sym, grid), gs)
+        qweight = rtn_quantize(w, bits, gs, sym)
+    dtype = embed.weight.dtype
+    if tied:
+        install_embedding(model, qweight, dtype, head.bias, lookup_scale=lookup_scale)
+    else:
+        install_embedding(model, rtn_quantize(embed.weight.detach(), bits, gs, sym), dtype)
+        model.lm_head = make_quant_linear(qweight, head.bias)
+    return method
