@@ -105,3 +105,17 @@ def test_awq_tied_lookup_scale_survives_the_loader(tmp_path, dtype):
     if dtype == "float32":  # (bf16: the loader keeps fp32 RoPE tables, a cast model does not)
         with torch.no_grad():
             assert torch.equal(loaded.forward_dense(ids), model.forward_dense(ids))
+
+
+def test_dequantizing_an_awq_tied_head_keeps_the_tie_and_the_logits():
+    from slimlm.train.merge import dequantize_model
+
+    model = slimlm_from_hf(make_hf_model("llama-tied"))
+    calib = [torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))]
+    quantize_model(model, "awq", 4, 32, calib, progress=False)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        quantized = model.forward_dense(ids)
+        dequantize_model(model, torch.float32)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        torch.testing.assert_close(model.forward_dense(ids), quantized, rtol=3e-2, atol=3e-2)

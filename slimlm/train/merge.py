@@ -54,10 +54,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
                 linear = nn.Linear(
                     *reversed(weight.shape), bias=head.bias is not None, device=weight.device, dtype=dtype
                 )
-                if module.lookup_scale is None:
-                    linear.weight = embedding.weight
-                else:  # AWQ head: the head reads W·s, lookups W; they can no longer share one tensor
-                    linear.weight.copy_(head.dequantized_weight(torch.float32))
+                linear.weight = embedding.weight
+                if module.lookup_scale is not None:  # AWQ head (table W·s): unfold s from the final norm
+                    _unfold_head_scale(model, module.lookup_scale.float())
                 if head.bias is not None:
                     linear.bias.copy_(head.bias.float())
                 swaps.append((head_name, linear))
@@ -65,6 +64,17 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
     return len(swaps)
+
+
+def _unfold_head_scale(model: nn.Module, scale: torch.Tensor) -> None:
+    """norm.weight·s with a tied float weight W·s / s gives the same logits as the quantized pair."""
+    from slimlm.quant.head import final_norm
+
+    norm = final_norm(model)
+    for name in ("weight", "bias"):
+        tensor = getattr(norm, name, None)
+        if tensor is not None:
+            tensor.mul_(scale.to(tensor.dtype))
 
 
 def save_hf_checkpoint(
