@@ -175,6 +175,8 @@ def _steps(num_seqs: int, prompt_lens: list[int], decode_steps: int, block_size:
 def _run(cache, qkv_steps, config, steps):
     outs = []
     for (q, k, v), (query_lens, context_lens, tables, slots) in zip(qkv_steps, steps, strict=True):
+        # As the runner does: blocks are zeroed on first use (a fresh pool is torch.empty).
+        cache.prepare_blocks(tables.clamp(min=0).flatten().tolist())
         per_layer = []
         for layer in range(config.num_hidden_layers):
             meta = AttnMetadata(query_lens, context_lens, block_tables=tables, slot_mapping=slots)

@@ -44,7 +44,17 @@ class TransformersRunner:
 
         path = str(model_path)
         if path.endswith(".gguf"):
-            self.model = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name, dtype=dtype)
+            extra = {}
+            try:  # transformers >= 5 keeps GGUF blocks packed (fp32 kernels) unless told to dequantize;
+                # the comparison is dense model against dense model in the same dtype.
+                from transformers import GgufConfig
+
+                extra["quantization_config"] = GgufConfig(gguf_file=model_path.name, dequantize=True)
+            except ImportError:
+                pass
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(model_path.parent), gguf_file=model_path.name, dtype=dtype, **extra
+            )
         else:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         self.model.eval()

@@ -59,6 +59,11 @@ def run_bench(
     results: dict[str, Any] = {
         "model": str(llm.loaded.source), "dtype": dtype, "threads": threads, "runs": runs,
         "concurrency": concurrency, "prompt_len": prompt_len, "gen_len": gen_len, "systems": {},
+        "weights": {
+            "slimlm": f"dense {dtype} (GGUF dequantized at load), oneDNN-prepacked linears",
+            "transformers": f"dense {dtype} (GGUF dequantized at load)",
+            "llama.cpp": "the GGUF's own quantized blocks (e.g. Q4_1), no dequantization",
+        },
     }
     log(f"benchmark: {llm.loaded.source.name}, {dtype}, {threads} threads, median of {runs} runs")
     if "slimlm" in peers:
