@@ -22,12 +22,12 @@ def _head_inputs(model, ids):
     seen = []
     handle = model.lm_head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     with torch.no_grad():
-        model(ids)
+        model.forward_dense(ids) if hasattr(model, "forward_dense") else model(ids)
     handle.remove()
     return seen[0].reshape(-1, seen[0].shape[-1])
 
 
-def _quantized_heads(arch, bits=4, group_size=32):
+def _quantized_heads(arch, bits=4, group_size=32, scale=True):
     """{method: (model with only its head/embedding quantized, float model, head inputs)}."""
     hf = make_hf_model(arch)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(11))
@@ -35,7 +35,7 @@ def _quantized_heads(arch, bits=4, group_size=32):
     out = {}
     for method in ("rtn", "awq", "gptq"):
         model = copy.deepcopy(hf)
-        quantize_head(model, method, InputStats.of(x), bits, group_size, sym=bits == 8)
+        quantize_head(model, method, InputStats.of(x), bits, group_size, sym=bits == 8, scale=scale)
         out[method] = model
     return hf, ids, x, out
 
@@ -50,14 +50,17 @@ def _head_error(model, float_model, x):
 
 @pytest.mark.parametrize("arch", ["llama-tied", "llama"])
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (8, -1)])
-def test_calibrated_heads_beat_rtn_on_their_inputs(arch, bits, group_size):
-    hf, _, x, heads = _quantized_heads(arch, bits, group_size)
+@pytest.mark.parametrize("scale", [True, None])
+def test_calibrated_heads_beat_rtn_on_their_inputs(arch, bits, group_size, scale):
+    hf, _, x, heads = _quantized_heads(arch, bits, group_size, scale)
     errors = {m: _head_error(model, hf, x) for m, model in heads.items()}
     assert errors["gptq"] < errors["rtn"], errors
     # at 8 bits per channel the rounding error is already tiny: AWQ may only tie with RTN there
     assert errors["awq"] < errors["rtn"] * (1 if bits == 4 else 1.02), errors
     assert all(isinstance(m.model.embed_tokens, QuantEmbedding) for m in heads.values())
-    assert (heads["awq"].model.embed_tokens.lookup_scale is not None) == (arch == "llama-tied")
+    # by default (None) a tied head gets clipping only: the lookup scale cost more than it saved
+    assert (heads["awq"].model.embed_tokens.lookup_scale is not None) is (arch == "llama-tied" and bool(scale))
+    assert (final_norm(heads["awq"]).weight != hf.model.norm.weight).any().item() is (bool(scale) or arch == "llama")
 
 
 def test_tied_lookups_stay_close_to_rtn_lookups():
@@ -91,7 +94,9 @@ def test_awq_tied_lookup_scale_survives_the_loader(tmp_path, dtype):
 
     model = slimlm_from_hf(make_hf_model("llama-tied"))
     calib = [torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))]
-    config = quantize_model(model, "awq", 4, 32, calib, progress=False)
+    config = quantize_model(model, "awq", 4, 32, calib, progress=False, quantize_embeddings=False)
+    quantize_head(model, "awq", InputStats.of(_head_inputs(model, torch.cat(calib))), 4, 32, False, scale=True)
+    config.update(embeddings="quantize", quantize_embeddings=True, head_method="awq")
     scale = model.model.embed_tokens.lookup_scale
     assert scale is not None and torch.equal(scale, scale.to(torch.bfloat16).float())  # exact in bf16
     save_quantized(model, config, tmp_path)
@@ -112,7 +117,9 @@ def test_dequantizing_an_awq_tied_head_keeps_the_tie_and_the_logits():
 
     model = slimlm_from_hf(make_hf_model("llama-tied"))
     calib = [torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))]
-    quantize_model(model, "awq", 4, 32, calib, progress=False)
+    quantize_model(model, "awq", 4, 32, calib, progress=False, quantize_embeddings=False)
+    quantize_head(model, "awq", InputStats.of(_head_inputs(model, torch.cat(calib))), 4, 32, False, scale=True)
+    assert model.model.embed_tokens.lookup_scale is not None
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         quantized = model.forward_dense(ids)
