@@ -1,45 +1,27 @@
 """GGUF metadata -> the sizes the planner needs, for any decoder architecture llama.cpp writes.
 
-Reads only the header (metadata and tensor directory) with a small parser of the GGUF v2/v3 layout:
-`gguf.GGUFReader` builds numpy views of every tokenizer entry and takes seconds on a 49k-token
-vocabulary, the header walk takes milliseconds. Kept apart from `slimlm.loading.gguf_file` on purpose
-for now: the loader refuses architectures and RoPE variants slimlm cannot run, while planning only needs
-sizes. TODO(dedupe): move the header reader into `slimlm.loading` once the loader wants it too.
+Reads only the header (metadata and tensor directory) with the parser the loader uses
+(`slimlm.tokenizer.gguf_metadata.parse_gguf_header`). The config is built here, not by the loader's
+`config_from_gguf`: the loader refuses architectures and RoPE variants slimlm cannot run, while planning
+only needs sizes.
 """
 
 from __future__ import annotations
 
-import struct
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from slimlm.config import GGUF_ARCHITECTURES, ModelConfig
 from slimlm.errors import SlimlmError
-
-# GGUF value types: id -> struct format of a scalar (8 = string, 9 = array are read apart).
-_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_STRING, _ARRAY = 8, 9
+from slimlm.tokenizer.gguf_metadata import parse_gguf_header
 
 
 @dataclass
 class GGUFHeader:
-    metadata: dict[str, Any]  # string arrays are replaced by their length (the planner needs only that)
-    tensors: dict[
-        str, tuple[tuple[int, ...], int]
-    ]  # name -> (shape, fastest dim first as GGUF lists it; ggml type id)
+    metadata: dict[str, Any]  # string and long arrays are replaced by their length (all the planner needs)
+    tensors: dict[str, tuple[tuple[int, ...], int]]  # name -> (shape, fastest dim first; ggml type id)
 
 
 @dataclass
@@ -50,68 +32,22 @@ class GGUFInfo:
     tensor_types: dict[str, int]  # GGML type name -> number of tensors
 
 
-class _Reader:
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-
-    def unpack(self, fmt: str):
-        size = struct.calcsize(fmt)
-        data = self.f.read(size)
-        if len(data) != size:
-            raise EOFError
-        return struct.unpack(fmt, data)[0]
-
-    def string(self) -> str:
-        n = self.unpack("<Q")
-        data = self.f.read(n)
-        if len(data) != n:
-            raise EOFError
-        return data.decode("utf-8", errors="replace")
-
-    def value(self, vtype: int) -> Any:
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            etype, count = self.unpack("<I"), self.unpack("<Q")
-            if etype == _STRING:  # tokenizer vocabularies and merges: skip, keep the length
-                for _ in range(count):
-                    self.f.seek(self.unpack("<Q"), 1)
-                return count
-            if etype in _SCALARS and count > 4096:
-                self.f.seek(struct.calcsize(_SCALARS[etype]) * count, 1)
-                return count
-            return [self.value(etype) for _ in range(count)]
-        raise ValueError(f"unknown GGUF value type {vtype}")
-
-
 def read_gguf_header(path: str | Path) -> GGUFHeader:
+    """Metadata and tensor directory through the loader's header parser, over a memory map."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            r = _Reader(f)
-            if f.read(4) != b"GGUF":
-                raise SlimlmError(f"{path} is not a GGUF file (no GGUF magic bytes)")
-            version = r.unpack("<I")
-            if version < 2:
-                raise SlimlmError(f"{path} is GGUF version {version}; re-convert it with a current llama.cpp")
-            n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
-            metadata = {}
-            for _ in range(n_kv):
-                key = r.string()
-                metadata[key] = r.value(r.unpack("<I"))
-            tensors = {}
-            for _ in range(n_tensors):
-                name = r.string()
-                shape = tuple(r.unpack("<Q") for _ in range(r.unpack("<I")))
-                tensors[name] = (shape, r.unpack("<I"))
-                r.unpack("<Q")  # data offset
-    except (EOFError, ValueError, struct.error) as e:
-        raise SlimlmError(
-            f"{path} is not a readable GGUF file ({e or 'truncated'}); re-download or re-convert it"
-        ) from None
-    return GGUFHeader(metadata, tensors)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            with memoryview(mapped) as view:
+                meta, directory, _ = parse_gguf_header(view, str(path))
+    except (OSError, ValueError) as e:
+        raise SlimlmError(f"{path} is not a readable GGUF file ({e}); re-download or re-convert it") from None
+    metadata = {k: len(v) if _summarized(v) else v for k, v in meta.items()}
+    return GGUFHeader(metadata, {name: (shape, type_id) for name, shape, type_id, _ in directory})
+
+
+def _summarized(value: Any) -> bool:
+    """Tokenizer arrays (strings, or long score/type lists): the planner keeps only their length."""
+    return isinstance(value, list) and (len(value) > 4096 or (bool(value) and isinstance(value[0], str)))
 
 
 def _type_name(type_id: int) -> str:
