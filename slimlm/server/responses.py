@@ -135,17 +135,8 @@ def chat_chunk(
     logprobs: dict | None = None,
     with_usage: bool = False,
 ) -> dict:
-    chunk = {
-        "id": meta.id,
-        "object": "chat.completion.chunk",
-        "created": meta.created,
-        "model": meta.model,
-        "system_fingerprint": None,
-        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-    }
-    if with_usage:
-        chunk["usage"] = None  # OpenAI: null on every chunk but the last when include_usage is set
-    return chunk
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _chunk(meta, "chat.completion.chunk", choice, with_usage)
 
 
 def completion_chunk(
@@ -156,16 +147,21 @@ def completion_chunk(
     logprobs: dict | None = None,
     with_usage: bool = False,
 ) -> dict:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _chunk(meta, "text_completion", choice, with_usage)
+
+
+def _chunk(meta: ResponseMeta, kind: str, choice: dict, with_usage: bool) -> dict:
     chunk = {
         "id": meta.id,
-        "object": "text_completion",
+        "object": kind,
         "created": meta.created,
         "model": meta.model,
         "system_fingerprint": None,
-        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "choices": [choice],
     }
     if with_usage:
-        chunk["usage"] = None
+        chunk["usage"] = None  # OpenAI: null on every chunk but the last when include_usage is set
     return chunk
 
 
