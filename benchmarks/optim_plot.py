@@ -41,8 +41,10 @@ def main() -> None:
         ax.plot(steps, smooth(run["losses"]), style, linewidth=1.4, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (EMA 0.8)")
+    layers = f"last {setup['train_layers']} layers" if setup.get("train_layers") else "all layers"
     ax.set_title(
-        f"SmolLM2-135M full fine-tune on CPU, batch {setup['batch']}x{setup['seq_len']} tokens, lr {setup['lr']}",
+        f"SmolLM2-135M fine-tune on CPU ({layers}), "
+        f"batch {setup['batch']}x{setup['seq_len']} tokens, lr {setup['lr']}",
         fontsize=10,
     )
     ax.grid(alpha=0.3)
