@@ -52,10 +52,12 @@ def checks(rows: dict[str, dict], baseline: str) -> dict[str, dict]:
         out[f"w4 g64 {method}: % of RTN loss recovered"] = {"value": recovered, "target": ">= 40"}
     for label in ("w4 g64 rtn", "w4 g64 awq"):
         out[f"{label} bytes / {baseline} bytes"] = {
-            "value": rows[label]["weight_bytes"] / base["weight_bytes"], "target": "<= 0.32"
+            "value": rows[label]["weight_bytes"] / base["weight_bytes"],
+            "target": "<= 0.32",
         }
         out[f"{label} decode / {baseline} decode"] = {
-            "value": rows[label]["decode_tok_s"] / base["decode_tok_s"], "target": ">= 1.5"
+            "value": rows[label]["decode_tok_s"] / base["decode_tok_s"],
+            "target": ">= 1.5",
         }
     return out
 
@@ -63,7 +65,9 @@ def checks(rows: dict[str, dict], baseline: str) -> dict[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/slimlm-quant", help="where the quantized checkpoints go")
-    ap.add_argument("--dtype", default="bfloat16", help="compute dtype of every variant (the engine's default)")
+    ap.add_argument(
+        "--dtype", default="bfloat16", help="compute dtype of every variant (the engine's default)"
+    )
     ap.add_argument("--max-tokens", type=int, default=16384, help="eval tokens scored per variant")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
@@ -83,7 +87,10 @@ def main() -> None:
               "rows": rows, "checks": checks(rows, baseline) if len(labels) == len(VARIANTS) else {}}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "quant_compare.json").write_text(json.dumps(result, indent=2))
-    lines = ["| variant | perplexity | Δ ppl | weights MiB | decode tok/s | load s |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | perplexity | Δ ppl | weights MiB | decode tok/s | load s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows.values():
         lines.append(f"| {r['label']} | {r['ppl']:.3f} | {r['delta_pct']:+.2f}% | {r['weight_bytes'] / 2**20:.1f} "
                      f"| {r['decode_tok_s']:.1f} | {r['load_s']:.1f} |")  # fmt: skip

@@ -30,7 +30,9 @@ def _module(name: str):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimlm", description="Run and fine-tune LLMs inside the memory you have.")
+    parser = argparse.ArgumentParser(
+        prog="slimlm", description="Run and fine-tune LLMs inside the memory you have."
+    )
     from slimlm import __version__
 
     parser.add_argument("--version", action="version", version=f"slimlm {__version__}")
@@ -64,14 +66,20 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except ModuleNotFoundError as e:
-        print(f"error: a dependency is missing ({e.name}); install slimlm with its extras, e.g. pip install 'slimlm[serve]'", file=sys.stderr)
+        print(
+            f"error: a dependency is missing ({e.name}); install slimlm with its extras, e.g. pip install 'slimlm[serve]'",
+            file=sys.stderr,
+        )
         return 2
     except Exception as e:  # never show users a traceback; say how to get one
         import os
 
         if os.environ.get("SLIMLM_DEBUG"):
             raise
-        print(f"error: internal error ({type(e).__name__}: {e}); rerun with SLIMLM_DEBUG=1 for a traceback and report it", file=sys.stderr)
+        print(
+            f"error: internal error ({type(e).__name__}: {e}); rerun with SLIMLM_DEBUG=1 for a traceback and report it",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -91,8 +91,15 @@ class ModelConfig:
             raise SlimlmError(
                 f"unsupported model family {self.family!r}; supported: {', '.join(sorted(set(GGUF_ARCHITECTURES.values())))}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise SlimlmError(f"config {name} must be a positive integer, got {value!r}")
@@ -144,7 +151,13 @@ class ModelConfig:
             raise SlimlmError(
                 f"unsupported architecture {name!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        required = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ]
         missing = [k for k in required if k not in d]
         if missing:
             raise SlimlmError(f"config.json is missing required keys: {', '.join(missing)}")

@@ -39,8 +39,22 @@ def test_reset_starts_a_new_conversation(smollm):
 def test_chat_cli_reads_stdin_and_handles_commands():
     script = "Hi there\n/bogus\n/reset\n/exit\n"
     result = subprocess.run(
-        [sys.executable, "-m", "slimlm.cli", "chat", "--max-tokens", "8", "--kv-cache-tokens", "512", "--dtype", "float32"],
-        input=script, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "slimlm.cli",
+            "chat",
+            "--max-tokens",
+            "8",
+            "--kv-cache-tokens",
+            "512",
+            "--dtype",
+            "float32",
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "unknown command /bogus" in result.stderr

@@ -38,9 +38,14 @@ def test_smollm_greedy_generations_match_transformers(smollm, hf_smollm):
     ours = llm.generate(prompts, SamplingParams(max_tokens=64, temperature=0))
     for prompt, out in zip(prompts, ours, strict=True):
         with torch.no_grad():
-            ref = hf_smollm.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
-                                     eos_token_id=smollm.config.eos_token_ids, pad_token_id=2)
-        assert out.token_ids == ref[0, len(prompt):].tolist()
+            ref = hf_smollm.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=64,
+                do_sample=False,
+                eos_token_id=smollm.config.eos_token_ids,
+                pad_token_id=2,
+            )
+        assert out.token_ids == ref[0, len(prompt) :].tolist()
 
 
 def test_embedded_config_is_smollm2(smollm):
@@ -73,10 +78,15 @@ def _write_tiny_tokenizer(path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>",
-        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
-    }))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+            }
+        )
+    )
 
 
 @pytest.mark.parametrize("arch,shard", [("llama", None), ("qwen2", "60KB"), ("mistral", None)])
@@ -93,8 +103,11 @@ def test_hf_directory_loads_and_matches_transformers(tmp_path, arch, shard):
 
 # ---- bad input: one line, exit 2, no traceback, nothing written ----
 
+
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "slimlm.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "slimlm.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def _assert_clean_error(result, fragment):
@@ -116,13 +129,19 @@ def test_bad_model_inputs_give_clear_errors(tmp_path):
 
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
-    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
-    with pytest.raises(SlimlmError, match="unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM"):
+    (gpt2 / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
+    with pytest.raises(
+        SlimlmError, match="unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM"
+    ):
         load(str(gpt2), progress=False)
 
     partial = tmp_path / "partial"
     partial.mkdir()
-    (partial / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}))
+    (partial / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64})
+    )
     with pytest.raises(SlimlmError, match="missing required keys: vocab_size, intermediate_size"):
         load(str(partial), progress=False)
 

@@ -34,7 +34,11 @@ def test_decode_with_cache_matches_transformers(arch):
     with torch.no_grad():
         first = hf(ids[:, :prompt], use_cache=True)
         past, refs = first.past_key_values, [first.logits[0]]
-        outs = [model.compute_logits(model(ids[0, :prompt], torch.arange(prompt), cache, AttnMetadata.single(prompt, prompt)))]
+        outs = [
+            model.compute_logits(
+                model(ids[0, :prompt], torch.arange(prompt), cache, AttnMetadata.single(prompt, prompt))
+            )
+        ]
         for t in range(prompt, SEQ):
             step = hf(ids[:, t : t + 1], past_key_values=past, use_cache=True)
             past = step.past_key_values

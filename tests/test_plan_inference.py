@@ -41,7 +41,10 @@ def test_quantized_weights_count_scales_zeros_and_unquantized_tensors():
     embed_w8 = 2 * (EMBED + 32000 * 2)
     assert weight_bytes(LLAMA2_7B, "w8", -1, quantize_embeddings=True) == PROJ + ROWS * 2 + embed_w8 + norms
     # w8 group 64: scale and zero per group
-    assert weight_bytes(LLAMA2_7B, "w8", 64, quantize_embeddings=True) == PROJ + (PROJ // 64) * 4 + embed_w8 + norms
+    assert (
+        weight_bytes(LLAMA2_7B, "w8", 64, quantize_embeddings=True)
+        == PROJ + (PROJ // 64) * 4 + embed_w8 + norms
+    )
     assert weight_bytes(LLAMA2_7B, "w4", 128, dtype="fp32") == PROJ // 2 + groups * 4 + embed_w4 + norms * 2
     # --keep-embeddings-float (and checkpoints from before): embeddings, lm_head and norms stay bf16
     rest = (2 * EMBED + NORMS) * 2

@@ -59,8 +59,12 @@ def test_calibrated_heads_beat_rtn_on_their_inputs(arch, bits, group_size, scale
     assert errors["awq"] < errors["rtn"] * (1 if bits == 4 else 1.02), errors
     assert all(isinstance(m.model.embed_tokens, QuantEmbedding) for m in heads.values())
     # by default (None) a tied head gets clipping only: the lookup scale cost more than it saved
-    assert (heads["awq"].model.embed_tokens.lookup_scale is not None) is (arch == "llama-tied" and bool(scale))
-    assert (final_norm(heads["awq"]).weight != hf.model.norm.weight).any().item() is (bool(scale) or arch == "llama")
+    assert (heads["awq"].model.embed_tokens.lookup_scale is not None) is (
+        arch == "llama-tied" and bool(scale)
+    )
+    assert (final_norm(heads["awq"]).weight != hf.model.norm.weight).any().item() is (
+        bool(scale) or arch == "llama"
+    )
 
 
 def test_tied_lookups_stay_close_to_rtn_lookups():
@@ -95,7 +99,9 @@ def test_awq_tied_lookup_scale_survives_the_loader(tmp_path, dtype):
     model = slimlm_from_hf(make_hf_model("llama-tied"))
     calib = [torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))]
     config = quantize_model(model, "awq", 4, 32, calib, progress=False, quantize_embeddings=False)
-    quantize_head(model, "awq", InputStats.of(_head_inputs(model, torch.cat(calib))), 4, 32, False, scale=True)
+    quantize_head(
+        model, "awq", InputStats.of(_head_inputs(model, torch.cat(calib))), 4, 32, False, scale=True
+    )
     config.update(embeddings="quantize", quantize_embeddings=True, head_method="awq")
     scale = model.model.embed_tokens.lookup_scale
     assert scale is not None and torch.equal(scale, scale.to(torch.bfloat16).float())  # exact in bf16
@@ -118,7 +124,9 @@ def test_dequantizing_an_awq_tied_head_keeps_the_tie_and_the_logits():
     model = slimlm_from_hf(make_hf_model("llama-tied"))
     calib = [torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))]
     quantize_model(model, "awq", 4, 32, calib, progress=False, quantize_embeddings=False)
-    quantize_head(model, "awq", InputStats.of(_head_inputs(model, torch.cat(calib))), 4, 32, False, scale=True)
+    quantize_head(
+        model, "awq", InputStats.of(_head_inputs(model, torch.cat(calib))), 4, 32, False, scale=True
+    )
     assert model.model.embed_tokens.lookup_scale is not None
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():

@@ -21,8 +21,16 @@ BASE = dict(
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "llama-tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
-    "llama-linear": ("LlamaConfig", "LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
-    "llama-dynamic": ("LlamaConfig", "LlamaForCausalLM", {"max_position_embeddings": 16, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}),
+    "llama-linear": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    ),
+    "llama-dynamic": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"max_position_embeddings": 16, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
+    ),
     "llama-llama3": (
         "LlamaConfig",
         "LlamaForCausalLM",

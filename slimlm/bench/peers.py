@@ -61,8 +61,14 @@ class TransformersRunner:
 
     def _generate(self, ids: torch.Tensor, n: int):
         with torch.inference_mode():
-            return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                       do_sample=False, pad_token_id=0)
+            return self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
     def first_and_rate(self, prompt: list[int], n: int) -> tuple[float, float]:
         ids = torch.tensor([prompt])
@@ -90,8 +96,14 @@ class LlamaCppRunner:
     def __init__(self, gguf_path, threads: int, n_ctx: int = 1024) -> None:
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                         verbose=False, logits_all=False)
+        self.llm = Llama(
+            model_path=str(gguf_path),
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=n_ctx,
+            verbose=False,
+            logits_all=False,
+        )
 
     def first_and_rate(self, prompt: list[int], n: int) -> tuple[float, float]:
         self.llm.reset()

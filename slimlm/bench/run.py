@@ -23,8 +23,10 @@ def _measure(runner, prompts, prompt_single, gen_len: int, runs: int, log) -> di
         firsts.append(first)
         rates.append(rate)
         throughputs.append(runner.throughput(prompts, gen_len))
-        log(f"  {runner.name} run {i + 1}/{runs}: ttft {first * 1000:.0f} ms, decode {rate:.1f} tok/s, "
-            f"{len(prompts)}-way {throughputs[-1]:.1f} tok/s")
+        log(
+            f"  {runner.name} run {i + 1}/{runs}: ttft {first * 1000:.0f} ms, decode {rate:.1f} tok/s, "
+            f"{len(prompts)}-way {throughputs[-1]:.1f} tok/s"
+        )
     return {
         "ttft_s": statistics.median(firsts),
         "decode_tok_s": statistics.median(rates),
@@ -53,12 +55,24 @@ def run_bench(
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     dtype = resolve_dtype(dtype, torch.device("cpu"))
-    llm = LLM(model, dtype=dtype, device="cpu", kv_cache_tokens=(concurrency + 1) * (prompt_len + gen_len + 16), progress=False)
+    llm = LLM(
+        model,
+        dtype=dtype,
+        device="cpu",
+        kv_cache_tokens=(concurrency + 1) * (prompt_len + gen_len + 16),
+        progress=False,
+    )
     prompts = make_prompts(llm.tokenizer, concurrency + 1, prompt_len)
     single, batch = prompts[0], prompts[1:]
     results: dict[str, Any] = {
-        "model": str(llm.loaded.source), "dtype": dtype, "threads": threads, "runs": runs,
-        "concurrency": concurrency, "prompt_len": prompt_len, "gen_len": gen_len, "systems": {},
+        "model": str(llm.loaded.source),
+        "dtype": dtype,
+        "threads": threads,
+        "runs": runs,
+        "concurrency": concurrency,
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "systems": {},
         "weights": {
             "slimlm": f"dense {dtype} (GGUF dequantized at load), oneDNN-prepacked linears",
             "transformers": f"dense {dtype} (GGUF dequantized at load)",
@@ -86,7 +100,9 @@ def run_bench(
                 runner = LlamaCppRunner(results["model"], threads, n_ctx=prompt_len + gen_len + 64)
                 results["systems"]["llama.cpp"] = _measure(runner, batch, single, gen_len, runs, log)
             except ImportError:
-                results["systems"]["llama.cpp"] = {"unavailable": "pip install llama-cpp-python (slimlm[bench])"}
+                results["systems"]["llama.cpp"] = {
+                    "unavailable": "pip install llama-cpp-python (slimlm[bench])"
+                }
     return results
 
 
@@ -106,10 +122,20 @@ def ratio_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             continue
         ratios = ""
         if name != "slimlm" and "decode_tok_s" in base:
-            ratios = (f"slimlm decode {base['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
-                      f"throughput {base['throughput_tok_s'] / r['throughput_tok_s']:.2f}x, "
-                      f"ttft {r['ttft_s'] / base['ttft_s']:.2f}x faster")
-        rows.append((name, f"{r['ttft_s'] * 1000:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['throughput_tok_s']:.1f}", ratios))
+            ratios = (
+                f"slimlm decode {base['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
+                f"throughput {base['throughput_tok_s'] / r['throughput_tok_s']:.2f}x, "
+                f"ttft {r['ttft_s'] / base['ttft_s']:.2f}x faster"
+            )
+        rows.append(
+            (
+                name,
+                f"{r['ttft_s'] * 1000:.0f}",
+                f"{r['decode_tok_s']:.1f}",
+                f"{r['throughput_tok_s']:.1f}",
+                ratios,
+            )
+        )
     return rows
 
 
@@ -117,9 +143,17 @@ def print_table(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{results['concurrency']} x {results['prompt_len']}/{results['gen_len']} tokens, "
-                        f"{results['dtype']}, {results['threads']} threads, median of {results['runs']}")
-    for col in ("system", "TTFT ms", "batch-1 decode tok/s", f"{results['concurrency']}-way tok/s", "slimlm vs peer"):
+    table = Table(
+        title=f"{results['concurrency']} x {results['prompt_len']}/{results['gen_len']} tokens, "
+        f"{results['dtype']}, {results['threads']} threads, median of {results['runs']}"
+    )
+    for col in (
+        "system",
+        "TTFT ms",
+        "batch-1 decode tok/s",
+        f"{results['concurrency']}-way tok/s",
+        "slimlm vs peer",
+    ):
         table.add_column(col)
     for row in ratio_rows(results):
         table.add_row(*row)

@@ -17,7 +17,7 @@ def corpus_text() -> str:
 
 def make_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     """n different prompts of exactly `length` tokens (consecutive windows of the corpus)."""
-    ids = tokenizer.encode(corpus_text()[: 200_000], add_special_tokens=False)
+    ids = tokenizer.encode(corpus_text()[:200_000], add_special_tokens=False)
     if len(ids) < n * length:
         raise ValueError("corpus too short for the requested prompts")
     return [ids[i * length : (i + 1) * length] for i in range(n)]

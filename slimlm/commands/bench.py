@@ -26,7 +26,16 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             raise SlimlmError(f"--{name.replace('_', '-')} must be positive")
     peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
-    results = run_bench(args.model, args.dtype, peers, args.runs, args.concurrency, args.prompt_len, args.gen_len, args.threads)
+    results = run_bench(
+        args.model,
+        args.dtype,
+        peers,
+        args.runs,
+        args.concurrency,
+        args.prompt_len,
+        args.gen_len,
+        args.threads,
+    )
     print_table(results)
     if args.json:
         with open(args.json, "w") as f:

@@ -19,7 +19,9 @@ HELP = "commands: /reset (new conversation), /system TEXT (set system prompt and
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--stats", action="store_true", help="after each reply print prefill/cached tokens and speed")
+    p.add_argument(
+        "--stats", action="store_true", help="after each reply print prefill/cached tokens and speed"
+    )
     add_model_args(p)
     add_engine_args(p)
     add_sampling_args(p)
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             print("(new conversation)", file=sys.stderr)
             continue
         if text.startswith("/system"):
-            session.system = text[len("/system"):].strip() or None
+            session.system = text[len("/system") :].strip() or None
             session.reset()
             print("(system prompt set; new conversation)", file=sys.stderr)
             continue
@@ -91,4 +93,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         if args.stats:
             t = session.last_turn
-            print(f"[prompt {t['prompt_tokens']} tokens, prefilled {t['prefill_tokens']}, {t['seconds']:.2f}s]", file=sys.stderr)
+            print(
+                f"[prompt {t['prompt_tokens']} tokens, prefilled {t['prefill_tokens']}, {t['seconds']:.2f}s]",
+                file=sys.stderr,
+            )

@@ -9,9 +9,26 @@ import re
 from slimlm.errors import SlimlmError
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30,
-          "ti": 2**40, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "ki": 2**10,
+    "kib": 2**10,
+    "mi": 2**20,
+    "mib": 2**20,
+    "gi": 2**30,
+    "gib": 2**30,
+    "ti": 2**40,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -24,18 +41,35 @@ def parse_size(text: str) -> int:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", default=None, help="HF directory, .gguf file, or alias (default: the embedded smollm2-135m)")
-    g.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: bfloat16 where fast, else float32)")
+    g.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="HF directory, .gguf file, or alias (default: the embedded smollm2-135m)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="float32 | bfloat16 | float16 | auto (default: bfloat16 where fast, else float32)",
+    )
     g.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    g.add_argument("--no-prepack", dest="prepack", action="store_false",
-                   help="CPU: keep plain weights instead of oneDNN-prepacked ones (prepacking ~1.5x faster decode)")
+    g.add_argument(
+        "--no-prepack",
+        dest="prepack",
+        action="store_false",
+        help="CPU: keep plain weights instead of oneDNN-prepacked ones (prepacking ~1.5x faster decode)",
+    )
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KV cache and batching")
-    g.add_argument("--cache-max-entry-count", type=float, default=0.8,
-                   help="KV pool = this fraction of the memory free after loading weights (default 0.8)")
+    g.add_argument(
+        "--cache-max-entry-count",
+        type=float,
+        default=0.8,
+        help="KV pool = this fraction of the memory free after loading weights (default 0.8)",
+    )
     g.add_argument("--kv-cache-tokens", type=int, default=None, help="absolute KV budget in tokens")
     g.add_argument("--kv-cache-bytes", type=parse_size, default=None, help="absolute KV budget, e.g. 512MiB")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
@@ -43,7 +77,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=4096, help="most tokens in one step")
     g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     g.add_argument("--kv-dtype", default=None, help="auto | bf16 | fp16 | fp32 | int8 | int4")
-    g.add_argument("--quant-policy", type=int, default=None, help="LMDeploy style: 0, 8 (int8 KV) or 4 (int4 KV)")
+    g.add_argument(
+        "--quant-policy", type=int, default=None, help="LMDeploy style: 0, 8 (int8 KV) or 4 (int4 KV)"
+    )
     g.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached prompt blocks")
 
 
@@ -82,7 +118,9 @@ def engine_config_from_args(args: argparse.Namespace):
     if args.quant_policy is not None:
         policy_dtype = kv_dtype_from_quant_policy(args.quant_policy)
         if args.kv_dtype and args.kv_dtype != policy_dtype:
-            raise SlimlmError(f"--kv-dtype {args.kv_dtype} contradicts --quant-policy {args.quant_policy}; give one")
+            raise SlimlmError(
+                f"--kv-dtype {args.kv_dtype} contradicts --quant-policy {args.quant_policy}; give one"
+            )
         kv_dtype = policy_dtype
     return EngineConfig(
         cache_max_entry_count=args.cache_max_entry_count,
@@ -107,5 +145,11 @@ def llm_from_args(args: argparse.Namespace, progress: bool = True):
 
         torch.set_num_threads(args.threads)
     engine_config = engine_config_from_args(args)
-    return LLM(model=args.model, dtype=args.dtype, device=args.device, engine_config=engine_config, progress=progress,
-               prepack=getattr(args, "prepack", True))
+    return LLM(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        engine_config=engine_config,
+        progress=progress,
+        prepack=getattr(args, "prepack", True),
+    )

@@ -18,15 +18,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ppl = sub.add_parser("ppl", help="perplexity of one model")
     ppl.add_argument("--model", "-m", default=None)
     cmp = sub.add_parser("compare", help="perplexity, size, speed and load time of several variants")
-    cmp.add_argument("--models", nargs="+", required=True, help="models to compare; the first is the baseline "
-                     "(use 'default' for the embedded model)")
+    cmp.add_argument(
+        "--models",
+        nargs="+",
+        required=True,
+        help="models to compare; the first is the baseline (use 'default' for the embedded model)",
+    )
     cmp.add_argument("--labels", nargs="*", default=None)
     cmp.add_argument("--json", default=None, help="also write results to this file")
     for q in (ppl, cmp):
-        q.add_argument("--corpus", default=None, help="text or JSONL file (default: pydoc_data.topics eval slice)")
+        q.add_argument(
+            "--corpus", default=None, help="text or JSONL file (default: pydoc_data.topics eval slice)"
+        )
         q.add_argument("--context", type=int, default=512)
         q.add_argument("--stride", type=int, default=None, help="default: = context (no overlap)")
-        q.add_argument("--max-tokens", type=int, default=16384, help="score at most this many tokens (0 = all)")
+        q.add_argument(
+            "--max-tokens", type=int, default=16384, help="score at most this many tokens (0 = all)"
+        )
         q.add_argument("--dtype", default="float32")
         q.add_argument("--quiet", "-q", action="store_true")
 
@@ -50,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     max_tokens = args.max_tokens or None
     if args.eval_command == "ppl":
         loaded = load(args.model, dtype=args.dtype, progress=not args.quiet)
-        r = perplexity(loaded.model, token_ids(loaded.tokenizer), args.context, args.stride, max_tokens, not args.quiet)
+        r = perplexity(
+            loaded.model, token_ids(loaded.tokenizer), args.context, args.stride, max_tokens, not args.quiet
+        )
         print(f"perplexity {r.ppl:.4f} over {r.tokens} tokens (context {r.context}, stride {r.stride})")
         return 0
     from slimlm.eval.compare import as_dicts, compare_variants, print_results
@@ -59,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     labels = args.labels or [m or "default" for m in args.models]
     if len(labels) != len(models):
         raise SlimlmError(f"got {len(models)} models but {len(labels)} labels")
-    results = compare_variants(models, labels, args.dtype, token_ids, args.context, max_tokens, not args.quiet)
+    results = compare_variants(
+        models, labels, args.dtype, token_ids, args.context, max_tokens, not args.quiet
+    )
     print_results(results)
     if args.json:
         with open(args.json, "w") as f:

@@ -19,7 +19,9 @@ from slimlm.errors import SlimlmError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", help="prompt text(s); several are generated together")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap each prompt as a user message in the chat template"
+    )
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or memory report")
@@ -53,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(llm.memory_report_text(), file=sys.stderr)
     if args.chat:
-        messages = [([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": p}]
-                    for p in prompts]
+        messages = [
+            ([{"role": "system", "content": args.system}] if args.system else [])
+            + [{"role": "user", "content": p}]
+            for p in prompts
+        ]
         inputs = [llm.chat_prompt(m) for m in messages]
     else:
         inputs = prompts
@@ -66,8 +71,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for prompt, result in zip(prompts, llm.generate(inputs, params), strict=True):
         if args.json:
-            print(json.dumps({"prompt": prompt, "text": result.text, "finish_reason": result.finish_reason,
-                              "completion_tokens": len(result.token_ids)}))
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "text": result.text,
+                        "finish_reason": result.finish_reason,
+                        "completion_tokens": len(result.token_ids),
+                    }
+                )
+            )
         else:
             print(f"### {prompt}\n{result.text}\n")
     return 0

@@ -17,14 +17,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=128, help="32, 64 or 128")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (awq, gptq)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
-    p.add_argument("--calib-file", default=None, help="calibration text or JSONL ({'text': ...} per line); "
-                   "default: a slice of pydoc_data.topics disjoint from the eval slice")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    p.add_argument("--embeddings", choices=("auto", "quantize", "float"), default="auto",
-                   help="token embedding and lm_head: quantize them (the head with --method) or keep them "
-                   "float; auto: quantize at 4 bits, float at 8")
-    p.add_argument("--keep-embeddings-float", dest="embeddings", action="store_const", const="float",
-                   help="alias of --embeddings float")
+    p.add_argument(
+        "--calib-file",
+        default=None,
+        help="calibration text or JSONL ({'text': ...} per line); "
+        "default: a slice of pydoc_data.topics disjoint from the eval slice",
+    )
+    p.add_argument(
+        "--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal"
+    )
+    p.add_argument(
+        "--embeddings",
+        choices=("auto", "quantize", "float"),
+        default="auto",
+        help="token embedding and lm_head: quantize them (the head with --method) or keep them "
+        "float; auto: quantize at 4 bits, float at 8",
+    )
+    p.add_argument(
+        "--keep-embeddings-float",
+        dest="embeddings",
+        action="store_const",
+        const="float",
+        help="alias of --embeddings float",
+    )
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--quiet", "-q", action="store_true")
 
@@ -56,12 +71,23 @@ def run(args: argparse.Namespace) -> int:
         batches = calibration_batches(encode, text, args.calib_samples, args.calib_seqlen)
     float_bytes = quantized_weight_bytes(loaded.model)
     start = time.perf_counter()
-    qconfig = quantize_model(loaded.model, args.method, args.bits, args.group_size, batches, progress,
-                             act_order=args.act_order, quantize_embeddings=args.embeddings)
+    qconfig = quantize_model(
+        loaded.model,
+        args.method,
+        args.bits,
+        args.group_size,
+        batches,
+        progress,
+        act_order=args.act_order,
+        quantize_embeddings=args.embeddings,
+    )
     seconds = time.perf_counter() - start
     save_quantized(loaded.model, qconfig, out, loaded.config.to_hf_dict())
     save_tokenizer(loaded.tokenizer, out)
     q_bytes = quantized_weight_bytes(loaded.model)
-    print(f"{args.method} w{args.bits} g{args.group_size}: {float_bytes / 2**20:.1f} MiB fp32 -> {q_bytes / 2**20:.1f} MiB "
-          f"in {seconds:.1f}s; wrote {out}", file=sys.stderr)
+    print(
+        f"{args.method} w{args.bits} g{args.group_size}: {float_bytes / 2**20:.1f} MiB fp32 -> {q_bytes / 2**20:.1f} MiB "
+        f"in {seconds:.1f}s; wrote {out}",
+        file=sys.stderr,
+    )
     return 0

@@ -23,7 +23,12 @@ def beam_search(llm, prompt_ids: list[int], params: SamplingParams):
     n = params.num_beams
     cache = ContiguousKVCache(config, n, len(prompt_ids) + params.max_tokens, dtype=dtype, device=device)
     prompt = torch.tensor(prompt_ids, device=device)
-    hidden = model(prompt, torch.arange(len(prompt_ids), device=device), cache, AttnMetadata.single(len(prompt_ids), len(prompt_ids)))
+    hidden = model(
+        prompt,
+        torch.arange(len(prompt_ids), device=device),
+        cache,
+        AttnMetadata.single(len(prompt_ids), len(prompt_ids)),
+    )
     logits = model.compute_logits(hidden[-1:])
     context = len(prompt_ids)
     while not search.done:

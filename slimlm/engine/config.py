@@ -52,5 +52,7 @@ class EngineConfig:
 
 def kv_dtype_from_quant_policy(policy: int) -> str:
     if policy not in QUANT_POLICY_TO_KV_DTYPE:
-        raise SlimlmError(f"unknown quant_policy {policy}; LMDeploy's values are 0 (off), 8 (int8 KV) and 4 (int4 KV)")
+        raise SlimlmError(
+            f"unknown quant_policy {policy}; LMDeploy's values are 0 (off), 8 (int8 KV) and 4 (int4 KV)"
+        )
     return QUANT_POLICY_TO_KV_DTYPE[policy]

@@ -35,7 +35,9 @@ class StepOutput:
 @dataclass
 class EngineStats:
     prompt_tokens: int = 0
-    computed_prompt_tokens: int = 0  # prompt tokens actually run through the model (not from the prefix cache)
+    computed_prompt_tokens: int = (
+        0  # prompt tokens actually run through the model (not from the prefix cache)
+    )
     generated_tokens: int = 0
     steps: int = 0
     preemptions: int = 0
@@ -46,7 +48,9 @@ class EngineStats:
 class LLMEngine:
     """Owns the KV pool, the scheduler and the runner; `step()` advances every running request by a token."""
 
-    def __init__(self, model, model_config: ModelConfig, tokenizer, config: EngineConfig, device: torch.device) -> None:
+    def __init__(
+        self, model, model_config: ModelConfig, tokenizer, config: EngineConfig, device: torch.device
+    ) -> None:
         self.model = model
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -55,7 +59,9 @@ class LLMEngine:
         compute_dtype = next(model.parameters()).dtype
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         cache_cls = kv_cache_class(config.kv_dtype)
-        block_bytes = cache_cls.bytes_per_block(model_config, config.block_size, kv_storage_dtype(config.kv_dtype, compute_dtype))
+        block_bytes = cache_cls.bytes_per_block(
+            model_config, config.block_size, kv_storage_dtype(config.kv_dtype, compute_dtype)
+        )
         self.budget: KVBudget = plan_kv_blocks(
             block_bytes=block_bytes,
             block_size=config.block_size,
@@ -66,8 +72,12 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
         )
-        self.cache = make_kv_cache(model_config, self.budget.num_blocks, config.block_size, config.kv_dtype, compute_dtype, device)
-        self.block_manager = BlockManager(self.budget.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.cache = make_kv_cache(
+            model_config, self.budget.num_blocks, config.block_size, config.kv_dtype, compute_dtype, device
+        )
+        self.block_manager = BlockManager(
+            self.budget.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.eos_token_ids = list(model_config.eos_token_ids or tokenizer.eos_token_ids)
         self.scheduler = Scheduler(
             self.block_manager,
@@ -83,7 +93,9 @@ class LLMEngine:
         self.stats = EngineStats()
 
     # ---- requests ----
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, seq_id: int | None = None) -> Sequence:
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, seq_id: int | None = None
+    ) -> Sequence:
         if len(prompt_token_ids) >= self.max_model_len:
             raise SlimlmError(
                 f"the prompt has {len(prompt_token_ids)} tokens but the context limit is {self.max_model_len}; "
@@ -131,8 +143,16 @@ class LLMEngine:
                 self.scheduler.finish(seq, "stop")
             if seq.is_finished:
                 text += checker.flush()
-            outputs.append(StepOutput(seq.seq_id, token, text, seq.is_finished, seq.finish_reason,
-                                      seq.output_logprobs[-1] if seq.output_logprobs else None))
+            outputs.append(
+                StepOutput(
+                    seq.seq_id,
+                    token,
+                    text,
+                    seq.is_finished,
+                    seq.finish_reason,
+                    seq.output_logprobs[-1] if seq.output_logprobs else None,
+                )
+            )
             if seq.is_finished:
                 self.stats.requests_finished += 1
                 self._forget(seq.seq_id)

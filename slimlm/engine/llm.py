@@ -44,7 +44,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
         return dtype
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    return (
+        "bfloat16"
+        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        else "float32"
+    )
 
 
 class LLM:
@@ -80,7 +84,9 @@ class LLM:
         self._init(loaded, engine_config, engine_kwargs, prepack)
         return self
 
-    def _init(self, loaded, engine_config: EngineConfig | None, engine_kwargs: dict[str, Any], prepack: bool) -> None:
+    def _init(
+        self, loaded, engine_config: EngineConfig | None, engine_kwargs: dict[str, Any], prepack: bool
+    ) -> None:
         if engine_config is not None and engine_kwargs:
             raise SlimlmError("pass either engine_config or engine keyword arguments, not both")
         engine_config = engine_config or EngineConfig(**engine_kwargs)
@@ -101,7 +107,9 @@ class LLM:
                 raise SlimlmError("the prompt is empty")
             return self.tokenizer.encode(prompt)
         if not prompt or not all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt):
-            raise SlimlmError(f"token-id prompts must be non-empty lists of ids in [0, {self.config.vocab_size})")
+            raise SlimlmError(
+                f"token-id prompts must be non-empty lists of ids in [0, {self.config.vocab_size})"
+            )
         return list(prompt)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
@@ -114,7 +122,9 @@ class LLM:
 
     # ---- generation ----
     def generate(
-        self, prompts: str | list[int] | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+        self,
+        prompts: str | list[int] | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for all prompts together (continuous batching); results in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -185,7 +195,9 @@ class LLM:
     def memory_report(self) -> dict[str, Any]:
         """Bytes actually allocated: weights and the KV pool, and what the pool holds."""
         engine = self.engine
-        weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.loaded.model.parameters()}.values())
+        weights = sum(
+            p.numel() * p.element_size() for p in {id(p): p for p in self.loaded.model.parameters()}.values()
+        )
         weights += sum(b.numel() * b.element_size() for b in self.loaded.model.buffers())
         tokens = engine.budget.num_blocks * engine.config.block_size
         per_seq_blocks = -(-engine.max_model_len // engine.config.block_size)

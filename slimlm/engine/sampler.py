@@ -25,6 +25,8 @@ class Sampler:
     def forget(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence]
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
         gens = [self.generators.get(s.seq_id) for s in seqs]
         return sample_next_tokens(logits, seqs, gens, self.eos_token_ids)

@@ -34,7 +34,9 @@ def decode_rate(loaded, prompt_len: int = 64, gen_len: int = 64, runs: int = 3) 
     from slimlm.engine.llm import LLM
     from slimlm.engine.params import SamplingParams
 
-    llm = LLM.from_loaded(loaded, prepack=True, kv_cache_tokens=prompt_len + gen_len + 32, enable_prefix_caching=False)
+    llm = LLM.from_loaded(
+        loaded, prepack=True, kv_cache_tokens=prompt_len + gen_len + 32, enable_prefix_caching=False
+    )
     prompt = list(range(1000, 1000 + prompt_len))
     params = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
     rates = []
@@ -46,7 +48,12 @@ def decode_rate(loaded, prompt_len: int = 64, gen_len: int = 64, runs: int = 3) 
 
 
 def compare_variants(
-    models: list[str | None], labels: list[str], dtype: str, token_ids_fn, context: int, max_tokens: int | None,
+    models: list[str | None],
+    labels: list[str],
+    dtype: str,
+    token_ids_fn,
+    context: int,
+    max_tokens: int | None,
     progress: bool = True,
 ) -> list[VariantResult]:
     from slimlm.loading import load
@@ -56,7 +63,9 @@ def compare_variants(
         loaded = load(model, dtype=dtype, progress=progress)
         ids = token_ids_fn(loaded.tokenizer)
         ppl = perplexity(loaded.model, ids, context=context, max_tokens=max_tokens, progress=progress).ppl
-        results.append(VariantResult(label, ppl, weight_bytes(loaded.model), decode_rate(loaded), loaded.load_seconds))
+        results.append(
+            VariantResult(label, ppl, weight_bytes(loaded.model), decode_rate(loaded), loaded.load_seconds)
+        )
         del loaded
         gc.collect()
     base = results[0].ppl
@@ -73,8 +82,14 @@ def print_results(results: list[VariantResult]) -> None:
     for col in ("variant", "perplexity", "Δ ppl", "weights", "decode tok/s", "load s"):
         table.add_column(col)
     for r in results:
-        table.add_row(r.label, f"{r.ppl:.3f}", f"{r.delta_pct:+.2f}%", f"{r.weight_bytes / 2**20:.1f} MiB",
-                      f"{r.decode_tok_s:.1f}", f"{r.load_s:.1f}")
+        table.add_row(
+            r.label,
+            f"{r.ppl:.3f}",
+            f"{r.delta_pct:+.2f}%",
+            f"{r.weight_bytes / 2**20:.1f} MiB",
+            f"{r.decode_tok_s:.1f}",
+            f"{r.load_s:.1f}",
+        )
     Console().print(table)
 
 

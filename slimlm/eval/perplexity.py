@@ -26,16 +26,24 @@ class PerplexityResult:
 
 @torch.inference_mode()
 def perplexity(
-    model, token_ids: list[int], context: int = 512, stride: int | None = None, max_tokens: int | None = None,
+    model,
+    token_ids: list[int],
+    context: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
     progress: bool = True,
 ) -> PerplexityResult:
     stride = stride or context
     if context < 2 or not 0 < stride <= context:
-        raise SlimlmError(f"need context >= 2 and 0 < stride <= context, got context={context}, stride={stride}")
+        raise SlimlmError(
+            f"need context >= 2 and 0 < stride <= context, got context={context}, stride={stride}"
+        )
     if max_tokens:
         token_ids = token_ids[:max_tokens]
     if len(token_ids) < context + 1:
-        raise SlimlmError(f"the eval text has {len(token_ids)} tokens; it needs more than the context ({context})")
+        raise SlimlmError(
+            f"the eval text has {len(token_ids)} tokens; it needs more than the context ({context})"
+        )
     device = next(model.parameters()).device
     ids = torch.tensor(token_ids, device=device)
     total_nll, scored = 0.0, 0

@@ -30,7 +30,8 @@ def make_kv_cache(
     config: ModelConfig, num_blocks: int, block_size: int, kv_dtype: str, compute_dtype: torch.dtype, device
 ) -> PagedKVCache:
     cls = kv_cache_class(kv_dtype)
-    cache = cls(config, num_blocks, block_size, dtype=kv_storage_dtype(kv_dtype, compute_dtype), device=device)
+    cache = cls(
+        config, num_blocks, block_size, dtype=kv_storage_dtype(kv_dtype, compute_dtype), device=device
+    )
     cache.kv_dtype = kv_dtype if kv_dtype != "auto" else {v: k for k, v in _FLOAT_KV.items()}[compute_dtype]
     return cache
-

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_mask(q_len: int, ctx_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+def causal_mask(
+    q_len: int, ctx_len: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor | None:
     """Bool mask [q_len, ctx_len] (True = attend) for new tokens at the end of a context; None if full."""
     offset = ctx_len - q_len
     if q_len == 1 and (sliding_window is None or ctx_len <= sliding_window):

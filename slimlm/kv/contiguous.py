@@ -57,7 +57,9 @@ class ContiguousKVCache:
         start = 0
         for slot, q_len, ctx in zip(slots, meta.query_lens, meta.context_lens, strict=True):
             outs.append(
-                attend_one(q[start : start + q_len], kc[slot, :ctx], vc[slot, :ctx], self.scale, self.sliding_window)
+                attend_one(
+                    q[start : start + q_len], kc[slot, :ctx], vc[slot, :ctx], self.scale, self.sliding_window
+                )
             )
             start += q_len
         return torch.cat(outs, dim=0)

@@ -17,7 +17,9 @@ class DenseAttention:
         self.scale = config.head_dim**-0.5
         self.sliding_window = config.sliding_window
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata
+    ) -> torch.Tensor:
         b, s = meta.num_seqs, meta.query_lens[0]
         if any(q_len != s for q_len in meta.query_lens):
             raise ValueError("DenseAttention needs sequences of equal length")

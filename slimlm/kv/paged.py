@@ -100,8 +100,11 @@ class PagedKVCache:
             keys, values = self._load(layer, tables[i, :n_blocks])
             outs.append(
                 attend_one(
-                    q[start : start + q_len], keys[:ctx].to(q.dtype), values[:ctx].to(q.dtype),
-                    self.scale, self.sliding_window,
+                    q[start : start + q_len],
+                    keys[:ctx].to(q.dtype),
+                    values[:ctx].to(q.dtype),
+                    self.scale,
+                    self.sliding_window,
                 )
             )
             start += q_len

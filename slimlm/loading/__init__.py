@@ -16,8 +16,14 @@ from slimlm.loading.default_model import DEFAULT_ALIAS, default_model_path, reso
 from slimlm.loading.weights import fill_weights
 from slimlm.models import build_model
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -95,7 +101,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, progress: bool) -> Loaded
         file.drop_metadata()  # the vocabulary and merges as Python strings: not needed for the weights
         model = build_model(config, dtype, device)  # empty storage in `dtype`, filled block by block below
         with _one_torch_thread():
-            fill_weights(model, gguf_weights(file, config), len(file.tensors), f"loading {path.name}", progress)
+            fill_weights(
+                model, gguf_weights(file, config), len(file.tensors), f"loading {path.name}", progress
+            )
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_ids}
     return LoadedModel(model, config, tokenizer, gen, path)
 
@@ -142,7 +150,9 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, device, progress: bool) -> Load
     gen = read_generation_config(path)
     if gen.get("eos_token_id") is not None:
         eos = gen["eos_token_id"]
-        config.eos_token_ids = list(dict.fromkeys(config.eos_token_ids + ([eos] if isinstance(eos, int) else list(eos))))
+        config.eos_token_ids = list(
+            dict.fromkeys(config.eos_token_ids + ([eos] if isinstance(eos, int) else list(eos)))
+        )
     return LoadedModel(model, config, tokenizer, gen, path)
 
 

@@ -47,7 +47,9 @@ def field_value(field) -> Any:
     return field.parts[field.data[0]].tolist()[0]
 
 
-def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], vocab_size: int | None = None) -> ModelConfig:
+def config_from_gguf(
+    meta: dict[str, Any], tensor_names: set[str], vocab_size: int | None = None
+) -> ModelConfig:
     arch = meta.get("general.architecture")
     family = GGUF_ARCHITECTURES.get(arch or "")
     if family is None:
@@ -72,7 +74,9 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], vocab_size: i
     if scaling_type == "linear":
         rope_scaling = RopeScaling("linear", factor=float(get("rope.scaling.factor", 1.0)))
     if "rope_freqs.weight" in tensor_names:
-        raise SlimlmError("GGUF files with Llama-3.1 rope_freqs tensors are not supported yet; use the HF checkpoint")
+        raise SlimlmError(
+            "GGUF files with Llama-3.1 rope_freqs tensors are not supported yet; use the HF checkpoint"
+        )
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
     eos_ids = [i for i in (eos, eot) if i is not None]
@@ -127,7 +131,9 @@ class GGUFFile:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
-            raise SlimlmError(f"{path} is not a readable GGUF file ({e}); re-download or re-convert it") from None
+            raise SlimlmError(
+                f"{path} is not a readable GGUF file ({e}); re-download or re-convert it"
+            ) from None
         try:
             with memoryview(self._map) as view:
                 self.metadata, directory, data_start = parse_gguf_header(view, str(path))
@@ -137,7 +143,9 @@ class GGUFFile:
                     raise SlimlmError(f"GGUF tensor {name} has unknown ggml type {type_id}")
                 block, type_size = GGML_QUANT_SIZES[type_id]
                 if not dims or dims[0] % block:
-                    raise SlimlmError(f"GGUF tensor {name} has shape {dims}, not whole {block}-element blocks")
+                    raise SlimlmError(
+                        f"GGUF tensor {name} has shape {dims}, not whole {block}-element blocks"
+                    )
                 shape = tuple(int(d) for d in reversed(dims))  # GGUF lists the fastest dim first
                 start = data_start + offset
                 nbytes = math.prod(shape) // block * type_size
@@ -149,7 +157,9 @@ class GGUFFile:
         except SlimlmError as e:
             self.close()
             detail = str(e).removeprefix(str(path)).lstrip(": ")
-            raise SlimlmError(f"{path} is not a readable GGUF file ({detail}); re-download or re-convert it") from None
+            raise SlimlmError(
+                f"{path} is not a readable GGUF file ({detail}); re-download or re-convert it"
+            ) from None
 
     def __enter__(self) -> GGUFFile:
         return self
@@ -213,11 +223,15 @@ class GGUFTensor:
     def copy_to(self, dest: torch.Tensor) -> None:
         info, heads = self.info, self.unpermute_heads
         if tuple(dest.shape) != info.shape:
-            raise SlimlmError(f"GGUF tensor {info.name} has shape {info.shape}, the destination {tuple(dest.shape)}")
+            raise SlimlmError(
+                f"GGUF tensor {info.name} has shape {info.shape}, the destination {tuple(dest.shape)}"
+            )
         target = dest
         if heads:
             if info.shape[0] % (2 * heads):
-                raise SlimlmError(f"GGUF tensor {info.name}: {info.shape[0]} rows do not split into {heads} heads")
+                raise SlimlmError(
+                    f"GGUF tensor {info.name}: {info.shape[0]} rows do not split into {heads} heads"
+                )
             target = _file_order_view(dest, heads)
         raw = self.file.raw(info)
         lead = target.shape[0]
@@ -254,9 +268,13 @@ def _dequantize(raw: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
     try:
         return quants.dequantize(raw, qtype)
     except NotImplementedError:
-        raise SlimlmError(f"GGUF tensor {info.name} uses {qtype.name}, which the gguf package cannot dequantize") from None
+        raise SlimlmError(
+            f"GGUF tensor {info.name} uses {qtype.name}, which the gguf package cannot dequantize"
+        ) from None
     except (ValueError, IndexError) as e:
-        raise SlimlmError(f"GGUF tensor {info.name} is corrupt or truncated ({e}); re-download the file") from None
+        raise SlimlmError(
+            f"GGUF tensor {info.name} is corrupt or truncated ({e}); re-download the file"
+        ) from None
 
 
 def gguf_weights(file: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, GGUFTensor]]:

@@ -14,7 +14,9 @@ from slimlm.models import MODEL_CLASSES
 from slimlm.models.rope import RotaryEmbedding
 
 
-def load_quantized_dir(path: Path, config: ModelConfig, files: list[Path], dtype: torch.dtype, device, progress: bool):
+def load_quantized_dir(
+    path: Path, config: ModelConfig, files: list[Path], dtype: torch.dtype, device, progress: bool
+):
     from slimlm.quant.embedding import QuantEmbedding
     from slimlm.quant.format import load_quantized_state
     from slimlm.quant.linear import QuantLinear
@@ -38,7 +40,12 @@ def load_quantized_dir(path: Path, config: ModelConfig, files: list[Path], dtype
     if config.tie_word_embeddings and not isinstance(model.model.embed_tokens, QuantEmbedding):
         model.lm_head.weight = model.model.embed_tokens.weight
     quantized_params = {
-        f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, QuantLinear) for p, _ in m.named_parameters()
+        f"{name}.{p}"
+        for name, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+        for p, _ in m.named_parameters()
     }
-    fill_weights(model, rest.items(), len(rest), f"loading {path.name}", progress, already_loaded=quantized_params)
+    fill_weights(
+        model, rest.items(), len(rest), f"loading {path.name}", progress, already_loaded=quantized_params
+    )
     return model.eval()

@@ -22,7 +22,9 @@ def safetensors_files(path: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise SlimlmError(f"{index} is not a valid safetensors index (needs a 'weight_map' object)") from None
+            raise SlimlmError(
+                f"{index} is not a valid safetensors index (needs a 'weight_map' object)"
+            ) from None
         files = [path / name for name in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -35,7 +37,9 @@ def safetensors_files(path: Path) -> list[Path]:
     if found:
         return found
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
-        raise SlimlmError(f"{path} holds only PyTorch pickle weights; slimlm loads safetensors (convert with save_pretrained(safe_serialization=True))")
+        raise SlimlmError(
+            f"{path} holds only PyTorch pickle weights; slimlm loads safetensors (convert with save_pretrained(safe_serialization=True))"
+        )
     raise SlimlmError(f"{path} has a config.json but no .safetensors weights")
 
 

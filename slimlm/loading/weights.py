@@ -34,7 +34,9 @@ def fill_weights(
             if name not in params:
                 if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
                     continue
-                raise SlimlmError(f"checkpoint tensor {name!r} has no place in the {model.config.family} model; is the config right?")
+                raise SlimlmError(
+                    f"checkpoint tensor {name!r} has no place in the {model.config.family} model; is the config right?"
+                )
             target = params[name]
             if tuple(target.shape) != tuple(tensor.shape):
                 raise SlimlmError(

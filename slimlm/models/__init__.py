@@ -51,7 +51,9 @@ def _materialize_empty(model: torch.nn.Module, dtype: torch.dtype, device: torch
         if id(t) not in new:
             kind = dtype if t.is_floating_point() else t.dtype
             data = torch.empty(t.shape, dtype=kind, device=device)
-            new[id(t)] = torch.nn.Parameter(data, t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
+            new[id(t)] = (
+                torch.nn.Parameter(data, t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
+            )
         return new[id(t)]
 
     for module in model.modules():
@@ -62,8 +64,20 @@ def _materialize_empty(model: torch.nn.Module, dtype: torch.dtype, device: torch
 
 
 # torch.nn.init functions the layers' reset_parameters() call (nn.Linear, nn.Embedding, ...)
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_",
-                   "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "eye_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "orthogonal_",
+)
 
 
 @contextlib.contextmanager

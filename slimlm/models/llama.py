@@ -63,7 +63,9 @@ class Attention(nn.Module):
         kv = self.num_kv_heads * self.head_dim
         return self.qkv_proj(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, meta: AttnMetadata) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, meta: AttnMetadata
+    ) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self._project(x)
         q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, D]
@@ -83,7 +85,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, meta: AttnMetadata) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, meta: AttnMetadata
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -112,7 +116,9 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, cache, meta: AttnMetadata
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = self.model.rotary_emb(positions, x.dtype, _dynamic_scale_lens(self.config, meta, positions))
+        cos, sin = self.model.rotary_emb(
+            positions, x.dtype, _dynamic_scale_lens(self.config, meta, positions)
+        )
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, meta)
         return self.model.norm(x)
@@ -131,7 +137,9 @@ class LlamaForCausalLM(nn.Module):
         return self.compute_logits(hidden).view(b, s, -1)
 
 
-def _dynamic_scale_lens(config: ModelConfig, meta: AttnMetadata, positions: torch.Tensor) -> torch.Tensor | None:
+def _dynamic_scale_lens(
+    config: ModelConfig, meta: AttnMetadata, positions: torch.Tensor
+) -> torch.Tensor | None:
     """For dynamic NTK RoPE: every token of a sequence uses the length that sequence has after this step."""
     if config.rope_scaling is None or config.rope_scaling.rope_type != "dynamic":
         return None

@@ -25,7 +25,9 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1), persistent=False)
+        self.register_buffer(
+            "packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1), persistent=False
+        )
         self.packed_bytes = weight.numel() * weight.element_size()
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
@@ -52,7 +54,9 @@ def prepack_available() -> bool:
     try:
         w = torch.zeros(16, 32, dtype=torch.bfloat16)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 32, dtype=torch.bfloat16), packed, None, "none", [], "")
+        torch.ops.mkldnn._linear_pointwise(
+            torch.zeros(1, 32, dtype=torch.bfloat16), packed, None, "none", [], ""
+        )
         return torch.backends.mkldnn.is_available()
     except (RuntimeError, AttributeError, NotImplementedError):
         return False

@@ -16,7 +16,9 @@ def base_inv_freq(dim: int, base: float, device: torch.device | str | None = Non
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
 
 
-def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low: float, high: float, orig_len: int) -> torch.Tensor:
+def llama3_inv_freq(
+    inv_freq: torch.Tensor, factor: float, low: float, high: float, orig_len: int
+) -> torch.Tensor:
     """Llama-3.1 scaling: long wavelengths divided by `factor`, short kept, a smooth band between."""
     low_wavelen = orig_len / low
     high_wavelen = orig_len / high
@@ -51,7 +53,11 @@ class RotaryEmbedding(torch.nn.Module):
             elif kind == "llama3":
                 orig = self.scaling.original_max_position_embeddings or self.max_position_embeddings
                 inv_freq = llama3_inv_freq(
-                    inv_freq, self.scaling.factor, self.scaling.low_freq_factor, self.scaling.high_freq_factor, orig
+                    inv_freq,
+                    self.scaling.factor,
+                    self.scaling.low_freq_factor,
+                    self.scaling.high_freq_factor,
+                    orig,
                 )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 

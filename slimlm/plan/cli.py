@@ -181,9 +181,7 @@ def build_plan(args: argparse.Namespace):
         from slimlm.commands.common import engine_config_from_args
         from slimlm.plan.serving import InferenceSettings, plan_inference, suggest
 
-        fmt, group, quantize_embeddings = _weight_format(
-            args.weights, dtype, pm.config, args.embeddings
-        )
+        fmt, group, quantize_embeddings = _weight_format(args.weights, dtype, pm.config, args.embeddings)
         settings = InferenceSettings(
             weight_format=fmt, group_size=group or args.group_size, dtype=dtype, context=args.context,
             batch=args.batch, engine=engine_config_from_args(args), runtime_overheads=not args.no_overheads,

@@ -25,7 +25,10 @@ def references(smollm):
     """Single-sequence greedy generations over a contiguous cache."""
     llm = LLM.from_loaded(smollm, kv_cache_tokens=2048)
     eos = smollm.config.eos_token_ids
-    return {p: list(generate_tokens(smollm.model, llm.encode_prompt(p), GREEDY.max_tokens, eos_token_ids=eos)) for p in PROMPTS}
+    return {
+        p: list(generate_tokens(smollm.model, llm.encode_prompt(p), GREEDY.max_tokens, eos_token_ids=eos))
+        for p in PROMPTS
+    }
 
 
 def _all_blocks_free(llm: LLM) -> bool:
@@ -80,7 +83,9 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(smollm):
     noisy = SamplingParams(max_tokens=16, temperature=1.0)
     batch = llm.generate([PROMPTS[1], PROMPTS[0], PROMPTS[3]], [noisy, seeded, noisy])
     assert batch[1].token_ids == alone
-    other_seed = llm.generate(PROMPTS[0], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=99))[0]
+    other_seed = llm.generate(
+        PROMPTS[0], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=99)
+    )[0]
     assert other_seed.token_ids != alone
 
 
@@ -98,7 +103,9 @@ def test_max_tokens_and_ignore_eos(smollm):
     prompt = llm.chat_prompt([{"role": "user", "content": "Say hi."}])
     natural = llm.generate(prompt, SamplingParams(max_tokens=64, temperature=0))[0]
     assert natural.finish_reason == "stop"  # the chat model ends its reply with <|im_end|>
-    forced = llm.generate(prompt, SamplingParams(max_tokens=len(natural.token_ids) + 5, temperature=0, ignore_eos=True))[0]
+    forced = llm.generate(
+        prompt, SamplingParams(max_tokens=len(natural.token_ids) + 5, temperature=0, ignore_eos=True)
+    )[0]
     assert forced.finish_reason == "length"
     assert len(forced.token_ids) == len(natural.token_ids) + 5
 
@@ -122,7 +129,10 @@ def test_memory_report_counts_allocated_bytes(smollm):
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4  # fp32 K and V
     assert report["kv_tokens"] == 1008  # rounded up to whole blocks
     assert report["kv_pool_bytes"] == per_token * 1008 == llm.engine.cache.k.nbytes * 2
-    assert report["weights_bytes"] == cfg.num_parameters() * 4 + llm.loaded.model.model.rotary_emb.inv_freq.nbytes
+    assert (
+        report["weights_bytes"]
+        == cfg.num_parameters() * 4 + llm.loaded.model.model.rotary_emb.inv_freq.nbytes
+    )
 
 
 @pytest.mark.parametrize("num_beams,length_penalty", [(3, 1.0), (4, 0.5)])
@@ -131,12 +141,20 @@ def test_beam_search_equals_transformers(smollm, hf_smollm, num_beams, length_pe
 
     llm = LLM.from_loaded(smollm, kv_cache_tokens=512)
     prompt = llm.chat_prompt([{"role": "user", "content": "Name a fruit."}])
-    ours = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0, num_beams=num_beams, length_penalty=length_penalty))[0]
+    ours = llm.generate(
+        prompt,
+        SamplingParams(max_tokens=12, temperature=0, num_beams=num_beams, length_penalty=length_penalty),
+    )[0]
     with torch.no_grad():
         ref = hf_smollm.generate(
-            torch.tensor([prompt]), num_beams=num_beams, max_new_tokens=12, do_sample=False,
-            length_penalty=length_penalty, eos_token_id=smollm.config.eos_token_ids, pad_token_id=2,
-        )[0, len(prompt):].tolist()
+            torch.tensor([prompt]),
+            num_beams=num_beams,
+            max_new_tokens=12,
+            do_sample=False,
+            length_penalty=length_penalty,
+            eos_token_id=smollm.config.eos_token_ids,
+            pad_token_id=2,
+        )[0, len(prompt) :].tolist()
     while ref and ref[-1] == 2 and len(ref) > len(ours.token_ids):
         ref.pop()  # HF pads finished beams with pad = eos
     assert ours.token_ids == ref

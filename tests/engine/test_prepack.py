@@ -26,7 +26,9 @@ def test_packed_linear_equals_f_linear(dtype, rows):
     linear = nn.Linear(96, 80, bias=True).to(dtype)
     x = torch.randn(2, rows, 96, dtype=dtype)
     packed = PackedLinear(linear.weight, linear.bias)
-    torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias))  # summation order may differ
+    torch.testing.assert_close(
+        packed(x), F.linear(x, linear.weight, linear.bias)
+    )  # summation order may differ
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2"])
