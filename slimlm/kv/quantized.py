@@ -15,7 +15,7 @@ import torch
 
 from slimlm.config import ModelConfig
 from slimlm.kv.metadata import AttnMetadata
-from slimlm.kv.paged import PagedKVCache
+from slimlm.kv.paged import PagedKVCache, gather_blocks
 from slimlm.kv.quant_ops import (
     SCALE_DTYPE,
     ZERO_DTYPE,
@@ -69,16 +69,16 @@ class QuantizedPagedKVCache(PagedKVCache):
     def _load(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """blocks: [..., n] block ids -> K, V [..., n * block_size, KVH, D] in the compute dtype."""
         k = dequantize(
-            self.k_codes[layer][blocks],
-            self.k_scale[layer][blocks],
-            self.k_zero[layer][blocks],
+            gather_blocks(self.k_codes[layer], blocks),
+            gather_blocks(self.k_scale[layer], blocks),
+            gather_blocks(self.k_zero[layer], blocks),
             self.bits,
             self.compute_dtype,
         )  # [..., n, bs, KVH, D]
         v = dequantize(
-            self.v_codes[layer][blocks],
-            self.v_scale[layer][blocks],
-            self.v_zero[layer][blocks],
+            gather_blocks(self.v_codes[layer], blocks),
+            gather_blocks(self.v_scale[layer], blocks),
+            gather_blocks(self.v_zero[layer], blocks),
             self.bits,
             self.compute_dtype,
         )
