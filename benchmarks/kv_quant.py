@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from slimlm.bench.workload import corpus_text, make_prompts
+from slimlm.bench.workload import REFERENCE_PROMPTS, corpus_text, make_prompts
 from slimlm.engine.llm import LLM
 from slimlm.engine.memory import format_bytes
 from slimlm.engine.params import SamplingParams
@@ -33,14 +33,6 @@ from slimlm.kv.metadata import AttnMetadata
 from slimlm.loading import load
 
 KV_DTYPES = ("bf16", "int8", "int4")
-REFERENCE_PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a land far away, there lived a",
-    "1, 2, 3,",
-    "The three primary colors are red, yellow and",
-    "Python's `with` statement is used to",
-]
 
 
 def planner_tokens(config, kv_dtype: str, budget: int, block_size: int) -> int | None:

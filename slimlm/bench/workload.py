@@ -7,6 +7,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+# Short prompts whose greedy continuations the engine tests and benchmarks compare token by token.
+REFERENCE_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away, there lived a",
+    "1, 2, 3,",
+    "The three primary colors are red, yellow and",
+    "Python's `with` statement is used to",
+]
+
 
 def corpus_text() -> str:
     import pydoc_data.topics

@@ -35,9 +35,8 @@ class StepOutput:
 @dataclass
 class EngineStats:
     prompt_tokens: int = 0
-    computed_prompt_tokens: int = (
-        0  # prompt tokens actually run through the model (not from the prefix cache)
-    )
+    # prompt tokens actually run through the model (not from the prefix cache)
+    computed_prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
     preemptions: int = 0

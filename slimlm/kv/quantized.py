@@ -56,11 +56,12 @@ class QuantizedPagedKVCache(PagedKVCache):
         out = super().attend(layer, (q.float() @ rot).to(q.dtype), k.float() @ rot, v.float() @ rot, meta)
         return (out.float() @ rot.T).to(q.dtype)
 
+    def _parts(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """(codes, scale, zero) of K, and of V."""
+        return (self.k_codes, self.k_scale, self.k_zero), (self.v_codes, self.v_scale, self.v_zero)
+
     def _store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        for x, codes, scale, zero in (
-            (k, self.k_codes, self.k_scale, self.k_zero),
-            (v, self.v_codes, self.v_scale, self.v_zero),
-        ):
+        for x, (codes, scale, zero) in zip((k, v), self._parts(), strict=True):
             q, s, z = quantize(x, self.bits)  # [T, KVH, Dp], [T, KVH], [T, KVH]
             codes[layer].view(-1, self.num_kv_heads, codes.shape[-1]).index_copy_(0, slots, q)
             scale[layer].view(-1, self.num_kv_heads).index_copy_(0, slots, s)
@@ -68,21 +69,12 @@ class QuantizedPagedKVCache(PagedKVCache):
 
     def _load(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """blocks: [..., n] block ids -> K, V [..., n * block_size, KVH, D] in the compute dtype."""
-        k = dequantize(
-            gather_blocks(self.k_codes[layer], blocks),
-            gather_blocks(self.k_scale[layer], blocks),
-            gather_blocks(self.k_zero[layer], blocks),
-            self.bits,
-            self.compute_dtype,
-        )  # [..., n, bs, KVH, D]
-        v = dequantize(
-            gather_blocks(self.v_codes[layer], blocks),
-            gather_blocks(self.v_scale[layer], blocks),
-            gather_blocks(self.v_zero[layer], blocks),
-            self.bits,
-            self.compute_dtype,
-        )
-        return k.flatten(-4, -3), v.flatten(-4, -3)
+        k_parts, v_parts = self._parts()
+        return self._read(layer, blocks, k_parts), self._read(layer, blocks, v_parts)
+
+    def _read(self, layer: int, blocks: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        codes, scale, zero = (gather_blocks(t[layer], blocks) for t in parts)
+        return dequantize(codes, scale, zero, self.bits, self.compute_dtype).flatten(-4, -3)
 
     @classmethod
     def bytes_per_block(cls, config: ModelConfig, block_size: int, dtype: torch.dtype | None = None) -> int:

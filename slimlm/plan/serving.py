@@ -40,9 +40,8 @@ class InferenceSettings:
     batch: int = 1  # sequences that must be in flight together at that context
     engine: EngineConfig = field(default_factory=EngineConfig)
     runtime_overheads: bool = True  # False: the classic arithmetic (weights + KV only)
-    quantize_embeddings: bool | None = (
-        None  # embedding and lm_head quantized; None: w4 only (quantize's auto)
-    )
+    # embedding and lm_head quantized; None: w4 only (quantize's auto)
+    quantize_embeddings: bool | None = None
 
     def __post_init__(self) -> None:
         self.weight_format = normalize_weight_format(self.weight_format)

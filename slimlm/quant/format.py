@@ -130,24 +130,20 @@ def load_quantized_state(
             linear = model.get_submodule(prefix)
         except AttributeError:
             raise SlimlmError(f"the checkpoint quantizes {prefix}, which this model does not have") from None
+        tensors = _tensors_under(state_dict, prefix)
+        consumed.update(prefix + "." + k for k in tensors)
         if isinstance(linear, nn.Embedding) and method == "slimlm":
-            consumed.update(k for k in state_dict if k.startswith(prefix + "."))
-            _load_embedding(model, prefix, linear, state_dict, quant_config, device)
+            _load_embedding(model, prefix, linear, tensors, quant_config, device)
             continue
         if not isinstance(linear, nn.Linear):
             raise SlimlmError(f"the checkpoint quantizes {prefix}, which is not a linear layer in this model")
-        tensors = {
-            k.removeprefix(prefix + "."): v for k, v in state_dict.items() if k.startswith(prefix + ".")
-        }
-        consumed.update(prefix + "." + k for k in tensors)
         qweight = _READERS[method](tensors, quant_config, prefix)
         if (qweight.out_features, qweight.in_features) != (linear.out_features, linear.in_features):
             raise SlimlmError(
                 f"{prefix}: checkpoint weight is {qweight.out_features}x{qweight.in_features}, "
                 f"the model expects {linear.out_features}x{linear.in_features}"
             )
-        target = torch.device(device) if device is not None else linear.weight.device
-        target = torch.device("cpu") if target.type == "meta" else target
+        target = _target_device(device, linear.weight)
         bias = tensors.get("bias")
         if bias is not None:
             bias = bias.to(target, linear.weight.dtype if linear.weight.is_floating_point() else None)
@@ -157,20 +153,29 @@ def load_quantized_state(
     return {k: v for k, v in state_dict.items() if k not in consumed}
 
 
-def _load_embedding(model, prefix, embed, state_dict, quant_config, device) -> None:
+def _tensors_under(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of one module, keyed by their name inside it."""
+    return {k.removeprefix(prefix + "."): v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+
+
+def _target_device(device, weight: torch.Tensor) -> torch.device:
+    """Where a loaded module goes: `device` if given, else where the skeleton's weight is (meta -> cpu)."""
+    target = torch.device(device) if device is not None else weight.device
+    return torch.device("cpu") if target.type == "meta" else target
+
+
+def _load_embedding(model, prefix, embed, tensors, quant_config, device) -> None:
     from slimlm.quant.embedding import EMBED_PATH, install_embedding
 
     if prefix != EMBED_PATH:
         raise SlimlmError(f"the checkpoint quantizes the embedding {prefix}; slimlm expects {EMBED_PATH}")
-    tensors = {k.removeprefix(prefix + "."): v for k, v in state_dict.items() if k.startswith(prefix + ".")}
     qweight = _read_slimlm(tensors, quant_config, prefix)
     if (qweight.out_features, qweight.in_features) != (embed.num_embeddings, embed.embedding_dim):
         raise SlimlmError(
             f"{prefix}: checkpoint table is {qweight.out_features}x{qweight.in_features}, "
             f"the model expects {embed.num_embeddings}x{embed.embedding_dim}"
         )
-    target = torch.device(device) if device is not None else embed.weight.device
-    target = torch.device("cpu") if target.type == "meta" else target
+    target = _target_device(device, embed.weight)
     bias = tensors.get("bias")
     bias = None if bias is None else bias.to(target, embed.weight.dtype)
     scale = tensors.get("lookup_scale")

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from slimlm.bench.workload import REFERENCE_PROMPTS
 from slimlm.engine.llm import LLM
 from slimlm.engine.params import SamplingParams
 from slimlm.errors import SlimlmError
 from slimlm.generation import generate_tokens
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a land far away, there lived a",
-    "1, 2, 3,",
-    "The three primary colors are red, yellow and",
-    "Python's `with` statement is used to",
-]
+PROMPTS = REFERENCE_PROMPTS
 GREEDY = SamplingParams(max_tokens=20, temperature=0)
 
 
