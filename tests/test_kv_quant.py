@@ -239,7 +239,7 @@ def test_make_kv_cache_builds_the_quantized_pool(compute_dtype):
     assert isinstance(cache, Int8PagedKVCache) and cache.kv_dtype == "int8"
     assert cache.compute_dtype == compute_dtype
     k, v = cache._load(0, torch.tensor([0, 1]))
-    assert k.dtype == v.dtype == compute_dtype and k.shape == (16, 2, 32)
+    assert k.dtype == v.dtype == compute_dtype and k.shape == (2, 16, 32)  # [KVH, tokens, D]
 
 
 # ---- bad input ----

@@ -50,8 +50,8 @@ class ContiguousKVCache:
             if mask is None:
                 lens = torch.tensor(meta.context_lens, device=q.device)
                 mask = meta.step_cache["contiguous_mask"] = decode_mask(lens, max_ctx, self.sliding_window)
-            keys = kc[idx, :max_ctx].transpose(1, 2)  # [B, KVH, L, D]
-            values = vc[idx, :max_ctx].transpose(1, 2)
+            keys = kc[idx, :max_ctx].permute(2, 0, 1, 3)  # [KVH, B, L, D]
+            values = vc[idx, :max_ctx].permute(2, 0, 1, 3)
             return attend_decode_batch(q, keys, values, mask, self.scale)
         outs = []
         start = 0

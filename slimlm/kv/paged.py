@@ -20,7 +20,13 @@ def gather_blocks(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 
 class PagedKVCache:
-    """Pool of `num_blocks` blocks of `block_size` tokens for every layer, K and V."""
+    """Pool of `num_blocks` blocks of `block_size` tokens for every layer, K and V.
+
+    Float pools are laid out heads first, [layers, KVH, blocks, block_size, D], so the blocks a decode
+    step gathers are already the [KVH, B, L, D] operand of the attention matmuls.
+    """
+
+    block_dim = 2  # the dimension of every storage tensor that indexes blocks
 
     def __init__(
         self,
@@ -45,20 +51,27 @@ class PagedKVCache:
 
     # ---- storage format: subclasses replace these three ----
     def _allocate(self, num_layers: int, device) -> None:
-        shape = (num_layers, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        shape = (num_layers, self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim)
         # empty, not zeros: pages are committed by the OS only when first written.
         self.k = torch.empty(shape, dtype=self.compute_dtype, device=device)
         self.v = torch.empty(shape, dtype=self.compute_dtype, device=device)
+        self._head_offsets = torch.arange(self.num_kv_heads, device=device)[:, None] * self.num_blocks
 
     def _store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, k.to(self.k.dtype))
-        self.v[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, v.to(self.v.dtype))
+        for pool, x in ((self.k, k), (self.v, v)):  # x: [T, KVH, D]
+            flat = pool[layer].view(self.num_kv_heads, -1, self.head_dim)  # [KVH, blocks * bs, D]
+            flat.index_copy_(1, slots, x.transpose(0, 1).to(pool.dtype))
 
     def _load(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """blocks: [..., n] block ids -> K, V [..., n * block_size, KVH, D] in the compute dtype."""
-        k = gather_blocks(self.k[layer], blocks)  # [..., n, bs, KVH, D]
-        v = gather_blocks(self.v[layer], blocks)
-        return k.flatten(-4, -3), v.flatten(-4, -3)
+        """blocks: [..., n] block ids -> K, V [KVH, ..., n * block_size, D] (heads first), compute dtype."""
+        # One row per (head, block) of the flattened [KVH * blocks, block_size * D] pool: index_select
+        # over dim 0 copies whole rows (6 us), where selecting over the block dim took 18 us.
+        rows = (self._head_offsets + blocks.reshape(1, -1)).view(-1)
+        out_shape = (self.num_kv_heads, *blocks.shape[:-1], blocks.shape[-1] * self.block_size, self.head_dim)
+        return tuple(
+            pool[layer].view(-1, self.block_size * self.head_dim).index_select(0, rows).view(out_shape)
+            for pool in (self.k, self.v)
+        )
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -80,8 +93,8 @@ class PagedKVCache:
             return
         self._never_used.difference_update(fresh)
         index = torch.tensor(fresh, device=self.storage_tensors()[0].device)
-        for tensor in self.storage_tensors():  # every storage tensor is [layers, blocks, ...]
-            tensor.index_fill_(1, index, 0)
+        for tensor in self.storage_tensors():
+            tensor.index_fill_(self.block_dim, index, 0)
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata
@@ -89,29 +102,29 @@ class PagedKVCache:
         self._store(layer, meta.slot_mapping, k, v)
         tables = meta.block_tables
         if meta.is_decode:
-            mask = meta.step_cache.get("paged_mask")
-            if mask is None:
-                lens = torch.tensor(meta.context_lens, device=q.device)
-                mask = meta.step_cache["paged_mask"] = decode_mask(
-                    lens, tables.shape[1] * self.block_size, self.sliding_window
-                )
-            keys, values = self._load(layer, tables.clamp(min=0))  # [B, L, KVH, D]
-            keys = keys.transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
-            values = values.transpose(1, 2).to(q.dtype)
-            return attend_decode_batch(q, keys, values, mask, self.scale)
+            if "paged_mask" not in meta.step_cache:  # once per step, shared by every layer
+                meta.step_cache["paged_mask"] = self._decode_mask(meta, tables.shape[1], q.device)
+                meta.step_cache["paged_tables"] = tables.clamp(min=0)  # -1 padding reads block 0, masked
+            mask, tables = meta.step_cache["paged_mask"], meta.step_cache["paged_tables"]
+            keys, values = self._load(layer, tables)  # [KVH, B, L, D]
+            return attend_decode_batch(q, keys.to(q.dtype), values.to(q.dtype), mask, self.scale)
         outs = []
         start = 0
         for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
             n_blocks = -(-ctx // self.block_size)
-            keys, values = self._load(layer, tables[i, :n_blocks])
+            keys, values = self._load(layer, tables[i, :n_blocks])  # [KVH, L, D]
             outs.append(
                 attend_one(
                     q[start : start + q_len],
-                    keys[:ctx].to(q.dtype),
-                    values[:ctx].to(q.dtype),
+                    keys[:, :ctx].transpose(0, 1).to(q.dtype),
+                    values[:, :ctx].transpose(0, 1).to(q.dtype),
                     self.scale,
                     self.sliding_window,
                 )
             )
             start += q_len
         return torch.cat(outs, dim=0)
+
+    def _decode_mask(self, meta: AttnMetadata, max_blocks: int, device) -> torch.Tensor:
+        lens = torch.tensor(meta.context_lens, device=device)
+        return decode_mask(lens, max_blocks * self.block_size, self.sliding_window)

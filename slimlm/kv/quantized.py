@@ -29,9 +29,13 @@ from slimlm.kv.quant_ops import (
 
 
 class QuantizedPagedKVCache(PagedKVCache):
-    """Paged pool whose K and V are stored as `bits`-bit codes; `dtype` is the compute dtype of reads."""
+    """Paged pool whose K and V are stored as `bits`-bit codes; `dtype` is the compute dtype of reads.
+
+    Token-major, [layers, blocks, block_size, KVH, ...]: a token's codes, scale and zero sit together.
+    """
 
     bits: int = 8
+    block_dim = 1
 
     def _allocate(self, num_layers: int, device) -> None:
         check_bits(self.bits, self.head_dim)
@@ -68,13 +72,16 @@ class QuantizedPagedKVCache(PagedKVCache):
             zero[layer].view(-1, self.num_kv_heads).index_copy_(0, slots, z)
 
     def _load(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """blocks: [..., n] block ids -> K, V [..., n * block_size, KVH, D] in the compute dtype."""
+        """blocks: [..., n] block ids -> K, V [KVH, ..., n * block_size, D] (heads first), compute dtype."""
         k_parts, v_parts = self._parts()
         return self._read(layer, blocks, k_parts), self._read(layer, blocks, v_parts)
 
     def _read(self, layer: int, blocks: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
         codes, scale, zero = (gather_blocks(t[layer], blocks) for t in parts)
-        return dequantize(codes, scale, zero, self.bits, self.compute_dtype).flatten(-4, -3)
+        values = dequantize(codes, scale, zero, self.bits, self.compute_dtype).flatten(
+            -4, -3
+        )  # [..., L, KVH, D]
+        return values.movedim(-2, 0)
 
     @classmethod
     def bytes_per_block(cls, config: ModelConfig, block_size: int, dtype: torch.dtype | None = None) -> int:

@@ -76,7 +76,7 @@ class RotaryEmbedding(torch.nn.Module):
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype, scale_lens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] -> (cos, sin) each [T, head_dim] in `dtype`.
+        """positions: [T] -> (cos, signed sin) each [T, head_dim] in `dtype` (see apply_rotary).
 
         scale_lens ([T], dynamic scaling only) is the sequence length that sets each token's base,
         as HF does with `max(position_ids) + 1` of the forward that computes the token.
@@ -88,16 +88,17 @@ class RotaryEmbedding(torch.nn.Module):
         else:
             freqs = pos[:, None] * self.inv_freq[None, :].to(pos.device)  # [T, dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, dim]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        half = self.dim // 2
+        # sin with rotate_half's sign folded in: rotate_half(x) * sin == x.roll(half) * signed_sin exactly.
+        return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos / signed_sin: [T, head_dim] from RotaryEmbedding.
+
+    HF's x * cos + rotate_half(x) * sin, bit for bit, in four ops instead of eight (one per layer
+    for q and k together): decode runs this 30 times a token, where op count is the cost.
+    """
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
-    cos = cos[:, None, :]
-    sin = sin[:, None, :]
-    return x * cos + rotate_half(x) * sin
+    return x * cos[:, None, :] + x.roll(half, dims=-1) * signed_sin[:, None, :]

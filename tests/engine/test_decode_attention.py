@@ -18,7 +18,10 @@ def test_decode_attention_matches_float32_sdpa(dtype, window):
     lens = torch.tensor([1, 7, 30, 48, 16])
     mask = decode_mask(lens, length, window)
     scale = d**-0.5
-    got = attend_decode_batch(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale).float()
+    kh, vh = (
+        x.transpose(0, 1).contiguous().to(dtype) for x in (k, v)
+    )  # heads first, as the pool stores them
+    got = attend_decode_batch(q.to(dtype), kh, vh, mask, scale).float()
     # Reference: each sequence alone, only its real (unpadded, in-window) context, float32.
     for i, n in enumerate(lens.tolist()):
         lo = 0 if window is None else max(0, n - window)

@@ -1,0 +1,53 @@
+"""The batch-1 decode ceiling on this machine (issue 3): engine vs weight-matmuls-only vs read bandwidth.
+
+    python benchmarks/decode_ceiling.py [--dtype bfloat16] [--threads 2]
+
+Sets the ceilings against transformers' batch-1 rate from benchmarks/results/engine_bench_<dtype>.json
+(run benchmarks/engine_bench.py first) and writes benchmarks/results/decode_ceiling_<dtype>.json.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from slimlm.bench.ceiling import decode_ceiling
+from slimlm.bench.workload import make_prompts
+from slimlm.engine.llm import LLM
+
+RESULTS = Path(__file__).parent / "results"
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    llm = LLM(None, dtype=args.dtype, device="cpu", kv_cache_tokens=1024, progress=False)
+    prompt = make_prompts(llm.tokenizer, 1, 128)[0]
+    r = decode_ceiling(llm, prompt)
+    bench = RESULTS / f"engine_bench_{args.dtype}.json"
+    hf = None
+    if bench.exists():
+        hf = json.loads(bench.read_text())["systems"].get("transformers", {}).get("decode_tok_s")
+    r["transformers_decode_tok_s"] = hf
+    print(
+        f"{r['dtype']}, {r['threads']} threads, {r['weight_bytes'] / 2**20:.0f} MiB of weights read per token"
+    )
+    print(
+        f"read bandwidth (torch.sum): {r['read_bandwidth_gb_s']:.1f} GB/s; "
+        f"weight matmuls stream at {r['matmul_bandwidth_gb_s']:.1f} GB/s"
+    )
+    rows = [
+        ("slimlm engine, batch-1 decode", r["engine_decode_tok_s"]),
+        ("weight matmuls only (no attention, norms, Python)", r["matmul_only_tok_s"]),
+        ("read bandwidth / weight bytes", r["bandwidth_bound_tok_s"]),
+    ]
+    print(f"{'':52s} {'tok/s':>8s} {'vs transformers':>16s}")
+    for name, rate in rows:
+        ratio = f"{rate / hf:.2f}x" if hf else "n/a"
+        print(f"{name:52s} {rate:8.1f} {ratio:>16s}")
+    out = RESULTS / f"decode_ceiling_{args.dtype}.json"
+    out.write_text(json.dumps(r, indent=2))
+    print(f"wrote {out}")
