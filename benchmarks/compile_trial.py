@@ -86,7 +86,7 @@ def whole_model(dtype: str) -> dict:
     from slimlm.engine.params import SamplingParams
 
     inductor_config.freezing = True
-    llm = LLM(None, dtype=dtype, device="cpu", kv_cache_tokens=1024, progress=False, prepack=False)
+    llm = LLM(None, dtype=dtype, device="cpu", kv_cache_tokens=1024, progress=False, weights_layout="plain")
     prompt = "Write a long story about a dragon who learns to code in Python."
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     results = {}

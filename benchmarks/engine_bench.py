@@ -17,9 +17,16 @@ if __name__ == "__main__":
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peers", default="slimlm,transformers,llama.cpp")
+    ap.add_argument("--weights-layout", default="auto", help="auto | packed | plain | both")
+    ap.add_argument("--out", default=None, help="results file (default results/engine_bench_<dtype>.json)")
     args = ap.parse_args()
-    results = run_bench(None, args.dtype, tuple(args.peers.split(",")), args.runs, threads=args.threads)
+    results = run_bench(
+        None, args.dtype, tuple(args.peers.split(",")), args.runs, threads=args.threads,
+        weights_layout=args.weights_layout,
+    )  # fmt: skip
     print_table(results)
-    out = Path(__file__).parent / "results" / f"engine_bench_{args.dtype}.json"
+    out = (
+        Path(args.out) if args.out else Path(__file__).parent / "results" / f"engine_bench_{args.dtype}.json"
+    )
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

@@ -59,7 +59,10 @@ def weight_matmul_seconds(model: nn.Module, dtype: torch.dtype, repeats: int = 1
         for module, x in zip(linears, inputs, strict=True):
             module(x)
 
-    seconds = _median_seconds(one_token, repeats)
+    from slimlm.models.prepack import onednn_disabled
+
+    with onednn_disabled():  # the kernels the engine's one-token steps use (see ModelRunner.run)
+        seconds = _median_seconds(one_token, repeats)
     # A tied lm_head shares the embedding table: its bytes are read once per token, counted once.
     seen, total = set(), 0
     for module in linears:

@@ -15,8 +15,10 @@ import torch
 class SlimlmRunner:
     name = "slimlm"
 
-    def __init__(self, llm) -> None:
+    def __init__(self, llm, batch_llm=None) -> None:
+        """`batch_llm`: the engine for `throughput`, when it is laid out for batches (default: `llm`)."""
         self.llm = llm
+        self.batch_llm = batch_llm or llm
 
     def _params(self, n: int):
         from slimlm.engine.params import SamplingParams
@@ -30,9 +32,9 @@ class SlimlmRunner:
         return times[0], (len(times) - 1) / (times[-1] - times[0])
 
     def throughput(self, prompts: list[list[int]], n: int) -> float:
-        self.llm.engine.block_manager.reset_prefix_cache()
+        self.batch_llm.engine.block_manager.reset_prefix_cache()
         start = time.perf_counter()
-        outs = self.llm.generate(prompts, self._params(n))
+        outs = self.batch_llm.generate(prompts, self._params(n))
         return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
 
 

@@ -16,6 +16,7 @@ PEERS = ("slimlm", "transformers", "llama.cpp")
 
 
 def _measure(runner, prompts, prompt_single, gen_len: int, runs: int, log) -> dict[str, Any]:
+    """Median TTFT and batch-1 rate (`runner.first_and_rate`) and all-prompts throughput (`runner.throughput`)."""
     firsts, rates, throughputs = [], [], []
     runner.first_and_rate(prompt_single[:16], 4)  # warm-up: allocator, kernels, caches
     for i in range(runs):
@@ -45,8 +46,12 @@ def run_bench(
     gen_len: int = 128,
     threads: int | None = None,
     log=print,
+    weights_layout: str = "auto",
 ) -> dict[str, Any]:
-    from slimlm.engine.llm import LLM, resolve_dtype
+    """`weights_layout` "auto" measures each workload on the layout slimlm's commands pick for it:
+    batch-1 (TTFT, decode) as `slimlm chat` / `generate "one prompt"` run it (plain), the concurrent
+    throughput as `slimlm serve` runs it (packed). Any other value runs everything on that layout."""
+    from slimlm.engine.llm import LLM, check_weights_layout, resolve_dtype
 
     unknown = set(peers) - set(PEERS)
     if unknown:
@@ -54,14 +59,18 @@ def run_bench(
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
+    check_weights_layout(weights_layout)
     dtype = resolve_dtype(dtype, torch.device("cpu"))
-    llm = LLM(
-        model,
-        dtype=dtype,
-        device="cpu",
-        kv_cache_tokens=(concurrency + 1) * (prompt_len + gen_len + 16),
-        progress=False,
-    )
+    single_layout, batch_layout = ("plain", "packed") if weights_layout == "auto" else (weights_layout,) * 2
+
+    def build(layout: str):
+        kv_tokens = (concurrency + 1) * (prompt_len + gen_len + 16)
+        return LLM(
+            model, dtype=dtype, device="cpu", kv_cache_tokens=kv_tokens, progress=False, weights_layout=layout
+        )
+
+    llm = build(single_layout)
+    batch_llm = build(batch_layout) if batch_layout != single_layout else llm
     prompts = make_prompts(llm.tokenizer, concurrency + 1, prompt_len)
     single, batch = prompts[0], prompts[1:]
     results: dict[str, Any] = {
@@ -73,16 +82,23 @@ def run_bench(
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "systems": {},
+        "weights_layout": {"batch-1": single_layout, "concurrent": batch_layout},
         "weights": {
-            "slimlm": f"dense {dtype} (GGUF dequantized at load), oneDNN-prepacked linears",
+            "slimlm": f"dense {dtype} (GGUF dequantized at load); linears {single_layout} for batch-1, "
+            f"{batch_layout} for concurrent requests (slimlm.models.prepack)",
             "transformers": f"dense {dtype} (GGUF dequantized at load)",
             "llama.cpp": "the GGUF's own quantized blocks (e.g. Q4_1), no dequantization",
         },
     }
-    log(f"benchmark: {llm.loaded.source.name}, {dtype}, {threads} threads, median of {runs} runs")
+    log(
+        f"benchmark: {llm.loaded.source.name}, {dtype}, {threads} threads, median of {runs} runs; slimlm "
+        f"weights layout {single_layout} (batch-1) / {batch_layout} (concurrent)"
+    )
     if "slimlm" in peers:
-        results["systems"]["slimlm"] = _measure(SlimlmRunner(llm), batch, single, gen_len, runs, log)
-    del llm
+        runner = SlimlmRunner(llm, batch_llm)
+        results["systems"]["slimlm"] = _measure(runner, batch, single, gen_len, runs, log)
+        del runner
+    del llm, batch_llm
     gc.collect()
     if "transformers" in peers:
         try:

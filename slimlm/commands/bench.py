@@ -15,6 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--weights-layout",
+        default="auto",
+        help="slimlm's linear layout: auto (batch-1 on plain, concurrent on packed, as chat and serve pick) "
+        "| packed | plain | both",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -35,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         args.prompt_len,
         args.gen_len,
         args.threads,
+        weights_layout=args.weights_layout,
     )
     print_table(results)
     if args.json:

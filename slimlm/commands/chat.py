@@ -60,7 +60,7 @@ class ChatSession:
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
-    llm = llm_from_args(args)
+    llm = llm_from_args(args, single_stream=True)  # one conversation: one sequence at a time
     print(llm.memory_report_text(), file=sys.stderr)
     session = ChatSession(llm, params, args.system)
     print(HELP, file=sys.stderr)

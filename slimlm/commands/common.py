@@ -54,10 +54,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     g.add_argument(
-        "--no-prepack",
-        dest="prepack",
-        action="store_false",
-        help="CPU: keep plain weights instead of oneDNN-prepacked ones (prepacking ~1.5x faster decode)",
+        "--weights-layout",
+        default="auto",
+        help="CPU linear weights: packed (oneDNN, fastest batched) | plain (torch GEMV, fastest one "
+        "sequence) | both (each step its fastest; linear weights held twice) | auto (plain for one "
+        "stream, else packed)",
     )
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
 
@@ -135,8 +136,10 @@ def engine_config_from_args(args: argparse.Namespace):
     )
 
 
-def llm_from_args(args: argparse.Namespace, progress: bool = True):
-    from slimlm.engine.llm import LLM
+def llm_from_args(args: argparse.Namespace, progress: bool = True, single_stream: bool = False):
+    """`single_stream`: the command decodes one sequence at a time (chat, one prompt), so "auto" weights
+    are laid out for one-row steps."""
+    from slimlm.engine.llm import LLM, check_weights_layout
 
     if args.threads is not None:
         if args.threads <= 0:
@@ -145,11 +148,15 @@ def llm_from_args(args: argparse.Namespace, progress: bool = True):
 
         torch.set_num_threads(args.threads)
     engine_config = engine_config_from_args(args)
+    layout = getattr(args, "weights_layout", "auto")
+    check_weights_layout(layout)
+    if layout == "auto" and single_stream:
+        layout = "plain"
     return LLM(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         engine_config=engine_config,
         progress=progress,
-        prepack=getattr(args, "prepack", True),
+        weights_layout=layout,
     )

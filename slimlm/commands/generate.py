@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     if args.system and not args.chat:
         raise SlimlmError("--system needs --chat")
-    llm = llm_from_args(args, progress=not args.quiet)
+    single = len(prompts) == 1 and params.num_beams == 1  # beams decode several rows a step
+    llm = llm_from_args(args, progress=not args.quiet, single_stream=single)
     if not args.quiet:
         print(llm.memory_report_text(), file=sys.stderr)
     if args.chat:

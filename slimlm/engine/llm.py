@@ -13,7 +13,7 @@ from slimlm.engine.engine import LLMEngine, StepOutput
 from slimlm.engine.memory import format_bytes
 from slimlm.engine.params import SamplingParams
 from slimlm.errors import SlimlmError
-from slimlm.models.prepack import prepack_linears
+from slimlm.models.prepack import WEIGHTS_LAYOUTS, prepare_linears
 
 
 @dataclass
@@ -51,6 +51,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     )
 
 
+def check_weights_layout(layout: str) -> None:
+    if layout not in WEIGHTS_LAYOUTS:
+        raise SlimlmError(f"unknown weights layout {layout!r}; choose one of {', '.join(WEIGHTS_LAYOUTS)}")
+
+
+def auto_weights_layout(max_num_seqs: int) -> str:
+    """One sequence at a time: plain weights (torch's GEMV, fastest at one row); else oneDNN-packed
+    (fastest for batched steps). "both" is never automatic: it holds the linear weights twice."""
+    return "plain" if max_num_seqs == 1 else "packed"
+
+
 class LLM:
     """Load a model and serve generation requests through the paged, continuously batched engine."""
 
@@ -61,39 +72,48 @@ class LLM:
         device: str | torch.device = "auto",
         engine_config: EngineConfig | None = None,
         progress: bool = True,
-        prepack: bool = True,
+        weights_layout: str = "auto",
         **engine_kwargs: Any,
     ) -> None:
         from slimlm.loading import load
 
+        check_weights_layout(weights_layout)
         self.device = resolve_device(device)
         loaded = load(model, dtype=resolve_dtype(dtype, self.device), device=self.device, progress=progress)
-        self._init(loaded, engine_config, engine_kwargs, prepack)
+        self._init(loaded, engine_config, engine_kwargs, weights_layout)
 
     @classmethod
     def from_loaded(
-        cls, loaded, engine_config: EngineConfig | None = None, prepack: bool = False, **engine_kwargs: Any
+        cls,
+        loaded,
+        engine_config: EngineConfig | None = None,
+        weights_layout: str | None = None,
+        **engine_kwargs: Any,
     ) -> LLM:
         """Build an engine over an already loaded model (tests, benchmarks, several engines on one model).
 
-        `prepack=True` packs the model's linears for CPU inference in place (see slimlm.models.prepack),
-        which makes that model inference-only; off by default because the caller owns the model.
+        `weights_layout` re-lays the model's linears for CPU inference in place (see
+        slimlm.models.prepack), which makes that model inference-only; None (default) leaves the model
+        as it is, because the caller owns it.
         """
+        if weights_layout is not None:
+            check_weights_layout(weights_layout)
         self = cls.__new__(cls)
         self.device = next(loaded.model.parameters()).device
-        self._init(loaded, engine_config, engine_kwargs, prepack)
+        self._init(loaded, engine_config, engine_kwargs, weights_layout)
         return self
 
     def _init(
-        self, loaded, engine_config: EngineConfig | None, engine_kwargs: dict[str, Any], prepack: bool
+        self, loaded, engine_config: EngineConfig | None, engine_kwargs: dict[str, Any], layout: str | None
     ) -> None:
         if engine_config is not None and engine_kwargs:
             raise SlimlmError("pass either engine_config or engine keyword arguments, not both")
         engine_config = engine_config or EngineConfig(**engine_kwargs)
-        if prepack:
-            # A tied lm_head stays unpacked: packing it would copy the embedding table (+21% weights on
-            # SmolLM2) for ~8% more decode speed.
-            prepack_linears(loaded.model, include_lm_head=not loaded.config.tie_word_embeddings)
+        if layout == "auto":
+            layout = auto_weights_layout(engine_config.max_num_seqs)
+        if layout is not None:
+            prepare_linears(loaded.model, layout, include_lm_head=not loaded.config.tie_word_embeddings)
+        self.weights_layout = layout
         self.loaded = loaded
         self.tokenizer = self.loaded.tokenizer
         self.config = self.loaded.config
@@ -212,13 +232,15 @@ class LLM:
             "max_concurrent_seqs_at_max_len": engine.budget.num_blocks // per_seq_blocks,
             "budget": engine.budget.source,
             "dtype": str(next(self.loaded.model.parameters()).dtype).removeprefix("torch."),
+            "weights_layout": self.weights_layout or "as loaded",
             "device": str(self.device),
         }
 
     def memory_report_text(self) -> str:
         r = self.memory_report()
         return (
-            f"weights {format_bytes(r['weights_bytes'])} ({r['dtype']}, {r['device']}) | "
+            f"weights {format_bytes(r['weights_bytes'])} ({r['dtype']}, {r['device']}, "
+            f"{r['weights_layout']} layout) | "
             f"KV pool {format_bytes(r['kv_pool_bytes'])} ({r['kv_dtype']}): {r['kv_tokens']} tokens in "
             f"{r['kv_blocks']} blocks of {r['block_size']} | max {r['max_concurrent_seqs_at_max_len']} sequences "
             f"at {r['max_model_len']} tokens | budget: {r['budget']}"

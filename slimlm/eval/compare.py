@@ -35,7 +35,10 @@ def decode_rate(loaded, prompt_len: int = 64, gen_len: int = 64, runs: int = 3) 
     from slimlm.engine.params import SamplingParams
 
     llm = LLM.from_loaded(
-        loaded, prepack=True, kv_cache_tokens=prompt_len + gen_len + 32, enable_prefix_caching=False
+        loaded,
+        weights_layout="packed",
+        kv_cache_tokens=prompt_len + gen_len + 32,
+        enable_prefix_caching=False,
     )
     prompt = list(range(1000, 1000 + prompt_len))
     params = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)

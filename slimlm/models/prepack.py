@@ -1,27 +1,41 @@
-"""CPU inference: linear weights prepacked once into oneDNN's blocked layout.
+"""CPU inference: how the linear weights are laid out, chosen by how many tokens a step has.
 
-`F.linear` on CPU reorders a bf16 weight into oneDNN's layout on every call; for the one-token rows of
-decoding that reorder costs as much as the matmul itself. Packing once at load time (what inductor's
-freezing pass does) roughly doubles bf16 decode speed on this machine (benchmarks/engine_bench.py).
+Two kernels matter on CPU, and each wins at one end (benchmarks/gemv_vs_packed.py):
 
-The packed tensor replaces the float weight (same bytes), so the model becomes inference-only; a
-tied lm_head is packed as a copy, because the embedding lookup still needs the plain table.
+- oneDNN on weights prepacked once into its blocked layout (what inductor's freezing pass does). Best
+  for steps with several rows (batched decode, prefill); `F.linear` without packing reorders a bf16
+  weight on every call, which costs as much as the matmul itself.
+- torch's own bf16/fp16 GEMV, on plain row-major weights, with oneDNN switched off for the step (the
+  runner does that for one-token steps). It streams weights ~1.6x faster than oneDNN at one row, and
+  is many times slower than it at two rows or more.
+
+Layouts (`weights_layout`): "packed" (oneDNN only), "plain" (plain weights, fused q/k/v and gate/up),
+"both" (the two copies: each step takes its faster kernel, at the price of the linear weights twice).
+Packing makes the model inference-only; a tied lm_head stays plain, because the embedding lookup
+needs the plain table and a packed copy would add 21% to SmolLM2's weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from slimlm.errors import SlimlmError
+
 PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
+WEIGHTS_LAYOUTS = ("auto", "packed", "plain", "both")
 
 
 class PackedLinear(nn.Module):
     """Inference-only nn.Linear over a oneDNN-packed weight; same outputs as F.linear up to summation order."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, keep_plain: bool = False
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
@@ -29,23 +43,51 @@ class PackedLinear(nn.Module):
             "packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1), persistent=False
         )
         self.packed_bytes = weight.numel() * weight.element_size()
+        # "both" layout: the plain copy serves one-token steps through torch's GEMV (see module doc).
+        self.register_buffer("plain_weight", weight if keep_plain else None, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
-    @classmethod
-    def fuse(cls, linears: list[nn.Linear]) -> PackedLinear:
-        """One packed matmul for several linears that read the same input (outputs concatenated)."""
-        biases = [lin.bias for lin in linears]
-        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        return cls(torch.cat([lin.weight.detach() for lin in linears]), bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain_weight is not None and x.numel() == self.in_features:
+            return F.linear(x, self.plain_weight, self.bias)
         shape = x.shape
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed_weight, self.bias,
                                                "none", [], "")  # fmt: skip
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, onednn-packed"
+        plain = " + plain copy" if self.plain_weight is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, onednn-packed{plain}"
+
+
+def _concat(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases) of linears that read the same input, stacked: one matmul for all."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    has_bias = linears[0].bias is not None
+    return weight, torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None
+
+
+def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+@contextlib.contextmanager
+def onednn_disabled():
+    """Route this block's bf16/fp16 matmuls to torch's own kernels (GEMV for one row) instead of oneDNN.
+
+    Explicit oneDNN ops (PackedLinear) are unaffected. The private switch is what
+    `torch.backends.mkldnn.flags` flips, without that helper's TF32 warning on every call.
+    """
+    before = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(before)
 
 
 @functools.cache
@@ -71,32 +113,52 @@ def can_prepack(model: nn.Module) -> bool:
 FUSIONS = (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj")))
 
 
-def prepack_linears(model: nn.Module, include_lm_head: bool = True) -> int:
-    """Swap every plain nn.Linear of `model` for a PackedLinear in place; returns how many were swapped.
+def prepare_linears(model: nn.Module, layout: str, include_lm_head: bool = True) -> int:
+    """Lay out every plain nn.Linear of `model` for CPU inference, in place; returns how many were changed.
 
-    q/k/v and gate/up become one fused matmul each where the module has a slot for it (the Llama
-    family's `qkv_proj` / `gate_up_proj`). Quantized linears (QuantLinear) are left alone: they already
-    run on their own kernels.
+    q/k/v and gate/up become one matmul each wherever the module has a slot for it (the Llama family's
+    `qkv_proj` / `gate_up_proj`), in every layout. Quantized linears (QuantLinear) are left alone: they
+    run on their own kernels. Where oneDNN packing is unavailable (GPU, fp16, builds without it),
+    "packed" and "both" fall back to "plain".
     """
-    if not can_prepack(model):
-        return 0
-    swapped = 0
+    if layout not in WEIGHTS_LAYOUTS[1:]:
+        raise SlimlmError(f"unknown weights layout {layout!r}; choose one of {', '.join(WEIGHTS_LAYOUTS)}")
+    pack = layout != "plain" and can_prepack(model)
+    keep_plain = layout == "both"
+
+    def convert(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        return PackedLinear(weight, bias, keep_plain) if pack else _plain_linear(weight, bias)
+
+    changed = 0
     for module in list(model.modules()):
         for fused_name, part_names in FUSIONS:
             parts = [getattr(module, p, None) for p in part_names]
             if fused_name in vars(module) and all(type(p) is nn.Linear for p in parts):
-                setattr(module, fused_name, PackedLinear.fuse(parts))
+                setattr(module, fused_name, convert(*_concat(parts)))
                 for p in part_names:
                     delattr(module, p)
-                swapped += len(parts)
+                changed += len(parts)
+    if not pack:
+        return changed
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or (name == "lm_head" and not include_lm_head):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(module.weight, module.bias))
-        swapped += 1
-    return swapped
+        setattr(
+            parent,
+            child,
+            convert(module.weight.detach(), None if module.bias is None else module.bias.detach()),
+        )
+        changed += 1
+    return changed
+
+
+def prepack_linears(model: nn.Module, include_lm_head: bool = True) -> int:
+    """The "packed" layout: every plain linear oneDNN-packed (0 where packing is unavailable)."""
+    if not can_prepack(model):
+        return 0
+    return prepare_linears(model, "packed", include_lm_head)
 
 
 def packed_bytes(model: nn.Module) -> int:

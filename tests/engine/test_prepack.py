@@ -11,7 +11,15 @@ from torch import nn
 
 from slimlm.engine.llm import LLM
 from slimlm.engine.params import SamplingParams
-from slimlm.models.prepack import PackedLinear, can_prepack, packed_bytes, prepack_linears
+from slimlm.errors import SlimlmError
+from slimlm.models.prepack import (
+    PackedLinear,
+    can_prepack,
+    onednn_disabled,
+    packed_bytes,
+    prepack_linears,
+    prepare_linears,
+)
 from tests.tiny_models import make_hf_model, slimlm_from_hf
 
 pytestmark = pytest.mark.skipif(
@@ -55,19 +63,22 @@ def test_tied_lm_head_is_left_alone_when_asked():
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_engine_prepacks_by_default_with_identical_greedy_tokens_and_bytes(smollm):
+@pytest.mark.parametrize("layout", ["packed", "plain", "both"])
+def test_every_layout_gives_identical_greedy_tokens(smollm, layout):
     loaded = copy.copy(smollm)
-    loaded.model = copy.deepcopy(smollm.model)  # the session model stays unpacked for other tests
+    loaded.model = copy.deepcopy(smollm.model)  # the session model stays as loaded for other tests
     plain = LLM.from_loaded(smollm, kv_cache_tokens=1024)
-    packed = LLM.from_loaded(loaded, prepack=True, kv_cache_tokens=1024)
-    assert packed_bytes(loaded.model) > 0
+    packed = LLM.from_loaded(loaded, weights_layout=layout, kv_cache_tokens=1024)
+    assert packed.memory_report()["weights_layout"] == layout
+    assert (packed_bytes(loaded.model) > 0) == (layout != "plain")
     assert type(loaded.model.lm_head) is nn.Linear  # tied: packing it would copy the embedding
-    assert packed.memory_report()["weights_bytes"] == plain.memory_report()["weights_bytes"]
+    if layout != "both":
+        assert packed.memory_report()["weights_bytes"] == plain.memory_report()["weights_bytes"]
     params = SamplingParams(max_tokens=24, temperature=0)
     prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3,"]
-    assert [o.token_ids for o in packed.generate(prompts, params)] == [
-        o.token_ids for o in plain.generate(prompts, params)
-    ]
+    expected = [o.token_ids for o in plain.generate(prompts, params)]
+    assert [o.token_ids for o in packed.generate(prompts, params)] == expected  # batched steps
+    assert [packed.generate(p, params)[0].token_ids for p in prompts] == expected  # one-row steps
 
 
 def test_quantized_linears_are_not_repacked():
@@ -79,3 +90,101 @@ def test_quantized_linears_are_not_repacked():
     quantized = sum(isinstance(m, QuantLinear) for m in model.modules())
     prepack_linears(model)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == quantized
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_plain_copy_serves_one_row_and_packed_serves_the_rest(dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80, bias=True).to(dtype)
+    both = PackedLinear(linear.weight, linear.bias, keep_plain=True)
+    assert both.plain_weight is not None and "plain copy" in repr(both)
+    for rows in (1, 5):
+        x = torch.randn(rows, 96, dtype=dtype)
+        with onednn_disabled():
+            torch.testing.assert_close(both(x), F.linear(x, linear.weight, linear.bias))
+
+
+def test_onednn_switch_is_restored_even_on_error():
+    before = torch._C._get_mkldnn_enabled()
+    with pytest.raises(RuntimeError), onednn_disabled():
+        assert not torch._C._get_mkldnn_enabled()
+        raise RuntimeError("boom")
+    assert torch._C._get_mkldnn_enabled() == before
+
+
+@pytest.mark.parametrize("layout", ["plain", "both"])
+def test_layouts_fuse_and_keep_the_logits(layout):
+    model = slimlm_from_hf(make_hf_model("qwen2"))  # q/k/v biases: the fused bias must follow
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.inference_mode():
+        before = model.forward_dense(ids)
+    prepare_linears(model, layout)
+    attn = model.model.layers[0].self_attn
+    assert not hasattr(attn, "q_proj")
+    expected = nn.Linear if layout == "plain" else PackedLinear
+    assert type(attn.qkv_proj) is expected and type(model.model.layers[0].mlp.gate_up_proj) is expected
+    with torch.inference_mode():
+        torch.testing.assert_close(model.forward_dense(ids), before, rtol=1e-5, atol=1e-5)
+        with onednn_disabled():  # the one-row path too
+            torch.testing.assert_close(model.forward_dense(ids[:1, :1]), before[:1, :1], rtol=1e-5, atol=1e-5)
+
+
+def test_both_layout_holds_the_linear_weights_twice(smollm):
+    loaded = copy.copy(smollm)
+    loaded.model = copy.deepcopy(smollm.model)
+    packed_model = copy.deepcopy(smollm.model)
+    prepare_linears(loaded.model, "both", include_lm_head=False)
+    prepare_linears(packed_model, "packed", include_lm_head=False)
+    llm = LLM.from_loaded(loaded, kv_cache_tokens=64)
+    linear_bytes = packed_bytes(packed_model)
+    plain = LLM.from_loaded(smollm, kv_cache_tokens=64)
+    assert llm.memory_report()["weights_bytes"] == plain.memory_report()["weights_bytes"] + linear_bytes
+
+
+def test_one_token_steps_run_without_onednn_and_batched_steps_with_it(smollm):
+    llm = LLM.from_loaded(smollm, kv_cache_tokens=1024)
+    seen = []
+    hook = llm.loaded.model.register_forward_pre_hook(
+        lambda module, args: seen.append((args[0].numel(), torch._C._get_mkldnn_enabled()))
+    )
+    try:
+        params = SamplingParams(max_tokens=3, temperature=0)
+        llm.generate(["The capital of France is"], params)
+        single = list(seen)
+        seen.clear()
+        llm.generate(["The capital of France is", "1, 2, 3,"], params)
+    finally:
+        hook.remove()
+    assert single[0][1] and all(not enabled for _, enabled in single[1:])  # prefill, then 1-row decode
+    assert all(enabled for _, enabled in seen)  # two rows a step: oneDNN stays on
+    assert torch._C._get_mkldnn_enabled()
+
+
+def test_auto_layout_follows_the_number_of_sequences_and_bad_layouts_are_refused(smollm):
+    from slimlm.engine.llm import auto_weights_layout
+
+    assert auto_weights_layout(1) == "plain" and auto_weights_layout(64) == "packed"
+    with pytest.raises(SlimlmError, match="unknown weights layout 'fast'; choose one of auto, packed"):
+        LLM.from_loaded(smollm, weights_layout="fast", kv_cache_tokens=64)
+    with pytest.raises(SlimlmError, match="unknown weights layout 'x'"):
+        prepare_linears(nn.Linear(4, 4), "x")
+
+
+def test_cli_picks_plain_for_one_stream_and_rejects_unknown_layouts(monkeypatch):
+    import argparse
+
+    from slimlm.commands import common
+
+    made = {}
+    monkeypatch.setattr("slimlm.engine.llm.LLM", lambda **kw: made.update(kw))
+    parser = argparse.ArgumentParser()
+    common.add_model_args(parser)
+    common.add_engine_args(parser)
+    common.llm_from_args(parser.parse_args([]), single_stream=True)
+    assert made["weights_layout"] == "plain"
+    common.llm_from_args(parser.parse_args([]))
+    assert made["weights_layout"] == "auto"  # LLM decides from max_num_seqs
+    common.llm_from_args(parser.parse_args(["--weights-layout", "both"]), single_stream=True)
+    assert made["weights_layout"] == "both"
+    with pytest.raises(SlimlmError, match="unknown weights layout 'fastest'"):
+        common.llm_from_args(parser.parse_args(["--weights-layout", "fastest"]))
