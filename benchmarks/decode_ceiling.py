@@ -22,9 +22,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--weights-layout", default="plain", help="plain (what batch-1 commands use) | packed | both"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    llm = LLM(None, dtype=args.dtype, device="cpu", kv_cache_tokens=1024, progress=False)
+    llm = LLM(None, dtype=args.dtype, device="cpu", kv_cache_tokens=1024, progress=False,
+              weights_layout=args.weights_layout)  # fmt: skip
     prompt = make_prompts(llm.tokenizer, 1, 128)[0]
     r = decode_ceiling(llm, prompt)
     bench = RESULTS / f"engine_bench_{args.dtype}.json"
@@ -48,6 +52,6 @@ if __name__ == "__main__":
     for name, rate in rows:
         ratio = f"{rate / hf:.2f}x" if hf else "n/a"
         print(f"{name:52s} {rate:8.1f} {ratio:>16s}")
-    out = RESULTS / f"decode_ceiling_{args.dtype}.json"
+    out = RESULTS / f"decode_ceiling_{args.dtype}_{args.weights_layout}.json"
     out.write_text(json.dumps(r, indent=2))
     print(f"wrote {out}")

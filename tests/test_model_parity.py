@@ -74,3 +74,16 @@ def test_mixed_batch_in_one_contiguous_step_equals_separate_runs():
         logits = model.compute_logits(hidden[[8, 13]])
     assert torch.allclose(logits[0], ref_a, atol=1e-5)
     assert torch.allclose(logits[1], ref_b, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rmsnorm_is_bit_identical_to_hf_formula(dtype):
+    from slimlm.models.llama import RMSNorm
+
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = torch.randn(576)
+    norm = norm.to(dtype)
+    x = (torch.randn(7, 576, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    x32 = x.to(torch.float32)
+    hf = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert torch.equal(norm(x), hf)

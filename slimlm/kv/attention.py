@@ -54,16 +54,19 @@ def attend_decode_batch(
 
     Heads-first K/V is the paged pool's own layout, so the gathered blocks feed the matmuls without a
     transpose copy (that copy was ~8% of a 16-way decode step). `mask=None` means no padding at all.
+    Batches of bf16/fp16 take two matmuls; float32, and a single sequence in any dtype, take float32
+    SDPA: one row's bf16 matmuls cost more than upcasting its context (136 vs 80 us per layer at 192
+    tokens with oneDNN off, as one-token steps run: benchmarks/decode_kernels.py).
     """
-    if q.dtype in (torch.bfloat16, torch.float16):
+    if q.dtype in (torch.bfloat16, torch.float16) and q.shape[0] > 1:
         return _attend_decode_matmul(q, k, v, mask, scale)
-    qh = q.unsqueeze(2)  # [B, H, 1, D]
-    kh, vh = k.transpose(0, 1), v.transpose(0, 1)  # [B, KVH, L, D]
+    qh = q.float().unsqueeze(2)  # [B, H, 1, D]
+    kh, vh = k.transpose(0, 1).float(), v.transpose(0, 1).float()  # [B, KVH, L, D]
     attn_mask = None if mask is None else mask[:, None, None, :]
     out = F.scaled_dot_product_attention(
         qh, kh, vh, attn_mask=attn_mask, scale=scale, enable_gqa=qh.shape[1] != kh.shape[1]
     )
-    return out.squeeze(2)
+    return out.squeeze(2).to(q.dtype)
 
 
 def _attend_decode_matmul(

@@ -107,6 +107,10 @@ class PagedKVCache:
                 meta.step_cache["paged_tables"] = tables.clamp(min=0)  # -1 padding reads block 0, masked
             mask, tables = meta.step_cache["paged_mask"], meta.step_cache["paged_tables"]
             keys, values = self._load(layer, tables)  # [KVH, B, L, D]
+            if meta.num_seqs == 1:  # one sequence: cut its context out instead of masking padding
+                ctx = meta.context_lens[0]
+                lo = 0 if self.sliding_window is None else max(0, ctx - self.sliding_window)
+                keys, values, mask = keys[:, :, lo:ctx], values[:, :, lo:ctx], None
             return attend_decode_batch(q, keys.to(q.dtype), values.to(q.dtype), mask, self.scale)
         outs = []
         start = 0

@@ -1,6 +1,6 @@
 """CPU inference: how the linear weights are laid out, chosen by how many tokens a step has.
 
-Two kernels matter on CPU, and each wins at one end (benchmarks/gemv_vs_packed.py):
+Two kernels matter on CPU, and each wins at one end (benchmarks/decode_kernels.py):
 
 - oneDNN on weights prepacked once into its blocked layout (what inductor's freezing pass does). Best
   for steps with several rows (batched decode, prefill); `F.linear` without packing reorders a bf16
