@@ -51,6 +51,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     )
 
 
+def _distinct_tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of these tensors, each storage once (a tied table is a parameter and a buffer at once)."""
+    seen: dict[object, int] = {}
+    for t in tensors:
+        try:
+            key: object = (t.data_ptr(), t.numel(), t.dtype)
+        except (RuntimeError, NotImplementedError):  # oneDNN-packed tensors have no plain storage
+            key = id(t)
+        seen[key] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
 def check_weights_layout(layout: str) -> None:
     if layout not in WEIGHTS_LAYOUTS:
         raise SlimlmError(f"unknown weights layout {layout!r}; choose one of {', '.join(WEIGHTS_LAYOUTS)}")
@@ -112,7 +124,10 @@ class LLM:
         if layout == "auto":
             layout = auto_weights_layout(engine_config.max_num_seqs)
         if layout is not None:
-            prepare_linears(loaded.model, layout, include_lm_head=not loaded.config.tie_word_embeddings)
+            # A tied lm_head stays plain in "packed": a packed copy of the embedding table would add 21%
+            # to SmolLM2's weights. "both" trades memory for speed everywhere, so it packs a copy too.
+            tied = loaded.config.tie_word_embeddings
+            prepare_linears(loaded.model, layout, include_lm_head=layout == "both" or not tied)
         self.weights_layout = layout
         self.loaded = loaded
         self.tokenizer = self.loaded.tokenizer
@@ -215,10 +230,7 @@ class LLM:
     def memory_report(self) -> dict[str, Any]:
         """Bytes actually allocated: weights and the KV pool, and what the pool holds."""
         engine = self.engine
-        weights = sum(
-            p.numel() * p.element_size() for p in {id(p): p for p in self.loaded.model.parameters()}.values()
-        )
-        weights += sum(b.numel() * b.element_size() for b in self.loaded.model.buffers())
+        weights = _distinct_tensor_bytes([*self.loaded.model.parameters(), *self.loaded.model.buffers()])
         tokens = engine.budget.num_blocks * engine.config.block_size
         per_seq_blocks = -(-engine.max_model_len // engine.config.block_size)
         return {

@@ -71,7 +71,8 @@ def test_every_layout_gives_identical_greedy_tokens(smollm, layout):
     packed = LLM.from_loaded(loaded, weights_layout=layout, kv_cache_tokens=1024)
     assert packed.memory_report()["weights_layout"] == layout
     assert (packed_bytes(loaded.model) > 0) == (layout != "plain")
-    assert type(loaded.model.lm_head) is nn.Linear  # tied: packing it would copy the embedding
+    # Tied head: packing it would copy the embedding table, which only "both" (speed over memory) does.
+    assert (type(loaded.model.lm_head) is nn.Linear) == (layout != "both")
     if layout != "both":
         assert packed.memory_report()["weights_bytes"] == plain.memory_report()["weights_bytes"]
     params = SamplingParams(max_tokens=24, temperature=0)
@@ -129,16 +130,18 @@ def test_layouts_fuse_and_keep_the_logits(layout):
             torch.testing.assert_close(model.forward_dense(ids[:1, :1]), before[:1, :1], rtol=1e-5, atol=1e-5)
 
 
-def test_both_layout_holds_the_linear_weights_twice(smollm):
+def test_both_layout_holds_the_linear_weights_and_the_tied_head_twice(smollm):
     loaded = copy.copy(smollm)
     loaded.model = copy.deepcopy(smollm.model)
     packed_model = copy.deepcopy(smollm.model)
-    prepare_linears(loaded.model, "both", include_lm_head=False)
-    prepare_linears(packed_model, "packed", include_lm_head=False)
-    llm = LLM.from_loaded(loaded, kv_cache_tokens=64)
-    linear_bytes = packed_bytes(packed_model)
+    llm = LLM.from_loaded(loaded, weights_layout="both", kv_cache_tokens=64)
+    head = loaded.model.lm_head
+    assert isinstance(head, PackedLinear) and head.plain_weight is loaded.model.model.embed_tokens.weight
+    prepare_linears(packed_model, "packed", include_lm_head=True)
+    packed_copies = packed_bytes(packed_model)  # every linear and the head, packed once
     plain = LLM.from_loaded(smollm, kv_cache_tokens=64)
-    assert llm.memory_report()["weights_bytes"] == plain.memory_report()["weights_bytes"] + linear_bytes
+    # The shared table is counted once, though it is both a parameter and the head's plain weight.
+    assert llm.memory_report()["weights_bytes"] == plain.memory_report()["weights_bytes"] + packed_copies
 
 
 def test_one_token_steps_run_without_onednn_and_batched_steps_with_it(smollm):
