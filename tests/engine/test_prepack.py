@@ -137,7 +137,9 @@ def test_both_layout_holds_the_linear_weights_and_the_tied_head_twice(smollm):
     llm = LLM.from_loaded(loaded, weights_layout="both", kv_cache_tokens=64)
     head = loaded.model.lm_head
     assert isinstance(head, PackedLinear)
-    assert head.plain_weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()  # shared, not copied
+    assert (
+        head.plain_weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
+    )  # shared, not copied
     prepare_linears(packed_model, "packed", include_lm_head=True)
     packed_copies = packed_bytes(packed_model)  # every linear and the head, packed once
     plain = LLM.from_loaded(smollm, kv_cache_tokens=64)
