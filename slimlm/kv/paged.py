@@ -56,17 +56,21 @@ class PagedKVCache:
         self.k = torch.empty(shape, dtype=self.compute_dtype, device=device)
         self.v = torch.empty(shape, dtype=self.compute_dtype, device=device)
         self._head_offsets = torch.arange(self.num_kv_heads, device=device)[:, None] * self.num_blocks
+        self._rows_of: torch.Tensor | None = None  # the block table `_rows` was built from
 
     def _store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         for pool, x in ((self.k, k), (self.v, v)):  # x: [T, KVH, D]
             flat = pool[layer].view(self.num_kv_heads, -1, self.head_dim)  # [KVH, blocks * bs, D]
-            flat.index_copy_(1, slots, x.transpose(0, 1).to(pool.dtype))
+            x = x if x.dtype == pool.dtype else x.to(pool.dtype)
+            flat.index_copy_(1, slots, x.transpose(0, 1))
 
     def _load(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """blocks: [..., n] block ids -> K, V [KVH, ..., n * block_size, D] (heads first), compute dtype."""
         # One row per (head, block) of the flattened [KVH * blocks, block_size * D] pool: index_select
         # over dim 0 copies whole rows (6 us), where selecting over the block dim took 18 us.
-        rows = (self._head_offsets + blocks.reshape(1, -1)).view(-1)
+        if blocks is not self._rows_of:  # decode passes one table to every layer of a step: index it once
+            self._rows_of, self._rows = blocks, (self._head_offsets + blocks.reshape(1, -1)).view(-1)
+        rows = self._rows
         out_shape = (self.num_kv_heads, *blocks.shape[:-1], blocks.shape[-1] * self.block_size, self.head_dim)
         return tuple(
             pool[layer].view(-1, self.block_size * self.head_dim).index_select(0, rows).view(out_shape)
@@ -111,7 +115,9 @@ class PagedKVCache:
                 ctx = meta.context_lens[0]
                 lo = 0 if self.sliding_window is None else max(0, ctx - self.sliding_window)
                 keys, values, mask = keys[:, :, lo:ctx], values[:, :, lo:ctx], None
-            return attend_decode_batch(q, keys.to(q.dtype), values.to(q.dtype), mask, self.scale)
+            if keys.dtype != q.dtype:  # an fp32 pool under a bf16 model, say
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            return attend_decode_batch(q, keys, values, mask, self.scale)
         outs = []
         start = 0
         for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
