@@ -52,6 +52,7 @@ if __name__ == "__main__":
     for name, rate in rows:
         ratio = f"{rate / hf:.2f}x" if hf else "n/a"
         print(f"{name:52s} {rate:8.1f} {ratio:>16s}")
-    out = RESULTS / f"decode_ceiling_{args.dtype}_{args.weights_layout}.json"
+    suffix = "" if args.threads == 2 else f"_threads{args.threads}"
+    out = RESULTS / f"decode_ceiling_{args.dtype}_{args.weights_layout}{suffix}.json"
     out.write_text(json.dumps(r, indent=2))
     print(f"wrote {out}")
