@@ -139,7 +139,13 @@ def engine_config_from_args(args: argparse.Namespace):
 def llm_from_args(args: argparse.Namespace, progress: bool = True, single_stream: bool = False):
     """`single_stream`: the command decodes one sequence at a time (chat, one prompt), so "auto" weights
     are laid out for one-row steps."""
-    from slimlm.engine.llm import LLM, check_weights_layout
+    from slimlm.engine.llm import (
+        LLM,
+        auto_weights_layout,
+        check_weights_layout,
+        resolve_device,
+        resolve_dtype,
+    )
 
     if args.threads is not None:
         if args.threads <= 0:
@@ -151,7 +157,9 @@ def llm_from_args(args: argparse.Namespace, progress: bool = True, single_stream
     layout = getattr(args, "weights_layout", "auto")
     check_weights_layout(layout)
     if layout == "auto" and single_stream:
-        layout = "plain"
+        from slimlm.loading import parse_dtype  # a bad --dtype fails here, before loading
+
+        layout = auto_weights_layout(1, parse_dtype(resolve_dtype(args.dtype, resolve_device(args.device))))
     return LLM(
         model=args.model,
         dtype=args.dtype,

@@ -68,10 +68,13 @@ def check_weights_layout(layout: str) -> None:
         raise SlimlmError(f"unknown weights layout {layout!r}; choose one of {', '.join(WEIGHTS_LAYOUTS)}")
 
 
-def auto_weights_layout(max_num_seqs: int) -> str:
-    """One sequence at a time: plain weights (torch's GEMV, fastest at one row); else oneDNN-packed
-    (fastest for batched steps). "both" is never automatic: it holds the linear weights twice."""
-    return "plain" if max_num_seqs == 1 else "packed"
+def auto_weights_layout(max_num_seqs: int, dtype: torch.dtype) -> str:
+    """One sequence at a time in bf16/fp16: plain weights (torch's reduced-precision GEMV is the fastest
+    one-row kernel); otherwise oneDNN-packed (fastest for batches, and for float32 at any batch size:
+    20.7 against 17.2 tok/s batch-1 here, benchmarks/decode_ceiling.py --dtype float32). "both" is never automatic: it holds the linear
+    weights twice."""
+    one_stream = max_num_seqs == 1 and dtype in (torch.bfloat16, torch.float16)
+    return "plain" if one_stream else "packed"
 
 
 class LLM:
@@ -122,7 +125,7 @@ class LLM:
             raise SlimlmError("pass either engine_config or engine keyword arguments, not both")
         engine_config = engine_config or EngineConfig(**engine_kwargs)
         if layout == "auto":
-            layout = auto_weights_layout(engine_config.max_num_seqs)
+            layout = auto_weights_layout(engine_config.max_num_seqs, next(loaded.model.parameters()).dtype)
         if layout is not None:
             # A tied lm_head stays plain in "packed": a packed copy of the embedding table would add 21%
             # to SmolLM2's weights. "both" trades memory for speed everywhere, so it packs a copy too.

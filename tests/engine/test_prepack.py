@@ -169,7 +169,11 @@ def test_one_token_steps_run_without_onednn_and_batched_steps_with_it(smollm):
 def test_auto_layout_follows_the_number_of_sequences_and_bad_layouts_are_refused(smollm):
     from slimlm.engine.llm import auto_weights_layout
 
-    assert auto_weights_layout(1) == "plain" and auto_weights_layout(64) == "packed"
+    assert (
+        auto_weights_layout(1, torch.bfloat16) == "plain" and auto_weights_layout(1, torch.float16) == "plain"
+    )
+    assert auto_weights_layout(64, torch.bfloat16) == "packed"
+    assert auto_weights_layout(1, torch.float32) == "packed"  # no fast fp32 GEMV: packed wins at one row too
     with pytest.raises(SlimlmError, match="unknown weights layout 'fast'; choose one of auto, packed"):
         LLM.from_loaded(smollm, weights_layout="fast", kv_cache_tokens=64)
     with pytest.raises(SlimlmError, match="unknown weights layout 'x'"):
@@ -186,8 +190,10 @@ def test_cli_picks_plain_for_one_stream_and_rejects_unknown_layouts(monkeypatch)
     parser = argparse.ArgumentParser()
     common.add_model_args(parser)
     common.add_engine_args(parser)
-    common.llm_from_args(parser.parse_args([]), single_stream=True)
+    common.llm_from_args(parser.parse_args(["--dtype", "bfloat16"]), single_stream=True)
     assert made["weights_layout"] == "plain"
+    common.llm_from_args(parser.parse_args(["--dtype", "float32"]), single_stream=True)
+    assert made["weights_layout"] == "packed"
     common.llm_from_args(parser.parse_args([]))
     assert made["weights_layout"] == "auto"  # LLM decides from max_num_seqs
     common.llm_from_args(parser.parse_args(["--weights-layout", "both"]), single_stream=True)
