@@ -59,8 +59,10 @@ class ModelRunner:
         ids, pos, meta = self.prepare(seqs, is_prefill)
         # One-token steps read every weight for a single row: torch's GEMV streams plain weights ~1.6x
         # faster than oneDNN there (slimlm.models.prepack); packed weights keep using oneDNN regardless.
-        one_row = not is_prefill and len(seqs) == 1 and self.device.type == "cpu"
-        with onednn_disabled() if one_row else contextlib.nullcontext():
+        cpu = self.device.type == "cpu"
+        with onednn_disabled() if cpu and not is_prefill and len(seqs) == 1 else contextlib.nullcontext():
             hidden = self.model(ids, pos, self.cache, meta)
-            last = torch.cumsum(torch.tensor(meta.query_lens, device=self.device), 0) - 1
+        last = torch.cumsum(torch.tensor(meta.query_lens, device=self.device), 0) - 1
+        # A single sequence's logits are one row even after a prefill: the lm_head is a GEMV then too.
+        with onednn_disabled() if cpu and len(seqs) == 1 else contextlib.nullcontext():
             return self.model.compute_logits(hidden[last])

@@ -149,20 +149,27 @@ def test_both_layout_holds_the_linear_weights_and_the_tied_head_twice(smollm):
 
 def test_one_token_steps_run_without_onednn_and_batched_steps_with_it(smollm):
     llm = LLM.from_loaded(smollm, kv_cache_tokens=1024)
-    seen = []
-    hook = llm.loaded.model.register_forward_pre_hook(
-        lambda module, args: seen.append((args[0].numel(), torch._C._get_mkldnn_enabled()))
-    )
+    seen, heads = [], []
+    model = llm.loaded.model
+    hooks = [
+        model.register_forward_pre_hook(
+            lambda m, args: seen.append((args[0].numel(), torch._C._get_mkldnn_enabled()))
+        ),
+        model.lm_head.register_forward_pre_hook(lambda m, args: heads.append(torch._C._get_mkldnn_enabled())),
+    ]
     try:
         params = SamplingParams(max_tokens=3, temperature=0)
         llm.generate(["The capital of France is"], params)
-        single = list(seen)
+        single, single_heads = list(seen), list(heads)
         seen.clear()
+        heads.clear()
         llm.generate(["The capital of France is", "1, 2, 3,"], params)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert single[0][1] and all(not enabled for _, enabled in single[1:])  # prefill, then 1-row decode
-    assert all(enabled for _, enabled in seen)  # two rows a step: oneDNN stays on
+    assert single_heads and not any(single_heads)  # one sequence: its logits are one row, prefill too
+    assert all(enabled for _, enabled in seen) and all(heads)  # two rows a step: oneDNN stays on
     assert torch._C._get_mkldnn_enabled()
 
 
