@@ -87,3 +87,20 @@ def test_rmsnorm_is_bit_identical_to_hf_formula(dtype):
     x32 = x.to(torch.float32)
     hf = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
     assert torch.equal(norm(x), hf)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotary_is_bit_identical_to_hf_rotate_half(dtype):
+    from slimlm.models.rope import apply_rotary
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 12, 64, generator=gen).to(dtype)
+    angles = torch.randn(5, 32, generator=gen)
+    cos, sin = (
+        torch.cat((angles, angles), -1).cos().to(dtype),
+        torch.cat((angles, angles), -1).sin().to(dtype),
+    )
+    rotate_half = torch.cat((-x[..., 32:], x[..., :32]), dim=-1)
+    hf = x * cos[:, None] + rotate_half * sin[:, None]
+    signed_sin = torch.cat((-sin[:, :32], sin[:, 32:]), dim=-1)
+    assert torch.equal(apply_rotary(x, cos, signed_sin), hf)
