@@ -51,7 +51,8 @@ def run_bench(
     """`weights_layout` "auto" measures each workload on the layout slimlm's commands pick for it:
     batch-1 (TTFT, decode) as `slimlm chat` / `generate "one prompt"` run it (plain), the concurrent
     throughput as `slimlm serve` runs it (packed). Any other value runs everything on that layout."""
-    from slimlm.engine.llm import LLM, check_weights_layout, resolve_dtype
+    from slimlm.engine.llm import LLM, resolve_dtype
+    from slimlm.models.prepack import check_weights_layout
 
     unknown = set(peers) - set(PEERS)
     if unknown:

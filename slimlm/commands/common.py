@@ -139,13 +139,8 @@ def engine_config_from_args(args: argparse.Namespace):
 def llm_from_args(args: argparse.Namespace, progress: bool = True, single_stream: bool = False):
     """`single_stream`: the command decodes one sequence at a time (chat, one prompt), so "auto" weights
     are laid out for one-row steps."""
-    from slimlm.engine.llm import (
-        LLM,
-        auto_weights_layout,
-        check_weights_layout,
-        resolve_device,
-        resolve_dtype,
-    )
+    from slimlm.engine.llm import LLM, auto_weights_layout, resolve_device, resolve_dtype
+    from slimlm.models.prepack import check_weights_layout
 
     if args.threads is not None:
         if args.threads <= 0:

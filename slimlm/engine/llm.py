@@ -13,7 +13,7 @@ from slimlm.engine.engine import LLMEngine, StepOutput
 from slimlm.engine.memory import format_bytes
 from slimlm.engine.params import SamplingParams
 from slimlm.errors import SlimlmError
-from slimlm.models.prepack import WEIGHTS_LAYOUTS, prepare_linears
+from slimlm.models.prepack import check_weights_layout, prepare_linears
 
 
 @dataclass
@@ -63,16 +63,11 @@ def _distinct_tensor_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def check_weights_layout(layout: str) -> None:
-    if layout not in WEIGHTS_LAYOUTS:
-        raise SlimlmError(f"unknown weights layout {layout!r}; choose one of {', '.join(WEIGHTS_LAYOUTS)}")
-
-
 def auto_weights_layout(max_num_seqs: int, dtype: torch.dtype) -> str:
     """One sequence at a time in bf16/fp16: plain weights (torch's reduced-precision GEMV is the fastest
     one-row kernel); otherwise oneDNN-packed (fastest for batches, and for float32 at any batch size:
-    20.7 against 17.2 tok/s batch-1 here, benchmarks/decode_ceiling.py --dtype float32). "both" is never automatic: it holds the linear
-    weights twice."""
+    20.7 against 17.2 tok/s batch-1 here, benchmarks/decode_ceiling.py --dtype float32). "both" is
+    never automatic: it holds the linear weights twice."""
     one_stream = max_num_seqs == 1 and dtype in (torch.bfloat16, torch.float16)
     return "plain" if one_stream else "packed"
 

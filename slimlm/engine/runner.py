@@ -57,12 +57,12 @@ class ModelRunner:
     def run(self, seqs: list, is_prefill: bool) -> torch.Tensor:
         """-> float32 logits [num_seqs, vocab] for the last token of each sequence."""
         ids, pos, meta = self.prepare(seqs, is_prefill)
-        # One-token steps read every weight for a single row: torch's GEMV streams plain weights ~1.6x
+        # One-row matmuls read every weight for a single row: torch's GEMV streams plain weights ~1.6x
         # faster than oneDNN there (slimlm.models.prepack); packed weights keep using oneDNN regardless.
-        cpu = self.device.type == "cpu"
-        with onednn_disabled() if cpu and not is_prefill and len(seqs) == 1 else contextlib.nullcontext():
+        # A single sequence's decode step is one row throughout; its logits are one row after a prefill too.
+        one_seq = self.device.type == "cpu" and len(seqs) == 1
+        with onednn_disabled() if one_seq and not is_prefill else contextlib.nullcontext():
             hidden = self.model(ids, pos, self.cache, meta)
         last = torch.cumsum(torch.tensor(meta.query_lens, device=self.device), 0) - 1
-        # A single sequence's logits are one row even after a prefill: the lm_head is a GEMV then too.
-        with onednn_disabled() if cpu and len(seqs) == 1 else contextlib.nullcontext():
+        with onednn_disabled() if one_seq else contextlib.nullcontext():
             return self.model.compute_logits(hidden[last])

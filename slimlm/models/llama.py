@@ -32,7 +32,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.gate_up_proj: nn.Module | None = None  # set by prepack_linears: one matmul for both
+        self.gate_up_proj: nn.Module | None = None  # set by prepare_linears: one matmul for both
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
@@ -53,7 +53,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
-        self.qkv_proj: nn.Module | None = None  # set by prepack_linears: one matmul for q, k and v
+        self.qkv_proj: nn.Module | None = None  # set by prepare_linears: one matmul for q, k and v
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """-> q, k and v side by side: [T, (H + 2 KVH) * D]."""

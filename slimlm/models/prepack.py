@@ -109,6 +109,12 @@ def can_prepack(model: nn.Module) -> bool:
     return param.device.type == "cpu" and param.dtype in PACKABLE_DTYPES and prepack_available()
 
 
+def check_weights_layout(layout: str, allow_auto: bool = True) -> None:
+    choices = WEIGHTS_LAYOUTS if allow_auto else WEIGHTS_LAYOUTS[1:]
+    if layout not in choices:
+        raise SlimlmError(f"unknown weights layout {layout!r}; choose one of {', '.join(choices)}")
+
+
 # Linears that read the same input, fused into one matmul: (module attribute, its parts).
 FUSIONS = (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj")))
 
@@ -121,8 +127,7 @@ def prepare_linears(model: nn.Module, layout: str, include_lm_head: bool = True)
     run on their own kernels. Where oneDNN packing is unavailable (GPU, fp16, builds without it),
     "packed" and "both" fall back to "plain".
     """
-    if layout not in WEIGHTS_LAYOUTS[1:]:
-        raise SlimlmError(f"unknown weights layout {layout!r}; choose one of {', '.join(WEIGHTS_LAYOUTS)}")
+    check_weights_layout(layout, allow_auto=False)  # "auto" is resolved by the caller, who knows the batch
     pack = layout != "plain" and can_prepack(model)
     keep_plain = layout == "both"
 
@@ -152,13 +157,6 @@ def prepare_linears(model: nn.Module, layout: str, include_lm_head: bool = True)
         )
         changed += 1
     return changed
-
-
-def prepack_linears(model: nn.Module, include_lm_head: bool = True) -> int:
-    """The "packed" layout: every plain linear oneDNN-packed (0 where packing is unavailable)."""
-    if not can_prepack(model):
-        return 0
-    return prepare_linears(model, "packed", include_lm_head)
 
 
 def packed_bytes(model: nn.Module) -> int:

@@ -138,11 +138,7 @@ def load_quantized_state(
         if not isinstance(linear, nn.Linear):
             raise SlimlmError(f"the checkpoint quantizes {prefix}, which is not a linear layer in this model")
         qweight = _READERS[method](tensors, quant_config, prefix)
-        if (qweight.out_features, qweight.in_features) != (linear.out_features, linear.in_features):
-            raise SlimlmError(
-                f"{prefix}: checkpoint weight is {qweight.out_features}x{qweight.in_features}, "
-                f"the model expects {linear.out_features}x{linear.in_features}"
-            )
+        _check_shape(prefix, "weight", qweight, (linear.out_features, linear.in_features))
         target = _target_device(device, linear.weight)
         bias = tensors.get("bias")
         if bias is not None:
@@ -158,6 +154,14 @@ def _tensors_under(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str
     return {k.removeprefix(prefix + "."): v for k, v in state_dict.items() if k.startswith(prefix + ".")}
 
 
+def _check_shape(prefix: str, what: str, qweight: QuantizedWeight, expected: tuple[int, int]) -> None:
+    if (qweight.out_features, qweight.in_features) != expected:
+        raise SlimlmError(
+            f"{prefix}: checkpoint {what} is {qweight.out_features}x{qweight.in_features}, "
+            f"the model expects {expected[0]}x{expected[1]}"
+        )
+
+
 def _target_device(device, weight: torch.Tensor) -> torch.device:
     """Where a loaded module goes: `device` if given, else where the skeleton's weight is (meta -> cpu)."""
     target = torch.device(device) if device is not None else weight.device
@@ -170,11 +174,7 @@ def _load_embedding(model, prefix, embed, tensors, quant_config, device) -> None
     if prefix != EMBED_PATH:
         raise SlimlmError(f"the checkpoint quantizes the embedding {prefix}; slimlm expects {EMBED_PATH}")
     qweight = _read_slimlm(tensors, quant_config, prefix)
-    if (qweight.out_features, qweight.in_features) != (embed.num_embeddings, embed.embedding_dim):
-        raise SlimlmError(
-            f"{prefix}: checkpoint table is {qweight.out_features}x{qweight.in_features}, "
-            f"the model expects {embed.num_embeddings}x{embed.embedding_dim}"
-        )
+    _check_shape(prefix, "table", qweight, (embed.num_embeddings, embed.embedding_dim))
     target = _target_device(device, embed.weight)
     bias = tensors.get("bias")
     bias = None if bias is None else bias.to(target, embed.weight.dtype)

@@ -17,7 +17,6 @@ from slimlm.models.prepack import (
     can_prepack,
     onednn_disabled,
     packed_bytes,
-    prepack_linears,
     prepare_linears,
 )
 from tests.tiny_models import make_hf_model, slimlm_from_hf
@@ -45,7 +44,7 @@ def test_prepacked_model_gives_the_same_logits(arch):
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.inference_mode():
         before = model.forward_dense(ids)
-    swapped = prepack_linears(model)
+    swapped = prepare_linears(model, "packed")
     layers = model.config.num_hidden_layers
     assert swapped == 7 * layers + 1  # q, k, v, o, gate, up, down per layer, plus the lm_head
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
@@ -58,7 +57,7 @@ def test_prepacked_model_gives_the_same_logits(arch):
 
 def test_tied_lm_head_is_left_alone_when_asked():
     model = slimlm_from_hf(make_hf_model("llama-tied"))
-    prepack_linears(model, include_lm_head=False)
+    prepare_linears(model, "packed", include_lm_head=False)
     assert type(model.lm_head) is nn.Linear
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
@@ -89,7 +88,7 @@ def test_quantized_linears_are_not_repacked():
     model = slimlm_from_hf(make_hf_model("llama")).to(torch.bfloat16)
     quantize_model(model, "rtn", 4, 32, progress=False)
     quantized = sum(isinstance(m, QuantLinear) for m in model.modules())
-    prepack_linears(model)
+    prepare_linears(model, "packed")
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == quantized
 
 
