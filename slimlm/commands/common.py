@@ -60,6 +60,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "sequence) | both (each step its fastest; linear weights held twice) | auto (plain for one "
         "stream, else packed)",
     )
+    g.add_argument(
+        "--decode-kernel",
+        default="auto",
+        help="one-sequence decode steps: c (slimlm's whole-model C kernel; bf16 plain weights on CPU) | "
+        "torch (PyTorch ops) | auto (c where it can run, default)",
+    )
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
 
 
@@ -133,6 +139,7 @@ def engine_config_from_args(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         kv_dtype=kv_dtype,
+        decode_kernel=getattr(args, "decode_kernel", "auto"),
     )
 
 

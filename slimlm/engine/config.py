@@ -8,6 +8,9 @@ from slimlm.errors import SlimlmError
 
 KV_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
 QUANT_POLICY_TO_KV_DTYPE = {0: "auto", 8: "int8", 4: "int4"}
+# "auto": the whole-model C kernel for one-sequence decode steps where it can run, else PyTorch;
+# "c": the same, but an error where it cannot; "torch": PyTorch ops only (slimlm.kernels.fused_decode).
+DECODE_KERNELS = ("auto", "c", "torch")
 
 
 @dataclass
@@ -27,6 +30,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     kv_dtype: str = "auto"
+    decode_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if not 0 < self.cache_max_entry_count <= 1:
@@ -48,6 +52,10 @@ class EngineConfig:
             raise SlimlmError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.kv_dtype not in KV_DTYPES:
             raise SlimlmError(f"unknown KV dtype {self.kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+        if self.decode_kernel not in DECODE_KERNELS:
+            raise SlimlmError(
+                f"unknown decode kernel {self.decode_kernel!r}; choose one of {', '.join(DECODE_KERNELS)}"
+            )
 
 
 def kv_dtype_from_quant_policy(policy: int) -> str:

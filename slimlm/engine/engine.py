@@ -86,10 +86,26 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
         )
         self.runner = ModelRunner(model, self.cache, config.block_size, device)
+        self.decode_kernel = self._attach_decode_kernel()
         self.sampler = Sampler(device, self.eos_token_ids)
         self.stop_checkers: dict[int, StopChecker] = {}
         self.seqs: dict[int, Sequence] = {}
         self.stats = EngineStats()
+
+    def _attach_decode_kernel(self) -> str:
+        """Give the runner the C one-sequence decode kernel where it can run; -> what decode runs on."""
+        if self.config.decode_kernel == "torch":
+            return "torch (asked for)"
+        from slimlm.kernels.fused_decode import FusedDecoder
+
+        self.runner.fused, why = FusedDecoder.create(self.model, self.cache, self.max_model_len)
+        if self.runner.fused is not None:
+            return why
+        if self.config.decode_kernel == "c":
+            raise SlimlmError(
+                f"the C decode kernel cannot run here: {why}; use --decode-kernel auto or torch"
+            )
+        return f"torch ({why})"
 
     # ---- requests ----
     def add_request(

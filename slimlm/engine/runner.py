@@ -18,6 +18,7 @@ class ModelRunner:
         self.cache = cache
         self.block_size = block_size
         self.device = torch.device(device)
+        self.fused = None  # a FusedDecoder (slimlm.kernels.fused_decode), set by the engine where it runs
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -56,6 +57,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list, is_prefill: bool) -> torch.Tensor:
         """-> float32 logits [num_seqs, vocab] for the last token of each sequence."""
+        if self.fused is not None and not is_prefill and len(seqs) == 1:
+            seq = seqs[0]
+            self.cache.prepare_blocks(seq.block_table)  # zero fresh blocks: batched steps read whole blocks
+            return self.fused.decode(seq.token_ids[-1], seq.num_tokens - 1, seq.block_table)
         ids, pos, meta = self.prepare(seqs, is_prefill)
         # One-row matmuls read every weight for a single row: torch's GEMV streams plain weights ~1.6x
         # faster than oneDNN there (slimlm.models.prepack); packed weights keep using oneDNN regardless.

@@ -1,0 +1,183 @@
+"""The engine's one-sequence decode step as one C call for the whole model (kernels/decode_cpu.c).
+
+`FusedDecoder.create` checks the model and the KV pool fit the kernel (CPU, bf16 weights on plain rows,
+a bf16 paged pool, Llama-family layers with fused q/k/v and gate/up) and otherwise says why not, so the
+engine keeps its PyTorch path. The kernel reads the model's and the pool's own tensors (no copies):
+the decoder keeps references to them, and the engine builds it after the weights are laid out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from slimlm.kernels.build import kernel_unavailable_reason, load_kernel
+from slimlm.models.llama import LlamaForCausalLM
+from slimlm.models.prepack import PackedLinear
+
+KERNEL = "decode_cpu"
+_ptr = ctypes.c_void_p
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        (name, _ptr)
+        for name in (
+            "qkv_w",
+            "qkv_b",
+            "o_w",
+            "gate_up_w",
+            "down_w",
+            "in_norm",
+            "post_norm",
+            "k_cache",
+            "v_cache",
+        )
+    ]
+
+
+_DIMS = ("hidden", "inter", "heads", "kv_heads", "head_dim", "layers", "vocab")
+_CACHE_DIMS = ("block_size", "num_blocks", "window", "max_ctx", "threads")
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *[(name, ctypes.c_int64) for name in (*_DIMS, *_CACHE_DIMS)],
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("embed", _ptr),
+        ("final_norm", _ptr),
+        ("lm_head", _ptr),
+        ("layer", ctypes.POINTER(_Layer)),
+        ("work", _ptr),
+    ]
+
+
+def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
+    """The row-major weight a linear multiplies by: nn.Linear's, or the plain copy of a "both" layout."""
+    if type(linear) is nn.Linear:
+        return linear.weight
+    if isinstance(linear, PackedLinear):
+        return linear.plain_weight
+    return None
+
+
+def _why_not(model: nn.Module, cache) -> str | None:
+    """None when the kernel can run this model over this cache; else the reason, for the memory report."""
+    from slimlm.kv.paged import PagedKVCache
+
+    if not isinstance(model, LlamaForCausalLM):
+        return f"{type(model).__name__} is not a Llama-family model"
+    if type(cache) is not PagedKVCache or cache.k.dtype != torch.bfloat16:
+        return "the C decode kernel reads a bf16 paged KV pool only"
+    if cache.k.device.type != "cpu":
+        return "the C decode kernel is for CPU"
+    dtype = model.model.embed_tokens.weight.dtype
+    if dtype != torch.bfloat16:
+        return f"the C decode kernel needs bf16 weights (this model is {str(dtype).removeprefix('torch.')})"
+    tensors = [model.model.embed_tokens.weight, model.model.norm.weight, _plain_weight(model.lm_head)]
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_proj is None or mlp.gate_up_proj is None:
+            return "q/k/v and gate/up are not fused (lay the weights out with prepare_linears)"
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        weights = [_plain_weight(lin) for lin in linears]
+        if any(w is None for w in weights):
+            return "some linears have no plain bf16 rows (quantized, LoRA or packed-only weights)"
+        if any(lin.bias is not None for lin in linears[1:]):
+            return "only q/k/v may have a bias"
+        tensors += [*weights, layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        if attn.qkv_proj.bias is not None:
+            tensors.append(attn.qkv_proj.bias)
+    if any(t is None or t.dtype != torch.bfloat16 or not t.is_contiguous() for t in tensors):
+        return "the C decode kernel needs contiguous bf16 weights throughout"
+    return None
+
+
+class FusedDecoder:
+    """decode(token, pos, block_table) -> float32 logits [1, vocab], writing the token's K/V to the pool."""
+
+    def __init__(self, lib: ctypes.CDLL, model: LlamaForCausalLM, cache, max_ctx: int) -> None:
+        cfg = model.config
+        self._lib = lib
+        self._rotary = model.model.rotary_emb
+        self._keep: list[torch.Tensor] = []  # every tensor the C structs point into stays alive
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            self._keep.append(t)
+            return t.data_ptr()
+
+        layers = (_Layer * cfg.num_hidden_layers)()
+        for i, layer in enumerate(model.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            layers[i] = _Layer(
+                ptr(_plain_weight(attn.qkv_proj)),
+                ptr(attn.qkv_proj.bias),
+                ptr(_plain_weight(attn.o_proj)),
+                ptr(_plain_weight(mlp.gate_up_proj)),
+                ptr(_plain_weight(mlp.down_proj)),
+                ptr(layer.input_layernorm.weight),
+                ptr(layer.post_attention_layernorm.weight),
+                ptr(cache.k[i]),
+                ptr(cache.v[i]),
+            )
+        self._layers = layers
+        m = _Model()
+        for name, value in zip(
+            _DIMS,
+            (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+             cfg.head_dim, cfg.num_hidden_layers, cfg.vocab_size),
+            strict=True,
+        ):  # fmt: skip
+            setattr(m, name, value)
+        m.block_size, m.num_blocks = cache.block_size, cache.num_blocks
+        m.window, m.max_ctx, m.threads = cfg.sliding_window or 0, max_ctx, torch.get_num_threads()
+        m.eps, m.scale = cfg.rms_norm_eps, cache.scale
+        m.embed, m.final_norm = ptr(model.model.embed_tokens.weight), ptr(model.model.norm.weight)
+        m.lm_head = ptr(_plain_weight(model.lm_head))
+        m.layer = layers
+        self._work = torch.empty(lib.slim_work_floats(ctypes.byref(m)), dtype=torch.float32)
+        m.work = self._work.data_ptr()
+        self._model = m
+        self.vocab = cfg.vocab_size
+
+    @classmethod
+    def create(cls, model: nn.Module, cache, max_ctx: int) -> tuple[FusedDecoder | None, str]:
+        """(decoder, "C kernel") where it can run, else (None, why not)."""
+        reason = _why_not(model, cache)
+        if reason is not None:
+            return None, reason
+        lib = load_kernel(KERNEL)
+        if lib is None:
+            return None, kernel_unavailable_reason(KERNEL) or "the C kernel could not be built"
+        _declare(lib)
+        return cls(lib, model, cache, max_ctx), "C kernel"
+
+    def decode(self, token: int, pos: int, block_table: list[int]) -> torch.Tensor:
+        cos, ssin = self._rotary(torch.tensor([pos]), torch.float32)
+        table = (ctypes.c_int64 * len(block_table))(*block_table)
+        logits = torch.empty(1, self.vocab, dtype=torch.float32)
+        self._model.threads = torch.get_num_threads()
+        status = self._lib.slim_decode(
+            ctypes.byref(self._model), token, pos, cos.data_ptr(), ssin.data_ptr(), table, len(block_table),
+            logits.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(
+                f"decode kernel refused token {token} at position {pos} (table of {len(block_table)})"
+            )
+        return logits
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.slim_work_floats.argtypes = [ctypes.POINTER(_Model)]
+    lib.slim_work_floats.restype = ctypes.c_int64
+    lib.slim_decode.argtypes = [
+        ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64, _ptr, _ptr,
+        ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, _ptr,
+    ]  # fmt: skip
+    lib.slim_decode.restype = ctypes.c_int

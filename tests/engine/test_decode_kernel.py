@@ -1,0 +1,192 @@
+"""The whole-model C decode kernel (slimlm/kernels) against float32 references, and its fallbacks."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slimlm.config import ModelConfig
+from slimlm.engine.llm import LLM
+from slimlm.engine.params import SamplingParams
+from slimlm.errors import SlimlmError
+from slimlm.kernels import build
+from slimlm.kernels.fused_decode import FusedDecoder
+from slimlm.kv.contiguous import ContiguousKVCache
+from slimlm.kv.metadata import AttnMetadata
+from slimlm.kv.paged import PagedKVCache
+from slimlm.models.prepack import prepare_linears
+from tests.tiny_models import make_hf_model, slimlm_from_hf
+
+pytestmark = pytest.mark.skipif(
+    build.load_kernel("decode_cpu") is None,
+    reason=f"C kernel unavailable: {build.kernel_unavailable_reason('decode_cpu')}",
+)
+
+
+def _incremental_logits(model, tokens: list[int]) -> torch.Tensor:
+    """Eager logits [len, vocab] feeding one token per step: the decode semantics, dynamic RoPE included."""
+    dtype = next(model.parameters()).dtype
+    cache = ContiguousKVCache(model.config, 1, len(tokens), dtype=dtype)
+    rows = []
+    with torch.inference_mode():
+        for pos, token in enumerate(tokens):
+            hidden = model(torch.tensor([token]), torch.tensor([pos]), cache, AttnMetadata.single(1, pos + 1))
+            rows.append(model.compute_logits(hidden)[0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "llama-llama3", "llama-dynamic", "mistral", "qwen2"])
+def test_kernel_logits_match_a_float32_run_of_the_same_weights(arch):
+    """Every position's logits, through a shuffled block table; mistral's window (12) is crossed at 20
+    tokens, qwen2 has the q/k/v bias, llama-dynamic rescales RoPE past 16 positions."""
+    hf = make_hf_model(arch)
+    model = slimlm_from_hf(hf, torch.bfloat16)
+    reference = copy.deepcopy(model).float()  # the same bf16-rounded weights, float32 math
+    prepare_linears(model, "plain")
+    n = 20 if arch != "llama-dynamic" else 24
+    tokens = torch.randint(
+        0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
+    cache = PagedKVCache(model.config, num_blocks=12, block_size=4, dtype=torch.bfloat16)
+    cache.prepare_blocks(range(12))
+    table = [9, 2, 11, 0, 5, 7]
+    decoder, why = FusedDecoder.create(model, cache, max_ctx=32)
+    assert decoder is not None, why
+    fused = torch.cat([decoder.decode(t, pos, table) for pos, t in enumerate(tokens)])
+    expected = _incremental_logits(reference, tokens)
+    eager_bf16 = _incremental_logits(model, tokens)
+    fused_err = (fused - expected).abs().max()
+    # Only the bf16 KV pool and summation order separate the kernel from float32; PyTorch's bf16 path
+    # also rounds every activation, so it must be no closer than the kernel.
+    assert fused_err < 0.02 * expected.abs().max()
+    assert fused_err <= (eager_bf16 - expected).abs().max()
+    assert torch.equal(fused.argmax(-1), expected.argmax(-1))
+
+
+def test_kernel_writes_the_pool_the_pytorch_path_reads():
+    """K/V written by the kernel sit where the paged cache's own attention finds them."""
+    model = slimlm_from_hf(make_hf_model("llama"), torch.bfloat16)
+    prepare_linears(model, "plain")
+    cache = PagedKVCache(model.config, num_blocks=6, block_size=4, dtype=torch.bfloat16)
+    cache.prepare_blocks(range(6))
+    decoder, _ = FusedDecoder.create(model, cache, max_ctx=16)
+    table, tokens = [4, 1, 3], [5, 17, 99, 3, 42, 8, 61]
+    for pos, token in enumerate(tokens[:-1]):
+        decoder.decode(token, pos, table)
+    pos = len(tokens) - 1
+    meta = AttnMetadata(
+        query_lens=[1],
+        context_lens=[pos + 1],
+        block_tables=torch.tensor([table]),
+        slot_mapping=torch.tensor([table[pos // 4] * 4 + pos % 4]),
+    )
+    with torch.inference_mode():
+        eager = model.compute_logits(model(torch.tensor([tokens[-1]]), torch.tensor([pos]), cache, meta))
+    fused = decoder.decode(tokens[-1], pos, table)
+    torch.testing.assert_close(fused, eager, atol=0.05 * eager.abs().max().item(), rtol=0)
+    assert torch.equal(fused.argmax(-1), eager.argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def smollm_bf16():
+    from slimlm.loading import load
+
+    return load(None, dtype="bfloat16", progress=False)
+
+
+def test_engine_greedy_on_the_kernel_equals_transformers_float32_on_bf16_weights(smollm_bf16, hf_smollm):
+    """SmolLM2: the kernel's greedy tokens against transformers in float32 on the same bf16 weights."""
+    llm = LLM.from_loaded(
+        copy.deepcopy(smollm_bf16), weights_layout="plain", max_num_seqs=1, kv_cache_tokens=512
+    )
+    assert llm.engine.decode_kernel == "C kernel" and llm.engine.runner.fused is not None
+    reference = copy.deepcopy(hf_smollm)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    for prompt in ("def fibonacci(n):", "Once upon a time"):
+        ids = llm.encode_prompt(prompt)
+        got = llm.generate([ids], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0].token_ids
+        ref = reference.generate(
+            torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0
+        )
+        assert got == ref[0, len(ids) :].tolist(), prompt
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.budget.num_blocks
+
+
+def test_kernel_after_a_prefix_cache_hit_gives_the_same_tokens(smollm_bf16):
+    """The second request prefills only its last partial block and decodes on the kernel as before."""
+    llm = LLM.from_loaded(
+        copy.deepcopy(smollm_bf16), weights_layout="plain", max_num_seqs=1, kv_cache_tokens=512, block_size=4
+    )
+    prompt = llm.encode_prompt("List three colours of the rainbow:")
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    first = llm.generate([prompt], params)[0]
+    computed = llm.engine.stats.computed_prompt_tokens
+    again = llm.generate([prompt], params)[0]
+    assert llm.engine.stats.computed_prompt_tokens - computed < len(prompt)  # full blocks came from the cache
+    assert again.token_ids == first.token_ids
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.budget.num_blocks
+
+
+def test_decode_kernel_choice_and_errors(smollm_bf16, smollm):
+    torch_llm = LLM.from_loaded(smollm_bf16, max_num_seqs=1, kv_cache_tokens=64, decode_kernel="torch")
+    assert torch_llm.engine.runner.fused is None and torch_llm.engine.decode_kernel == "torch (asked for)"
+    fp32 = LLM.from_loaded(smollm, kv_cache_tokens=64)  # float32 weights: PyTorch, with the reason
+    assert fp32.engine.runner.fused is None
+    assert "bf16" in fp32.engine.decode_kernel and fp32.memory_report()["decode_kernel"].startswith("torch (")
+    with pytest.raises(SlimlmError, match="the C decode kernel cannot run here: .*bf16"):
+        LLM.from_loaded(smollm, kv_cache_tokens=64, decode_kernel="c")
+    with pytest.raises(SlimlmError, match="unknown decode kernel 'fast'; choose one of auto, c, torch"):
+        LLM.from_loaded(smollm, kv_cache_tokens=64, decode_kernel="fast")
+    int8 = LLM.from_loaded(smollm_bf16, max_num_seqs=1, kv_cache_tokens=64, kv_dtype="int8")
+    assert int8.engine.runner.fused is None and "paged KV pool" in int8.engine.decode_kernel
+
+
+def test_cli_rejects_an_unknown_decode_kernel_in_one_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "slimlm.cli", "generate", "hi", "--decode-kernel", "gpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "unknown decode kernel 'gpu'; choose one of auto, c, torch" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_build_caches_by_key_and_reports_a_broken_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMLM_KERNEL_CACHE", str(tmp_path))
+    build.load_kernel.cache_clear()
+    try:
+        assert build.load_kernel("decode_cpu") is not None
+        built = list(tmp_path.iterdir())
+        assert len(built) == 1 and built[0].name.startswith("decode_cpu-") and built[0].suffix == ".so"
+        build.load_kernel.cache_clear()
+        monkeypatch.setenv("CC", "false")  # a compiler that always fails: different key, no library
+        assert build.load_kernel("decode_cpu") is None
+        assert build.kernel_unavailable_reason("decode_cpu").startswith("false failed on decode_cpu.c")
+        assert list(tmp_path.iterdir()) == built  # no half-written file left behind
+        build.load_kernel.cache_clear()
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv("SLIMLM_NO_C_KERNELS", "1")
+        assert build.load_kernel("decode_cpu") is None
+        assert "SLIMLM_NO_C_KERNELS" in build.kernel_unavailable_reason("decode_cpu")
+    finally:
+        build.load_kernel.cache_clear()
+
+
+def test_kernel_refuses_positions_outside_its_table():
+    config = ModelConfig.from_hf_dict(make_hf_model("llama").config.to_dict())
+    model = slimlm_from_hf(make_hf_model("llama"), torch.bfloat16)
+    prepare_linears(model, "plain")
+    cache = PagedKVCache(config, num_blocks=4, block_size=4, dtype=torch.bfloat16)
+    decoder, _ = FusedDecoder.create(model, cache, max_ctx=8)
+    with pytest.raises(ValueError, match="refused token 3 at position 8"):
+        decoder.decode(3, 8, [0, 1])  # past max_ctx
+    with pytest.raises(ValueError, match="position 5"):
+        decoder.decode(3, 5, [0])  # block 1 not in the table
