@@ -93,12 +93,14 @@ class LLMEngine:
         self.stats = EngineStats()
 
     def _attach_decode_kernel(self) -> str:
-        """Give the runner the C one-sequence decode kernel where it can run; -> what decode runs on."""
+        """Give the runner the C decode kernel where it can run; -> what decode steps run on."""
         if self.config.decode_kernel == "torch":
             return "torch (asked for)"
         from slimlm.kernels.fused_decode import FusedDecoder
 
-        self.runner.fused, why = FusedDecoder.create(self.model, self.cache, self.max_model_len)
+        self.runner.fused, why = FusedDecoder.create(
+            self.model, self.cache, self.max_model_len, max_batch=self.config.max_num_seqs
+        )
         if self.runner.fused is not None:
             return why
         if self.config.decode_kernel == "c":

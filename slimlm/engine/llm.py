@@ -63,13 +63,25 @@ def _distinct_tensor_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def auto_weights_layout(max_num_seqs: int, dtype: torch.dtype) -> str:
-    """One sequence at a time in bf16/fp16: plain weights (torch's reduced-precision GEMV is the fastest
-    one-row kernel); otherwise oneDNN-packed (fastest for batches, and for float32 at any batch size:
+def auto_weights_layout(max_num_seqs: int, dtype: torch.dtype, c_kernel: bool = False) -> str:
+    """Plain weights where decode steps read plain rows: the C decode kernel (`c_kernel`: it will run,
+    at any batch size), or torch's reduced-precision GEMV for one sequence at a time in bf16/fp16.
+    Otherwise oneDNN-packed (fastest PyTorch kernel for batches, and for float32 at any batch size:
     20.7 against 17.2 tok/s batch-1 here, benchmarks/decode_ceiling.py --dtype float32). "both" is
     never automatic: it holds the linear weights twice."""
     one_stream = max_num_seqs == 1 and dtype in (torch.bfloat16, torch.float16)
-    return "plain" if one_stream else "packed"
+    return "plain" if c_kernel or one_stream else "packed"
+
+
+def c_decode_kernel_will_run(engine_config: EngineConfig, model: torch.nn.Module) -> bool:
+    """Whether the engine's decode steps will go to the C kernel (slimlm.kernels.fused_decode), as far as
+    it can be told before the weights are laid out: bf16 on CPU, not turned off, and the kernel builds."""
+    param = next(model.parameters())
+    if engine_config.decode_kernel == "torch" or param.device.type != "cpu" or param.dtype != torch.bfloat16:
+        return False
+    from slimlm.kernels.build import load_kernel
+
+    return load_kernel("decode_cpu") is not None
 
 
 class LLM:
@@ -120,7 +132,11 @@ class LLM:
             raise SlimlmError("pass either engine_config or engine keyword arguments, not both")
         engine_config = engine_config or EngineConfig(**engine_kwargs)
         if layout == "auto":
-            layout = auto_weights_layout(engine_config.max_num_seqs, next(loaded.model.parameters()).dtype)
+            layout = auto_weights_layout(
+                engine_config.max_num_seqs,
+                next(loaded.model.parameters()).dtype,
+                c_decode_kernel_will_run(engine_config, loaded.model),
+            )
         if layout is not None:
             # A tied lm_head stays plain in "packed": a packed copy of the embedding table would add 21%
             # to SmolLM2's weights. "both" trades memory for speed everywhere, so it packs a copy too.

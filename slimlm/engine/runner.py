@@ -54,13 +54,21 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ids, pos, meta
 
+    def _run_fused(self, seqs: list) -> torch.Tensor:
+        """A decode step on the C kernel (slimlm.kernels.fused_decode)."""
+        # Fresh blocks are zeroed as on the PyTorch path, which reads whole blocks under a mask.
+        self.cache.prepare_blocks([b for seq in seqs for b in seq.block_table])
+        return self.fused.decode(
+            [seq.token_ids[-1] for seq in seqs],
+            [seq.num_tokens - 1 for seq in seqs],
+            [seq.block_table for seq in seqs],
+        )
+
     @torch.inference_mode()
     def run(self, seqs: list, is_prefill: bool) -> torch.Tensor:
         """-> float32 logits [num_seqs, vocab] for the last token of each sequence."""
-        if self.fused is not None and not is_prefill and len(seqs) == 1:
-            seq = seqs[0]
-            self.cache.prepare_blocks(seq.block_table)  # zero fresh blocks: batched steps read whole blocks
-            return self.fused.decode(seq.token_ids[-1], seq.num_tokens - 1, seq.block_table)
+        if self.fused is not None and not is_prefill and len(seqs) <= self.fused.max_batch:
+            return self._run_fused(seqs)
         ids, pos, meta = self.prepare(seqs, is_prefill)
         # One-row matmuls read every weight for a single row: torch's GEMV streams plain weights ~1.6x
         # faster than oneDNN there (slimlm.models.prepack); packed weights keep using oneDNN regardless.

@@ -74,10 +74,13 @@ def _why_not(model: nn.Module, cache) -> str | None:
         return "the C decode kernel reads a bf16 paged KV pool only"
     if cache.k.device.type != "cpu":
         return "the C decode kernel is for CPU"
-    dtype = model.model.embed_tokens.weight.dtype
+    embed = model.model.embed_tokens
+    if type(embed) is not nn.Embedding or _plain_weight(model.lm_head) is None:
+        return "the embedding or lm_head is quantized (the C decode kernel reads bf16 rows)"
+    dtype = embed.weight.dtype
     if dtype != torch.bfloat16:
         return f"the C decode kernel needs bf16 weights (this model is {str(dtype).removeprefix('torch.')})"
-    tensors = [model.model.embed_tokens.weight, model.model.norm.weight, _plain_weight(model.lm_head)]
+    tensors = [embed.weight, model.model.norm.weight, _plain_weight(model.lm_head)]
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.qkv_proj is None or mlp.gate_up_proj is None:
@@ -97,9 +100,12 @@ def _why_not(model: nn.Module, cache) -> str | None:
 
 
 class FusedDecoder:
-    """decode(token, pos, block_table) -> float32 logits [1, vocab], writing the token's K/V to the pool."""
+    """decode(tokens, positions, block_tables) -> float32 logits [batch, vocab] for one new token per
+    sequence, writing each token's K/V into the pool where the PyTorch path would."""
 
-    def __init__(self, lib: ctypes.CDLL, model: LlamaForCausalLM, cache, max_ctx: int) -> None:
+    def __init__(
+        self, lib: ctypes.CDLL, model: LlamaForCausalLM, cache, max_ctx: int, max_batch: int = 1
+    ) -> None:
         cfg = model.config
         self._lib = lib
         self._rotary = model.model.rotary_emb
@@ -140,13 +146,16 @@ class FusedDecoder:
         m.embed, m.final_norm = ptr(model.model.embed_tokens.weight), ptr(model.model.norm.weight)
         m.lm_head = ptr(_plain_weight(model.lm_head))
         m.layer = layers
-        self._work = torch.empty(lib.slim_work_floats(ctypes.byref(m)), dtype=torch.float32)
+        self.max_batch = max_batch
+        self._work = torch.empty(lib.slim_work_floats(ctypes.byref(m), max_batch), dtype=torch.float32)
         m.work = self._work.data_ptr()
         self._model = m
         self.vocab = cfg.vocab_size
 
     @classmethod
-    def create(cls, model: nn.Module, cache, max_ctx: int) -> tuple[FusedDecoder | None, str]:
+    def create(
+        cls, model: nn.Module, cache, max_ctx: int, max_batch: int = 1
+    ) -> tuple[FusedDecoder | None, str]:
         """(decoder, "C kernel") where it can run, else (None, why not)."""
         reason = _why_not(model, cache)
         if reason is not None:
@@ -155,29 +164,31 @@ class FusedDecoder:
         if lib is None:
             return None, kernel_unavailable_reason(KERNEL) or "the C kernel could not be built"
         _declare(lib)
-        return cls(lib, model, cache, max_ctx), "C kernel"
+        return cls(lib, model, cache, max_ctx, max_batch), "C kernel"
 
-    def decode(self, token: int, pos: int, block_table: list[int]) -> torch.Tensor:
-        cos, ssin = self._rotary(torch.tensor([pos]), torch.float32)
-        table = (ctypes.c_int64 * len(block_table))(*block_table)
-        logits = torch.empty(1, self.vocab, dtype=torch.float32)
+    def decode(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """One new token for each sequence -> float32 logits [len(tokens), vocab]."""
+        batch = len(tokens)
+        if not 0 < batch <= self.max_batch:
+            raise ValueError(f"decode kernel holds scratch for {self.max_batch} sequences, got {batch}")
+        pos = torch.tensor(positions)
+        cos, ssin = self._rotary(pos, torch.float32)
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables])
+        ids = torch.tensor(tokens)
+        logits = torch.empty(batch, self.vocab, dtype=torch.float32)
         self._model.threads = torch.get_num_threads()
         status = self._lib.slim_decode(
-            ctypes.byref(self._model), token, pos, cos.data_ptr(), ssin.data_ptr(), table, len(block_table),
-            logits.data_ptr(),
+            ctypes.byref(self._model), batch, ids.data_ptr(), pos.data_ptr(), cos.data_ptr(), ssin.data_ptr(),
+            tables.data_ptr(), width, logits.data_ptr(),
         )  # fmt: skip
         if status != 0:
-            raise ValueError(
-                f"decode kernel refused token {token} at position {pos} (table of {len(block_table)})"
-            )
+            raise ValueError(f"decode kernel refused positions {positions} (tables of {width} blocks)")
         return logits
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    lib.slim_work_floats.argtypes = [ctypes.POINTER(_Model)]
+    lib.slim_work_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64]
     lib.slim_work_floats.restype = ctypes.c_int64
-    lib.slim_decode.argtypes = [
-        ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64, _ptr, _ptr,
-        ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, _ptr,
-    ]  # fmt: skip
+    lib.slim_decode.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, *[_ptr] * 5, ctypes.c_int64, _ptr]
     lib.slim_decode.restype = ctypes.c_int

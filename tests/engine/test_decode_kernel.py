@@ -56,7 +56,7 @@ def test_kernel_logits_match_a_float32_run_of_the_same_weights(arch):
     table = [9, 2, 11, 0, 5, 7]
     decoder, why = FusedDecoder.create(model, cache, max_ctx=32)
     assert decoder is not None, why
-    fused = torch.cat([decoder.decode(t, pos, table) for pos, t in enumerate(tokens)])
+    fused = torch.cat([decoder.decode([t], [pos], [table]) for pos, t in enumerate(tokens)])
     expected = _incremental_logits(reference, tokens)
     eager_bf16 = _incremental_logits(model, tokens)
     fused_err = (fused - expected).abs().max()
@@ -65,6 +65,36 @@ def test_kernel_logits_match_a_float32_run_of_the_same_weights(arch):
     assert fused_err < 0.02 * expected.abs().max()
     assert fused_err <= (eager_bf16 - expected).abs().max()
     assert torch.equal(fused.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_a_sequence_gets_the_same_bits_whatever_else_is_in_the_batch(arch):
+    """Batches of 1, 3 (single-row tiles) and 6 (4x4 tiles plus a remainder) at mixed lengths."""
+    model = slimlm_from_hf(make_hf_model(arch), torch.bfloat16)
+    prepare_linears(model, "plain")
+    gen = torch.Generator().manual_seed(3)
+    lengths = [5, 17, 1, 9, 14, 3]
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    tables = [[6 * i + j for j in range(5)] for i in range(6)]  # 5 blocks of 4 per sequence
+
+    def run(batch: list[int]) -> dict[int, torch.Tensor]:
+        """Feed the chosen sequences their tokens, all together where they overlap; last logits each."""
+        cache = PagedKVCache(model.config, num_blocks=36, block_size=4, dtype=torch.bfloat16)
+        cache.prepare_blocks(range(36))
+        decoder, _ = FusedDecoder.create(model, cache, max_ctx=20, max_batch=6)
+        last = {}
+        for pos in range(max(lengths[i] for i in batch)):
+            live = [i for i in batch if pos < lengths[i]]
+            logits = decoder.decode(
+                [prompts[i][pos] for i in live], [pos] * len(live), [tables[i] for i in live]
+            )
+            last.update({i: logits[j] for j, i in enumerate(live) if pos == lengths[i] - 1})
+        return last
+
+    together = run(list(range(6)))
+    for i in range(6):
+        assert torch.equal(run([i])[i], together[i])
+    assert torch.equal(run([0, 1, 2])[1], together[1])
 
 
 def test_kernel_writes_the_pool_the_pytorch_path_reads():
@@ -76,7 +106,7 @@ def test_kernel_writes_the_pool_the_pytorch_path_reads():
     decoder, _ = FusedDecoder.create(model, cache, max_ctx=16)
     table, tokens = [4, 1, 3], [5, 17, 99, 3, 42, 8, 61]
     for pos, token in enumerate(tokens[:-1]):
-        decoder.decode(token, pos, table)
+        decoder.decode([token], [pos], [table])
     pos = len(tokens) - 1
     meta = AttnMetadata(
         query_lens=[1],
@@ -86,7 +116,7 @@ def test_kernel_writes_the_pool_the_pytorch_path_reads():
     )
     with torch.inference_mode():
         eager = model.compute_logits(model(torch.tensor([tokens[-1]]), torch.tensor([pos]), cache, meta))
-    fused = decoder.decode(tokens[-1], pos, table)
+    fused = decoder.decode([tokens[-1]], [pos], [table])
     torch.testing.assert_close(fused, eager, atol=0.05 * eager.abs().max().item(), rtol=0)
     assert torch.equal(fused.argmax(-1), eager.argmax(-1))
 
@@ -98,21 +128,51 @@ def smollm_bf16():
     return load(None, dtype="bfloat16", progress=False)
 
 
+def test_kernel_is_as_close_to_float32_as_pytorch_bf16_on_smollm2(smollm_bf16):
+    """SmolLM2, 48 teacher-forced positions: the kernel's logits against a float32 run of the same bf16
+    weights, no further off than PyTorch's own bf16 path, and the same top-1 token almost everywhere."""
+    model = copy.deepcopy(smollm_bf16)
+    reference = copy.deepcopy(smollm_bf16.model).float()
+    tokens = smollm_bf16.tokenizer.encode(
+        "The three primary colors are red, yellow and blue. Mixing them gives"
+    )
+    tokens = (tokens * 8)[:48]
+    eager_bf16 = _incremental_logits(model.model, tokens)
+    prepare_linears(model.model, "plain")
+    cache = PagedKVCache(model.config, num_blocks=4, block_size=16, dtype=torch.bfloat16)
+    cache.prepare_blocks(range(4))
+    decoder, why = FusedDecoder.create(model.model, cache, max_ctx=64)
+    assert decoder is not None, why
+    fused = torch.cat([decoder.decode([t], [p], [[2, 0, 3]]) for p, t in enumerate(tokens)])
+    expected = _incremental_logits(reference, tokens)
+    fused_err = (fused - expected).abs().amax(-1)
+    torch_err = (eager_bf16 - expected).abs().amax(-1)
+    assert fused_err.median() <= 1.25 * torch_err.median()
+    assert fused_err.max() < 0.1 * expected.abs().max()
+    assert (fused.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
+
+
 def test_engine_greedy_on_the_kernel_equals_transformers_float32_on_bf16_weights(smollm_bf16, hf_smollm):
-    """SmolLM2: the kernel's greedy tokens against transformers in float32 on the same bf16 weights."""
+    """Where the float32 greedy path has no near-tie, a bf16 run with correct math reproduces it token for
+    token (a wrong block, rotary angle or norm breaks it within a few tokens). Checked here: on these
+    prompts the kernel matches all 64 tokens; PyTorch's bf16 path matches 32, 64 and 17."""
     llm = LLM.from_loaded(
-        copy.deepcopy(smollm_bf16), weights_layout="plain", max_num_seqs=1, kv_cache_tokens=512
+        copy.deepcopy(smollm_bf16), weights_layout="plain", max_num_seqs=4, kv_cache_tokens=512
     )
     assert llm.engine.decode_kernel == "C kernel" and llm.engine.runner.fused is not None
     reference = copy.deepcopy(hf_smollm)
     with torch.no_grad():
         for p in reference.parameters():
             p.copy_(p.to(torch.bfloat16).float())
-    for prompt in ("def fibonacci(n):", "Once upon a time"):
+    prompts = ["Once upon a time", "1, 2, 3,", "The three primary colors are red, yellow and"]
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    alone = [llm.generate([llm.encode_prompt(p)], params)[0].token_ids for p in prompts]
+    together = [o.token_ids for o in llm.generate(prompts, params)]
+    assert together == alone  # batched steps give each sequence the bits it gets alone
+    for prompt, got in zip(prompts, alone, strict=True):
         ids = llm.encode_prompt(prompt)
-        got = llm.generate([ids], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0].token_ids
         ref = reference.generate(
-            torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0
+            torch.tensor([ids]), max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=0
         )
         assert got == ref[0, len(ids) :].tolist(), prompt
     assert llm.engine.block_manager.num_free_blocks == llm.engine.budget.num_blocks
@@ -185,8 +245,10 @@ def test_kernel_refuses_positions_outside_its_table():
     model = slimlm_from_hf(make_hf_model("llama"), torch.bfloat16)
     prepare_linears(model, "plain")
     cache = PagedKVCache(config, num_blocks=4, block_size=4, dtype=torch.bfloat16)
-    decoder, _ = FusedDecoder.create(model, cache, max_ctx=8)
-    with pytest.raises(ValueError, match="refused token 3 at position 8"):
-        decoder.decode(3, 8, [0, 1])  # past max_ctx
-    with pytest.raises(ValueError, match="position 5"):
-        decoder.decode(3, 5, [0])  # block 1 not in the table
+    decoder, _ = FusedDecoder.create(model, cache, max_ctx=8, max_batch=2)
+    with pytest.raises(ValueError, match=r"refused positions \[8\]"):
+        decoder.decode([3], [8], [[0, 1]])  # past max_ctx
+    with pytest.raises(ValueError, match=r"refused positions \[1, 5\]"):
+        decoder.decode([3, 3], [1, 5], [[0], [2]])  # block 1 of the second sequence is not in its table
+    with pytest.raises(ValueError, match="scratch for 2 sequences, got 3"):
+        decoder.decode([3, 3, 3], [1, 1, 1], [[0], [1], [2]])
