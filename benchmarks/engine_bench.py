@@ -18,11 +18,12 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peers", default="slimlm,transformers,llama.cpp")
     ap.add_argument("--weights-layout", default="auto", help="auto | packed | plain | both")
+    ap.add_argument("--decode-kernel", default="auto", help="auto | c | torch (slimlm's decode steps)")
     ap.add_argument("--out", default=None, help="results file (default results/engine_bench_<dtype>.json)")
     args = ap.parse_args()
     results = run_bench(
         None, args.dtype, tuple(args.peers.split(",")), args.runs, threads=args.threads,
-        weights_layout=args.weights_layout,
+        weights_layout=args.weights_layout, decode_kernel=args.decode_kernel,
     )  # fmt: skip
     print_table(results)
     out = (

@@ -47,11 +47,14 @@ def run_bench(
     threads: int | None = None,
     log=print,
     weights_layout: str = "auto",
+    decode_kernel: str = "auto",
 ) -> dict[str, Any]:
     """`weights_layout` "auto" measures each workload on the layout slimlm's commands pick for it:
-    batch-1 (TTFT, decode) as `slimlm chat` / `generate "one prompt"` run it (plain), the concurrent
-    throughput as `slimlm serve` runs it (packed). Any other value runs everything on that layout."""
-    from slimlm.engine.llm import LLM, resolve_dtype
+    batch-1 (TTFT, decode) as `slimlm chat` / `generate "one prompt"` run it, the concurrent throughput
+    as `slimlm serve` runs it (plain for both where the C decode kernel runs; else plain / packed).
+    Any other value runs everything on that layout. `decode_kernel` as EngineConfig.decode_kernel."""
+    from slimlm.engine.config import EngineConfig
+    from slimlm.engine.llm import LLM, auto_weights_layout, resolve_dtype
     from slimlm.models.prepack import check_weights_layout
 
     unknown = set(peers) - set(PEERS)
@@ -62,16 +65,21 @@ def run_bench(
     threads = torch.get_num_threads()
     check_weights_layout(weights_layout)
     dtype = resolve_dtype(dtype, torch.device("cpu"))
-    single_layout, batch_layout = ("plain", "packed") if weights_layout == "auto" else (weights_layout,) * 2
+    EngineConfig(decode_kernel=decode_kernel)  # a bad value fails before anything loads
 
     def build(layout: str):
         kv_tokens = (concurrency + 1) * (prompt_len + gen_len + 16)
         return LLM(
-            model, dtype=dtype, device="cpu", kv_cache_tokens=kv_tokens, progress=False, weights_layout=layout
-        )
+            model, dtype=dtype, device="cpu", kv_cache_tokens=kv_tokens, progress=False, weights_layout=layout,
+            decode_kernel=decode_kernel,
+        )  # fmt: skip
 
-    llm = build(single_layout)
-    batch_llm = build(batch_layout) if batch_layout != single_layout else llm
+    batch_llm = build(weights_layout)
+    batch_layout = batch_llm.weights_layout
+    single_layout = batch_layout
+    if weights_layout == "auto":  # as chat picks: plain for one bf16/fp16 stream
+        single_layout = auto_weights_layout(1, getattr(torch, dtype), batch_layout == "plain")
+    llm = build(single_layout) if single_layout != batch_layout else batch_llm
     prompts = make_prompts(llm.tokenizer, concurrency + 1, prompt_len)
     single, batch = prompts[0], prompts[1:]
     results: dict[str, Any] = {
@@ -84,6 +92,7 @@ def run_bench(
         "gen_len": gen_len,
         "systems": {},
         "weights_layout": {"batch-1": single_layout, "concurrent": batch_layout},
+        "decode_kernel": {"batch-1": llm.engine.decode_kernel, "concurrent": batch_llm.engine.decode_kernel},
         "weights": {
             "slimlm": f"dense {dtype} (GGUF dequantized at load); linears {single_layout} for batch-1, "
             f"{batch_layout} for concurrent requests (slimlm.models.prepack)",
@@ -93,7 +102,8 @@ def run_bench(
     }
     log(
         f"benchmark: {llm.loaded.source.name}, {dtype}, {threads} threads, median of {runs} runs; slimlm "
-        f"weights layout {single_layout} (batch-1) / {batch_layout} (concurrent)"
+        f"weights layout {single_layout} (batch-1) / {batch_layout} (concurrent); decode steps on "
+        f"{batch_llm.engine.decode_kernel}"
     )
     if "slimlm" in peers:
         runner = SlimlmRunner(llm, batch_llm)

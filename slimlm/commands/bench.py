@@ -18,8 +18,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights-layout",
         default="auto",
-        help="slimlm's linear layout: auto (batch-1 on plain, concurrent on packed, as chat and serve pick) "
-        "| packed | plain | both",
+        help="slimlm's linear layout: auto (as chat and serve pick: plain where the C decode kernel "
+        "runs, else plain for batch-1 and packed for concurrent) | packed | plain | both",
+    )
+    p.add_argument(
+        "--decode-kernel",
+        default="auto",
+        help="slimlm's decode steps: auto | c | torch (see slimlm generate -h)",
     )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -42,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         args.gen_len,
         args.threads,
         weights_layout=args.weights_layout,
+        decode_kernel=args.decode_kernel,
     )
     print_table(results)
     if args.json:
