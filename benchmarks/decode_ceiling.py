@@ -25,10 +25,12 @@ if __name__ == "__main__":
     ap.add_argument(
         "--weights-layout", default="plain", help="plain (what batch-1 commands use) | packed | both"
     )
+    ap.add_argument("--decode-kernel", default="auto", help="the engine row's decode steps: auto | c | torch")
+    ap.add_argument("--out", default=None, help="results file (default results/decode_ceiling_<dtype>.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(None, dtype=args.dtype, device="cpu", kv_cache_tokens=1024, progress=False,
-              weights_layout=args.weights_layout)  # fmt: skip
+              weights_layout=args.weights_layout, decode_kernel=args.decode_kernel)  # fmt: skip
     prompt = make_prompts(llm.tokenizer, 1, 128)[0]
     r = decode_ceiling(llm, prompt)
     bench = RESULTS / f"engine_bench_{args.dtype}.json"
@@ -36,6 +38,7 @@ if __name__ == "__main__":
     if bench.exists():
         hf = json.loads(bench.read_text())["systems"].get("transformers", {}).get("decode_tok_s")
     r["transformers_decode_tok_s"] = hf
+    r["decode_kernel"] = llm.engine.decode_kernel
     print(
         f"{r['dtype']}, {r['threads']} threads, {r['weight_bytes'] / 2**20:.0f} MiB of weights read per token"
     )
@@ -44,15 +47,15 @@ if __name__ == "__main__":
         f"weight matmuls stream at {r['matmul_bandwidth_gb_s']:.1f} GB/s"
     )
     rows = [
-        ("slimlm engine, batch-1 decode", r["engine_decode_tok_s"]),
-        ("weight matmuls only (no attention, norms, Python)", r["matmul_only_tok_s"]),
+        (f"slimlm engine, batch-1 decode ({r['decode_kernel']})", r["engine_decode_tok_s"]),
+        ("torch's weight matmuls only (no attention, norms, Python)", r["matmul_only_tok_s"]),
         ("read bandwidth / weight bytes", r["bandwidth_bound_tok_s"]),
     ]
-    print(f"{'':52s} {'tok/s':>8s} {'vs transformers':>16s}")
+    print(f"{'':60s} {'tok/s':>8s} {'vs transformers':>16s}")
     for name, rate in rows:
         ratio = f"{rate / hf:.2f}x" if hf else "n/a"
-        print(f"{name:52s} {rate:8.1f} {ratio:>16s}")
+        print(f"{name:60s} {rate:8.1f} {ratio:>16s}")
     suffix = "" if args.threads == 2 else f"_threads{args.threads}"
-    out = RESULTS / f"decode_ceiling_{args.dtype}_{args.weights_layout}{suffix}.json"
+    out = Path(args.out) if args.out else RESULTS / f"decode_ceiling_{args.dtype}_{args.weights_layout}{suffix}.json"
     out.write_text(json.dumps(r, indent=2))
     print(f"wrote {out}")

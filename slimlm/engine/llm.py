@@ -267,7 +267,7 @@ class LLM:
         r = self.memory_report()
         return (
             f"weights {format_bytes(r['weights_bytes'])} ({r['dtype']}, {r['device']}, "
-            f"{r['weights_layout']} layout; one-sequence decode on {r['decode_kernel']}) | "
+            f"{r['weights_layout']} layout; decode steps on {r['decode_kernel']}) | "
             f"KV pool {format_bytes(r['kv_pool_bytes'])} ({r['kv_dtype']}): {r['kv_tokens']} tokens in "
             f"{r['kv_blocks']} blocks of {r['block_size']} | max {r['max_concurrent_seqs_at_max_len']} sequences "
             f"at {r['max_model_len']} tokens | budget: {r['budget']}"
