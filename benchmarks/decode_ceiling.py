@@ -56,6 +56,10 @@ if __name__ == "__main__":
         ratio = f"{rate / hf:.2f}x" if hf else "n/a"
         print(f"{name:60s} {rate:8.1f} {ratio:>16s}")
     suffix = "" if args.threads == 2 else f"_threads{args.threads}"
-    out = Path(args.out) if args.out else RESULTS / f"decode_ceiling_{args.dtype}_{args.weights_layout}{suffix}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else RESULTS / f"decode_ceiling_{args.dtype}_{args.weights_layout}{suffix}.json"
+    )
     out.write_text(json.dumps(r, indent=2))
     print(f"wrote {out}")

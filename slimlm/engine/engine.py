@@ -99,7 +99,11 @@ class LLMEngine:
         from slimlm.kernels.fused_decode import FusedDecoder
 
         self.runner.fused, why = FusedDecoder.create(
-            self.model, self.cache, self.max_model_len, max_batch=self.config.max_num_seqs
+            self.model,
+            self.cache,
+            self.max_model_len,
+            max_batch=self.config.max_num_seqs,
+            require_fast=self.config.decode_kernel == "auto",
         )
         if self.runner.fused is not None:
             return why

@@ -75,13 +75,19 @@ def auto_weights_layout(max_num_seqs: int, dtype: torch.dtype, c_kernel: bool = 
 
 def c_decode_kernel_will_run(engine_config: EngineConfig, model: torch.nn.Module) -> bool:
     """Whether the engine's decode steps will go to the C kernel (slimlm.kernels.fused_decode), as far as
-    it can be told before the weights are laid out: bf16 on CPU, not turned off, and the kernel builds."""
+    it can be told before the weights are laid out: bf16 on CPU, not turned off, and the kernel builds
+    (with its AVX512-BF16 fast path, unless "c" forces the portable one)."""
     param = next(model.parameters())
     if engine_config.decode_kernel == "torch" or param.device.type != "cpu" or param.dtype != torch.bfloat16:
         return False
     from slimlm.kernels.build import load_kernel
+    from slimlm.kernels.fused_decode import fast_kernel_available
 
-    return load_kernel("decode_cpu") is not None
+    return (
+        fast_kernel_available()
+        if engine_config.decode_kernel == "auto"
+        else load_kernel("decode_cpu") is not None
+    )
 
 
 class LLM:
@@ -260,6 +266,7 @@ class LLM:
             "dtype": str(next(self.loaded.model.parameters()).dtype).removeprefix("torch."),
             "weights_layout": self.weights_layout or "as loaded",
             "decode_kernel": engine.decode_kernel,
+            "decode_kernel_scratch_bytes": engine.runner.fused.scratch_bytes if engine.runner.fused else 0,
             "device": str(self.device),
         }
 

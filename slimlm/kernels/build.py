@@ -20,6 +20,13 @@ from pathlib import Path
 
 SOURCE_DIR = Path(__file__).parent
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+
+
+def _flags() -> tuple[str, ...]:
+    """FLAGS plus $SLIMLM_KERNEL_CFLAGS (e.g. "-mno-avx512f" builds the portable loops, for tests)."""
+    return FLAGS + tuple(os.environ.get("SLIMLM_KERNEL_CFLAGS", "").split())
+
+
 _reasons: dict[str, str] = {}
 
 
@@ -66,7 +73,7 @@ def load_kernel(name: str) -> ctypes.CDLL | None:
     source = (SOURCE_DIR / f"{name}.c").read_bytes()
     key = hashlib.sha256(
         b"\0".join(
-            [source, " ".join(FLAGS).encode(), _compiler_version(cc).encode(), _cpu_signature().encode()]
+            [source, " ".join(_flags()).encode(), _compiler_version(cc).encode(), _cpu_signature().encode()]
         )
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
@@ -92,7 +99,7 @@ def _compile(cc: str, source: Path, target: Path) -> str | None:
         return f"cannot write the kernel cache {target.parent}: {exc} (set SLIMLM_KERNEL_CACHE)"
     try:
         done = subprocess.run(
-            [cc, *FLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=300
+            [cc, *_flags(), "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=300
         )
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]

@@ -190,6 +190,16 @@ static void attend_head(const slim_model *m, const slim_layer *l, const float *q
     for (int64_t i = 0; i < d; i++) out[i] /= total;
 }
 
+/* 1 when built with the AVX512-BF16 GEMM tiles; 0 for the portable loops (correct, but slower than
+ * PyTorch's kernels, so the engine only picks them when asked). */
+int slim_fast_path(void) {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Floats of scratch `work` must hold for a step of `batch` sequences (one or more). */
 int64_t slim_work_floats(const slim_model *m, int64_t batch) {
     int64_t qkv = (m->heads + 2 * m->kv_heads) * m->head_dim;
@@ -301,10 +311,13 @@ int slim_decode(const slim_model *m, int64_t batch, const int64_t *tokens, const
                       float *logits) {
     int64_t d = m->head_dim, h = m->heads, kvh = m->kv_heads, hid = m->hidden, inter = m->inter;
     int64_t nqkv = (h + 2 * kvh) * d;
-    for (int64_t b = 0; b < batch; b++)
+    for (int64_t b = 0; b < batch; b++) {
         if (positions[b] < 0 || positions[b] + 1 > m->max_ctx || positions[b] / m->block_size >= n_table ||
             tokens[b] < 0 || tokens[b] >= m->vocab)
             return 1;
+        for (int64_t i = 0; i <= positions[b] / m->block_size; i++) /* every block the step touches */
+            if (tables[b * n_table + i] < 0 || tables[b * n_table + i] >= m->num_blocks) return 1;
+    }
     int threads = (int)m->threads;
     float *x = m->work, *hn = x + batch * hid, *qkv = hn + batch * hid, *attn = qkv + batch * nqkv;
     float *gate_up = attn + batch * h * d;

@@ -154,9 +154,10 @@ class FusedDecoder:
 
     @classmethod
     def create(
-        cls, model: nn.Module, cache, max_ctx: int, max_batch: int = 1
+        cls, model: nn.Module, cache, max_ctx: int, max_batch: int = 1, require_fast: bool = False
     ) -> tuple[FusedDecoder | None, str]:
-        """(decoder, "C kernel") where it can run, else (None, why not)."""
+        """(decoder, "C kernel") where it can run, else (None, why not). `require_fast`: only where the
+        CPU has the AVX512-BF16 GEMM tiles (the portable build is slower than PyTorch's kernels)."""
         reason = _why_not(model, cache)
         if reason is not None:
             return None, reason
@@ -164,7 +165,18 @@ class FusedDecoder:
         if lib is None:
             return None, kernel_unavailable_reason(KERNEL) or "the C kernel could not be built"
         _declare(lib)
-        return cls(lib, model, cache, max_ctx, max_batch), "C kernel"
+        if require_fast and not lib.slim_fast_path():
+            return (
+                None,
+                "this CPU has no AVX512-BF16, which the C kernel's fast path needs (--decode-kernel c forces it)",
+            )
+        return cls(
+            lib, model, cache, max_ctx, max_batch
+        ), "C kernel" if lib.slim_fast_path() else "C kernel (portable)"
+
+    @property
+    def scratch_bytes(self) -> int:
+        return self._work.numel() * self._work.element_size()
 
     def decode(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """One new token for each sequence -> float32 logits [len(tokens), vocab]."""
@@ -187,7 +199,18 @@ class FusedDecoder:
         return logits
 
 
+def fast_kernel_available() -> bool:
+    """The kernel builds here and has its AVX512-BF16 fast path."""
+    lib = load_kernel(KERNEL)
+    if lib is None:
+        return False
+    _declare(lib)
+    return bool(lib.slim_fast_path())
+
+
 def _declare(lib: ctypes.CDLL) -> None:
+    lib.slim_fast_path.argtypes = []
+    lib.slim_fast_path.restype = ctypes.c_int
     lib.slim_work_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64]
     lib.slim_work_floats.restype = ctypes.c_int64
     lib.slim_decode.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, *[_ptr] * 5, ctypes.c_int64, _ptr]

@@ -196,6 +196,13 @@ def test_kernel_after_a_prefix_cache_hit_gives_the_same_tokens(smollm_bf16):
 def test_decode_kernel_choice_and_errors(smollm_bf16, smollm):
     torch_llm = LLM.from_loaded(smollm_bf16, max_num_seqs=1, kv_cache_tokens=64, decode_kernel="torch")
     assert torch_llm.engine.runner.fused is None and torch_llm.engine.decode_kernel == "torch (asked for)"
+    assert torch_llm.memory_report()["decode_kernel_scratch_bytes"] == 0
+    c_llm = LLM.from_loaded(
+        copy.deepcopy(smollm_bf16), weights_layout="plain", max_num_seqs=8, kv_cache_tokens=64
+    )
+    report = c_llm.memory_report()
+    assert report["decode_kernel"] == "C kernel" and "decode steps on C kernel" in c_llm.memory_report_text()
+    assert report["decode_kernel_scratch_bytes"] == c_llm.engine.runner.fused._work.nbytes > 0
     fp32 = LLM.from_loaded(smollm, kv_cache_tokens=64)  # float32 weights: PyTorch, with the reason
     assert fp32.engine.runner.fused is None
     assert "bf16" in fp32.engine.decode_kernel and fp32.memory_report()["decode_kernel"].startswith("torch (")
@@ -240,6 +247,31 @@ def test_build_caches_by_key_and_reports_a_broken_compiler(tmp_path, monkeypatch
         build.load_kernel.cache_clear()
 
 
+def test_portable_build_without_avx512_is_correct_but_never_picked_automatically(tmp_path, monkeypatch):
+    """CPUs without AVX512-BF16 get the plain C loops: same answers, used only with --decode-kernel c."""
+    monkeypatch.setenv("SLIMLM_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("SLIMLM_KERNEL_CFLAGS", "-mno-avx512f")
+    build.load_kernel.cache_clear()
+    try:
+        hf = make_hf_model("qwen2")
+        model = slimlm_from_hf(hf, torch.bfloat16)
+        reference = copy.deepcopy(model).float()
+        prepare_linears(model, "plain")
+        cache = PagedKVCache(model.config, num_blocks=8, block_size=4, dtype=torch.bfloat16)
+        cache.prepare_blocks(range(8))
+        decoder, why = FusedDecoder.create(model, cache, max_ctx=32, require_fast=True)
+        assert decoder is None and "AVX512-BF16" in why
+        decoder, why = FusedDecoder.create(model, cache, max_ctx=32, max_batch=2)
+        assert why == "C kernel (portable)"
+        tokens = [3, 99, 41, 7, 120, 56, 2, 88, 64, 15]
+        fused = torch.cat([decoder.decode([t], [p], [[5, 1, 6]]) for p, t in enumerate(tokens)])
+        expected = _incremental_logits(reference, tokens)
+        assert (fused - expected).abs().max() < 0.02 * expected.abs().max()
+        assert torch.equal(fused.argmax(-1), expected.argmax(-1))
+    finally:
+        build.load_kernel.cache_clear()
+
+
 def test_kernel_refuses_positions_outside_its_table():
     config = ModelConfig.from_hf_dict(make_hf_model("llama").config.to_dict())
     model = slimlm_from_hf(make_hf_model("llama"), torch.bfloat16)
@@ -250,5 +282,7 @@ def test_kernel_refuses_positions_outside_its_table():
         decoder.decode([3], [8], [[0, 1]])  # past max_ctx
     with pytest.raises(ValueError, match=r"refused positions \[1, 5\]"):
         decoder.decode([3, 3], [1, 5], [[0], [2]])  # block 1 of the second sequence is not in its table
+    with pytest.raises(ValueError, match=r"refused positions \[1\]"):
+        decoder.decode([3], [1], [[4]])  # the pool has blocks 0-3 only: never read or written outside it
     with pytest.raises(ValueError, match="scratch for 2 sequences, got 3"):
         decoder.decode([3, 3, 3], [1, 1, 1], [[0], [1], [2]])
