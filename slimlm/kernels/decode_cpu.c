@@ -220,6 +220,9 @@ static void to_bf16_rows(const float *x, bf16 *out, int64_t n) {
  * 4-row tiles prefetch the rows after them: without it they wait on memory (84 against 132 GMAC/s at
  * 16 sequences); single rows stream in address order, which the hardware prefetcher already follows. */
 #define PREFETCH_ROWS 8
+#ifndef ROW_TILE_BATCH
+#define ROW_TILE_BATCH 8
+#endif
 static inline __attribute__((always_inline)) void gemm_tile(const bf16 *w, const bf16 *xb, float *y, int64_t ldy,
                                                             int64_t k_len, const int nr, const int nb) {
     __m512 acc[4][4];
@@ -257,11 +260,21 @@ static inline __attribute__((always_inline)) void gemm_tile(const bf16 *w, const
         for (int c = 0; c < nb; c++) y[c * ldy + r] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
-/* Up to 4 weight rows for every sequence of the step (batches of 4 and more). */
+/* One weight row for every sequence of the step, 4 sequences per tile. */
+static void gemm_row(const bf16 *w, const bf16 *xb, float *y, int64_t ldy, int64_t k, int64_t batch) {
+    int64_t b0 = 0;
+    for (; b0 + 4 <= batch; b0 += 4) gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, 1, 4);
+    switch (batch - b0) {
+    case 3: gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, 1, 3); break;
+    case 2: gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, 1, 2); break;
+    case 1: gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, 1, 1); break;
+    }
+}
+
+/* Up to 4 weight rows for every sequence of the step (large batches). */
 static void gemm_rows(const bf16 *w, const bf16 *xb, float *y, int64_t ldy, int64_t k, int64_t nr, int64_t batch) {
     if (nr < 4) {
-        for (int64_t r = 0; r < nr; r++)
-            for (int64_t b = 0; b < batch; b++) gemm_tile(w + r * k, xb + b * k, y + b * ldy + r, ldy, k, 1, 1);
+        for (int64_t r = 0; r < nr; r++) gemm_row(w + r * k, xb, y + r, ldy, k, batch);
         return;
     }
     int64_t b0 = 0;
@@ -279,13 +292,9 @@ static void gemm_rows(const bf16 *w, const bf16 *xb, float *y, int64_t ldy, int6
 static void gemm(const bf16 *w, const bf16 *xb, float *y, int64_t ldy, int64_t batch, int64_t rows, int64_t k,
                  int threads) {
 #ifdef __AVX512BF16__
-    if (batch < 4) { /* bandwidth-bound: one row at a time streams memory in order (28 vs 12 GB/s) */
+    if (batch < ROW_TILE_BATCH) { /* bandwidth-bound: one row at a time streams memory in order */
 #pragma omp parallel for num_threads(threads) schedule(guided, 32)
-        for (int64_t n = 0; n < rows; n++) {
-            if (batch == 1) gemm_tile(w + n * k, xb, y + n, ldy, k, 1, 1);
-            else if (batch == 2) gemm_tile(w + n * k, xb, y + n, ldy, k, 1, 2);
-            else gemm_tile(w + n * k, xb, y + n, ldy, k, 1, 3);
-        }
+        for (int64_t n = 0; n < rows; n++) gemm_row(w + n * k, xb, y + n, ldy, k, batch);
         return;
     }
 #pragma omp parallel for num_threads(threads) schedule(guided, 8)

@@ -69,19 +69,21 @@ def test_kernel_logits_match_a_float32_run_of_the_same_weights(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_a_sequence_gets_the_same_bits_whatever_else_is_in_the_batch(arch):
-    """Batches of 1, 3 (single-row tiles) and 6 (4x4 tiles plus a remainder) at mixed lengths."""
+    """Mixed lengths, so the live batch shrinks step by step: 10 and 9 sequences run on 4x4 tiles with
+    remainders, 7 down to 2 on single-row tiles, 1 alone; each sequence also runs by itself."""
     model = slimlm_from_hf(make_hf_model(arch), torch.bfloat16)
     prepare_linears(model, "plain")
     gen = torch.Generator().manual_seed(3)
-    lengths = [5, 17, 1, 9, 14, 3]
-    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
-    tables = [[6 * i + j for j in range(5)] for i in range(6)]  # 5 blocks of 4 per sequence
+    lengths = [5, 17, 1, 9, 14, 3, 11, 2, 7, 16]
+    n = len(lengths)
+    prompts = [torch.randint(0, model.config.vocab_size, (k,), generator=gen).tolist() for k in lengths]
+    tables = [[5 * i + j for j in range(5)] for i in range(n)]  # 5 blocks of 4 per sequence
 
     def run(batch: list[int]) -> dict[int, torch.Tensor]:
         """Feed the chosen sequences their tokens, all together where they overlap; last logits each."""
-        cache = PagedKVCache(model.config, num_blocks=36, block_size=4, dtype=torch.bfloat16)
-        cache.prepare_blocks(range(36))
-        decoder, _ = FusedDecoder.create(model, cache, max_ctx=20, max_batch=6)
+        cache = PagedKVCache(model.config, num_blocks=5 * n, block_size=4, dtype=torch.bfloat16)
+        cache.prepare_blocks(range(5 * n))
+        decoder, _ = FusedDecoder.create(model, cache, max_ctx=20, max_batch=n)
         last = {}
         for pos in range(max(lengths[i] for i in batch)):
             live = [i for i in batch if pos < lengths[i]]
@@ -91,8 +93,8 @@ def test_a_sequence_gets_the_same_bits_whatever_else_is_in_the_batch(arch):
             last.update({i: logits[j] for j, i in enumerate(live) if pos == lengths[i] - 1})
         return last
 
-    together = run(list(range(6)))
-    for i in range(6):
+    together = run(list(range(n)))
+    for i in range(n):
         assert torch.equal(run([i])[i], together[i])
     assert torch.equal(run([0, 1, 2])[1], together[1])
 
