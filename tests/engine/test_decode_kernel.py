@@ -195,6 +195,25 @@ def test_kernel_after_a_prefix_cache_hit_gives_the_same_tokens(smollm_bf16):
     assert llm.engine.block_manager.num_free_blocks == llm.engine.budget.num_blocks
 
 
+def test_kernel_under_a_budget_that_forces_preemption_keeps_the_tokens(smollm_bf16):
+    """Six requests in a 96-token pool preempt one another; each resumes by re-prefilling its prefix on
+    the PyTorch path, then decodes on the kernel again. (bf16 prefill and the kernel round differently,
+    so a near-tie could in principle flip; on these prompts nothing does, and float32 runs are exact:
+    tests/engine/test_engine.py.)"""
+    from slimlm.bench.workload import REFERENCE_PROMPTS
+
+    model = copy.deepcopy(smollm_bf16)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    roomy = LLM.from_loaded(model, weights_layout="plain", kv_cache_tokens=2048, block_size=8,
+                            enable_prefix_caching=False)  # fmt: skip
+    expected = [o.token_ids for o in roomy.generate(REFERENCE_PROMPTS, params)]
+    tight = LLM.from_loaded(model, kv_cache_tokens=96, block_size=8, enable_prefix_caching=False)
+    got = [o.token_ids for o in tight.generate(REFERENCE_PROMPTS, params)]
+    assert tight.engine.decode_kernel == "C kernel" and tight.engine.stats.preemptions > 0
+    assert got == expected
+    assert tight.engine.block_manager.num_free_blocks == tight.engine.budget.num_blocks
+
+
 def test_decode_kernel_choice_and_errors(smollm_bf16, smollm):
     torch_llm = LLM.from_loaded(smollm_bf16, max_num_seqs=1, kv_cache_tokens=64, decode_kernel="torch")
     assert torch_llm.engine.runner.fused is None and torch_llm.engine.decode_kernel == "torch (asked for)"
