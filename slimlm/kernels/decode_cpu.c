@@ -260,15 +260,22 @@ static inline __attribute__((always_inline)) void gemm_tile(const bf16 *w, const
         for (int c = 0; c < nb; c++) y[c * ldy + r] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
-/* One weight row for every sequence of the step, 4 sequences per tile. */
+/* NR (a constant: 1 or 4) weight rows at w for every sequence of the step, 4 sequences per tile; the
+ * remainder tile keeps its own constant width so every call is specialised. */
+#define TILES_OVER_SEQUENCES(NR)                                                                     \
+    do {                                                                                             \
+        int64_t b0 = 0;                                                                              \
+        for (; b0 + 4 <= batch; b0 += 4) gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, NR, 4);    \
+        switch (batch - b0) {                                                                        \
+        case 3: gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, NR, 3); break;                       \
+        case 2: gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, NR, 2); break;                       \
+        case 1: gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, NR, 1); break;                       \
+        }                                                                                            \
+    } while (0)
+
+/* One weight row for every sequence of the step. */
 static void gemm_row(const bf16 *w, const bf16 *xb, float *y, int64_t ldy, int64_t k, int64_t batch) {
-    int64_t b0 = 0;
-    for (; b0 + 4 <= batch; b0 += 4) gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, 1, 4);
-    switch (batch - b0) {
-    case 3: gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, 1, 3); break;
-    case 2: gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, 1, 2); break;
-    case 1: gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, 1, 1); break;
-    }
+    TILES_OVER_SEQUENCES(1);
 }
 
 /* Up to 4 weight rows for every sequence of the step (large batches). */
@@ -277,13 +284,7 @@ static void gemm_rows(const bf16 *w, const bf16 *xb, float *y, int64_t ldy, int6
         for (int64_t r = 0; r < nr; r++) gemm_row(w + r * k, xb, y + r, ldy, k, batch);
         return;
     }
-    int64_t b0 = 0;
-    for (; b0 + 4 <= batch; b0 += 4) gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, 4, 4);
-    switch (batch - b0) {
-    case 3: gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, 4, 3); break;
-    case 2: gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, 4, 2); break;
-    case 1: gemm_tile(w, xb + b0 * k, y + b0 * ldy, ldy, k, 4, 1); break;
-    }
+    TILES_OVER_SEQUENCES(4);
 }
 #endif
 
