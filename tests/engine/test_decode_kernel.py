@@ -99,6 +99,41 @@ def test_a_sequence_gets_the_same_bits_whatever_else_is_in_the_batch(arch):
     assert torch.equal(run([0, 1, 2])[1], together[1])
 
 
+def test_odd_sizes_take_the_tail_paths_and_stay_exact():
+    """hidden 30 and intermediate 50 (GEMM inputs not a multiple of 32: masked tails), q/k/v 42 rows and
+    a 97-token vocab (row counts not a multiple of 4), head_dim 6: against float32 alone and in a batch
+    of 9 (4x4 tiles with remainders), and bit-identical between the two."""
+    import transformers
+
+    hf_config = transformers.LlamaConfig(vocab_size=97, hidden_size=30, intermediate_size=50, num_hidden_layers=2,
+                                         num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=32,
+                                         head_dim=6)  # fmt: skip
+    torch.manual_seed(0)
+    model = slimlm_from_hf(transformers.LlamaForCausalLM(hf_config).eval(), torch.bfloat16)
+    assert model.config.head_dim == 6
+    reference = copy.deepcopy(model).float()
+    prepare_linears(model, "plain")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 97, (6,), generator=gen).tolist() for _ in range(9)]
+    cache = PagedKVCache(model.config, num_blocks=9 * 2, block_size=4, dtype=torch.bfloat16)
+    cache.prepare_blocks(range(18))
+    decoder, why = FusedDecoder.create(model, cache, max_ctx=8, max_batch=9)
+    assert decoder is not None, why
+    tables = [[2 * i + 1, 2 * i] for i in range(9)]
+    steps = [decoder.decode([p[pos] for p in prompts], [pos] * 9, tables) for pos in range(6)]
+    together = torch.stack(steps, dim=1)  # [9, 6, vocab]
+    for i in range(9):
+        expected = _incremental_logits(reference, prompts[i])
+        assert (together[i] - expected).abs().max() < 0.02 * expected.abs().max()
+        assert torch.equal(together[i].argmax(-1), expected.argmax(-1))
+    alone_cache = PagedKVCache(model.config, num_blocks=2, block_size=4, dtype=torch.bfloat16)
+    alone_cache.prepare_blocks(range(2))
+    alone, _ = FusedDecoder.create(model, alone_cache, max_ctx=8)
+    for i in (0, 8):
+        rows = torch.cat([alone.decode([t], [pos], [[1, 0]]) for pos, t in enumerate(prompts[i])])
+        assert torch.equal(rows, together[i])
+
+
 def test_kernel_writes_the_pool_the_pytorch_path_reads():
     """K/V written by the kernel sit where the paged cache's own attention finds them."""
     model = slimlm_from_hf(make_hf_model("llama"), torch.bfloat16)
