@@ -63,7 +63,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--decode-kernel",
         default="auto",
-        help="one-sequence decode steps: c (slimlm's whole-model C kernel; bf16 plain weights on CPU) | "
+        help="decode steps: c (slimlm's whole-model C kernel; bf16 plain weights on CPU) | "
         "torch (PyTorch ops) | auto (c where it can run, default)",
     )
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")

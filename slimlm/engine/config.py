@@ -8,7 +8,7 @@ from slimlm.errors import SlimlmError
 
 KV_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
 QUANT_POLICY_TO_KV_DTYPE = {0: "auto", 8: "int8", 4: "int4"}
-# "auto": the whole-model C kernel for one-sequence decode steps where it can run, else PyTorch;
+# "auto": the whole-model C kernel for decode steps where it can run, else PyTorch;
 # "c": the same, but an error where it cannot; "torch": PyTorch ops only (slimlm.kernels.fused_decode).
 DECODE_KERNELS = ("auto", "c", "torch")
 

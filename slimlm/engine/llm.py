@@ -80,6 +80,8 @@ def c_decode_kernel_will_run(engine_config: EngineConfig, model: torch.nn.Module
     param = next(model.parameters())
     if engine_config.decode_kernel == "torch" or param.device.type != "cpu" or param.dtype != torch.bfloat16:
         return False
+    if engine_config.kv_dtype in ("fp32", "fp16"):  # the kernel reads bf16, int8 and int4 pools
+        return False
     from slimlm.kernels.build import load_kernel
     from slimlm.kernels.fused_decode import fast_kernel_available
 

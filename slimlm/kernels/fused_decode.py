@@ -1,8 +1,8 @@
-"""The engine's one-sequence decode step as one C call for the whole model (kernels/decode_cpu.c).
+"""The engine's decode step as one C call for the whole model (kernels/decode_cpu.c).
 
 `FusedDecoder.create` checks the model and the KV pool fit the kernel (CPU, bf16 weights on plain rows,
-a bf16 paged pool, Llama-family layers with fused q/k/v and gate/up) and otherwise says why not, so the
-engine keeps its PyTorch path. The kernel reads the model's and the pool's own tensors (no copies):
+the bf16, int8 or int4 paged pool, Llama-family layers with fused q/k/v and gate/up) and otherwise says
+why not, so the engine keeps its PyTorch path. The kernel reads the model's and the pool's own tensors (no copies):
 the decoder keeps references to them, and the engine builds it after the weights are laid out.
 """
 
@@ -34,12 +34,16 @@ class _Layer(ctypes.Structure):
             "post_norm",
             "k_cache",
             "v_cache",
+            "k_scale",
+            "v_scale",
+            "k_zero",
+            "v_zero",
         )
     ]
 
 
 _DIMS = ("hidden", "inter", "heads", "kv_heads", "head_dim", "layers", "vocab")
-_CACHE_DIMS = ("block_size", "num_blocks", "window", "max_ctx", "threads")
+_CACHE_DIMS = ("block_size", "num_blocks", "window", "max_ctx", "threads", "kv_bits")
 
 
 class _Model(ctypes.Structure):
@@ -47,6 +51,7 @@ class _Model(ctypes.Structure):
         *[(name, ctypes.c_int64) for name in (*_DIMS, *_CACHE_DIMS)],
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
+        ("rotation", _ptr),
         ("embed", _ptr),
         ("final_norm", _ptr),
         ("lm_head", _ptr),
@@ -64,16 +69,29 @@ def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
     return None
 
 
+MAX_HEAD_DIM = 512  # decode_cpu.c's MAX_HEAD_DIM
+
+
+def _kv_bits(cache) -> int | None:
+    """16 for the bf16 paged pool, 8 / 4 for the int8 / int4 pools, None for anything else."""
+    from slimlm.kv.paged import PagedKVCache
+    from slimlm.kv.quantized import Int4PagedKVCache, Int8PagedKVCache
+
+    if type(cache) is PagedKVCache:
+        return 16 if cache.k.dtype == torch.bfloat16 else None
+    return {Int8PagedKVCache: 8, Int4PagedKVCache: 4}.get(type(cache))
+
+
 def _why_not(model: nn.Module, cache) -> str | None:
     """None when the kernel can run this model over this cache; else the reason, for the memory report."""
-    from slimlm.kv.paged import PagedKVCache
-
     if not isinstance(model, LlamaForCausalLM):
         return f"{type(model).__name__} is not a Llama-family model"
-    if type(cache) is not PagedKVCache or cache.k.dtype != torch.bfloat16:
-        return "the C decode kernel reads a bf16 paged KV pool only"
-    if cache.k.device.type != "cpu":
+    if _kv_bits(cache) is None:
+        return "the C decode kernel reads the bf16, int8 and int4 paged KV pools only"
+    if cache.storage_tensors()[0].device.type != "cpu":
         return "the C decode kernel is for CPU"
+    if cache.head_dim > MAX_HEAD_DIM:
+        return f"the C decode kernel takes head_dim up to {MAX_HEAD_DIM}"
     embed = model.model.embed_tokens
     if type(embed) is not nn.Embedding or _plain_weight(model.lm_head) is None:
         return "the embedding or lm_head is quantized (the C decode kernel reads bf16 rows)"
@@ -117,9 +135,13 @@ class FusedDecoder:
             self._keep.append(t)
             return t.data_ptr()
 
+        kv_bits = _kv_bits(cache)
+        quantized = kv_bits != 16
+        extras = (cache.k_scale, cache.v_scale, cache.k_zero, cache.v_zero) if quantized else (None,) * 4
         layers = (_Layer * cfg.num_hidden_layers)()
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
+            k_pool, v_pool = (cache.k_codes, cache.v_codes) if quantized else (cache.k, cache.v)
             layers[i] = _Layer(
                 ptr(_plain_weight(attn.qkv_proj)),
                 ptr(attn.qkv_proj.bias),
@@ -128,8 +150,9 @@ class FusedDecoder:
                 ptr(_plain_weight(mlp.down_proj)),
                 ptr(layer.input_layernorm.weight),
                 ptr(layer.post_attention_layernorm.weight),
-                ptr(cache.k[i]),
-                ptr(cache.v[i]),
+                ptr(k_pool[i]),
+                ptr(v_pool[i]),
+                *(None if t is None else ptr(t[i]) for t in extras),
             )
         self._layers = layers
         m = _Model()
@@ -142,7 +165,8 @@ class FusedDecoder:
             setattr(m, name, value)
         m.block_size, m.num_blocks = cache.block_size, cache.num_blocks
         m.window, m.max_ctx, m.threads = cfg.sliding_window or 0, max_ctx, torch.get_num_threads()
-        m.eps, m.scale = cfg.rms_norm_eps, cache.scale
+        m.eps, m.scale, m.kv_bits = cfg.rms_norm_eps, cache.scale, kv_bits
+        m.rotation = ptr(cache.rotation.float().contiguous()) if quantized else None
         m.embed, m.final_norm = ptr(model.model.embed_tokens.weight), ptr(model.model.norm.weight)
         m.lm_head = ptr(_plain_weight(model.lm_head))
         m.layer = layers

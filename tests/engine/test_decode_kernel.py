@@ -18,6 +18,7 @@ from slimlm.kernels.fused_decode import FusedDecoder
 from slimlm.kv.contiguous import ContiguousKVCache
 from slimlm.kv.metadata import AttnMetadata
 from slimlm.kv.paged import PagedKVCache
+from slimlm.kv.quantized import Int4PagedKVCache, Int8PagedKVCache
 from slimlm.models.prepack import prepare_linears
 from tests.tiny_models import make_hf_model, slimlm_from_hf
 
@@ -132,6 +133,71 @@ def test_odd_sizes_take_the_tail_paths_and_stay_exact():
     for i in (0, 8):
         rows = torch.cat([alone.decode([t], [pos], [[1, 0]]) for pos, t in enumerate(prompts[i])])
         assert torch.equal(rows, together[i])
+
+
+def _paged_incremental_logits(model, cache, tokens: list[int], table: list[int]) -> torch.Tensor:
+    """Eager logits [len, vocab], one token per step through `cache.attend` (any paged pool)."""
+    bs, rows = cache.block_size, []
+    with torch.inference_mode():
+        for pos, token in enumerate(tokens):
+            meta = AttnMetadata(
+                query_lens=[1],
+                context_lens=[pos + 1],
+                block_tables=torch.tensor([table]),
+                slot_mapping=torch.tensor([table[pos // bs] * bs + pos % bs]),
+            )
+            rows.append(model.compute_logits(model(torch.tensor([token]), torch.tensor([pos]), cache, meta))[0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("pool", [Int8PagedKVCache, Int4PagedKVCache])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_kernel_on_quantized_kv_pools_is_closer_to_float32_than_pytorch_bf16(arch, pool):
+    """int8 / int4 pools (codes, fp16 scale, uint8 zero, K/V turned by the Hadamard): against a float32
+    model over the same kind of pool, the kernel is no further off than PyTorch's bf16 path."""
+    model = slimlm_from_hf(make_hf_model(arch), torch.bfloat16)
+    reference = copy.deepcopy(model).float()
+    prepare_linears(model, "plain")
+    tokens = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    table = [9, 2, 11, 0, 5, 7]
+
+    def pool_of(dtype):
+        cache = pool(model.config, num_blocks=12, block_size=4, dtype=dtype)
+        cache.prepare_blocks(range(12))
+        return cache
+
+    decoder, why = FusedDecoder.create(model, pool_of(torch.bfloat16), max_ctx=32)
+    assert why == "C kernel"
+    fused = torch.cat([decoder.decode([t], [p], [table]) for p, t in enumerate(tokens)])
+    expected = _paged_incremental_logits(reference, pool_of(torch.float32), tokens, table)
+    eager_bf16 = _paged_incremental_logits(model, pool_of(torch.bfloat16), tokens, table)
+    fused_err = (fused - expected).abs().max()
+    assert fused_err < 0.02 * expected.abs().max()
+    assert fused_err <= (eager_bf16 - expected).abs().max()
+    assert torch.equal(fused.argmax(-1), expected.argmax(-1))
+
+
+def test_kernel_on_an_int4_pool_with_a_random_turn():
+    """head_dim 6 is no power of two: the pool turns K/V by a fixed random orthogonal matrix instead."""
+    import transformers
+
+    hf_config = transformers.LlamaConfig(vocab_size=97, hidden_size=30, intermediate_size=50, num_hidden_layers=2,
+                                         num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=32,
+                                         head_dim=6)  # fmt: skip
+    torch.manual_seed(0)
+    model = slimlm_from_hf(transformers.LlamaForCausalLM(hf_config).eval(), torch.bfloat16)
+    reference = copy.deepcopy(model).float()
+    prepare_linears(model, "plain")
+    tokens = [5, 17, 96, 3, 42, 8, 61, 0, 33]
+    cache = Int4PagedKVCache(model.config, num_blocks=4, block_size=4, dtype=torch.bfloat16)
+    ref_cache = Int4PagedKVCache(model.config, num_blocks=4, block_size=4, dtype=torch.float32)
+    for c in (cache, ref_cache):
+        c.prepare_blocks(range(4))
+    decoder, _ = FusedDecoder.create(model, cache, max_ctx=16)
+    fused = torch.cat([decoder.decode([t], [p], [[3, 1, 2]]) for p, t in enumerate(tokens)])
+    expected = _paged_incremental_logits(reference, ref_cache, tokens, [3, 1, 2])
+    assert (fused - expected).abs().max() < 0.02 * expected.abs().max()
+    assert torch.equal(fused.argmax(-1), expected.argmax(-1))
 
 
 def test_kernel_writes_the_pool_the_pytorch_path_reads():
@@ -266,8 +332,8 @@ def test_decode_kernel_choice_and_errors(smollm_bf16, smollm):
         LLM.from_loaded(smollm, kv_cache_tokens=64, decode_kernel="c")
     with pytest.raises(SlimlmError, match="unknown decode kernel 'fast'; choose one of auto, c, torch"):
         LLM.from_loaded(smollm, kv_cache_tokens=64, decode_kernel="fast")
-    int8 = LLM.from_loaded(smollm_bf16, max_num_seqs=1, kv_cache_tokens=64, kv_dtype="int8")
-    assert int8.engine.runner.fused is None and "paged KV pool" in int8.engine.decode_kernel
+    fp32_pool = LLM.from_loaded(smollm_bf16, max_num_seqs=1, kv_cache_tokens=64, kv_dtype="fp32")
+    assert fp32_pool.engine.runner.fused is None and "int8 and int4 paged KV pools" in fp32_pool.engine.decode_kernel
 
 
 def test_cli_rejects_an_unknown_decode_kernel_in_one_line():
