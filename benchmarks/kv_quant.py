@@ -11,7 +11,7 @@
    ignored, so every run generates the same tokens) with a KV budget that holds ~4 such sequences in bf16;
    the model runs in `--dtype` (bfloat16 by default, what `auto` picks on this CPU).
 
-The defaults take ~5-10 minutes on 2 cores. Writes benchmarks/results/kv_quant_<device>.json.
+The defaults take ~5-10 minutes on 2 cores. Writes benchmarks/results/kv_quant_<device>.json (or --out).
 """
 
 from __future__ import annotations
@@ -189,6 +189,7 @@ def main() -> None:
     ap.add_argument("--seqs-in-bf16", type=int, default=4)
     ap.add_argument("--dtype", default="bfloat16", help="model dtype of the throughput run")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: capacity,quality,throughput")
+    ap.add_argument("--out", default=None, help="results file (default results/kv_quant_<device>.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
@@ -226,7 +227,7 @@ def main() -> None:
             )
     result["total_s"] = time.perf_counter() - start
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(__file__).parent / "results" / f"kv_quant_{device}.json"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"kv_quant_{device}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out} ({result['total_s']:.0f} s)")
 

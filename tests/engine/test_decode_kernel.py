@@ -146,7 +146,9 @@ def _paged_incremental_logits(model, cache, tokens: list[int], table: list[int])
                 block_tables=torch.tensor([table]),
                 slot_mapping=torch.tensor([table[pos // bs] * bs + pos % bs]),
             )
-            rows.append(model.compute_logits(model(torch.tensor([token]), torch.tensor([pos]), cache, meta))[0])
+            rows.append(
+                model.compute_logits(model(torch.tensor([token]), torch.tensor([pos]), cache, meta))[0]
+            )
     return torch.stack(rows)
 
 
@@ -333,7 +335,10 @@ def test_decode_kernel_choice_and_errors(smollm_bf16, smollm):
     with pytest.raises(SlimlmError, match="unknown decode kernel 'fast'; choose one of auto, c, torch"):
         LLM.from_loaded(smollm, kv_cache_tokens=64, decode_kernel="fast")
     fp32_pool = LLM.from_loaded(smollm_bf16, max_num_seqs=1, kv_cache_tokens=64, kv_dtype="fp32")
-    assert fp32_pool.engine.runner.fused is None and "int8 and int4 paged KV pools" in fp32_pool.engine.decode_kernel
+    assert (
+        fp32_pool.engine.runner.fused is None
+        and "int8 and int4 paged KV pools" in fp32_pool.engine.decode_kernel
+    )
 
 
 def test_cli_rejects_an_unknown_decode_kernel_in_one_line():
