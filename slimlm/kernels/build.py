@@ -70,7 +70,10 @@ def load_kernel(name: str) -> ctypes.CDLL | None:
     if cc is None:
         _reasons[name] = "no C compiler found (install gcc, or set CC)"
         return None
-    source = (SOURCE_DIR / f"{name}.c").read_bytes()
+    # The .c file and every header beside it: a change to any of them is a new library.
+    source = b"".join(
+        path.read_bytes() for path in [SOURCE_DIR / f"{name}.c", *sorted(SOURCE_DIR.glob("*.h"))]
+    )
     key = hashlib.sha256(
         b"\0".join(
             [source, " ".join(_flags()).encode(), _compiler_version(cc).encode(), _cpu_signature().encode()]

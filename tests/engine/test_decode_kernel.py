@@ -374,6 +374,25 @@ def test_build_caches_by_key_and_reports_a_broken_compiler(tmp_path, monkeypatch
         build.load_kernel.cache_clear()
 
 
+def test_a_changed_header_builds_a_new_library(tmp_path, monkeypatch):
+    import shutil
+
+    sources = tmp_path / "src"
+    shutil.copytree(build.SOURCE_DIR, sources, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    monkeypatch.setattr(build, "SOURCE_DIR", sources)
+    monkeypatch.setenv("SLIMLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    build.load_kernel.cache_clear()
+    try:
+        assert build.load_kernel("decode_cpu") is not None
+        with open(sources / "gemm.h", "a") as f:
+            f.write("\n/* edited */\n")
+        build.load_kernel.cache_clear()
+        assert build.load_kernel("decode_cpu") is not None
+        assert len(list((tmp_path / "cache").glob("decode_cpu-*.so"))) == 2
+    finally:
+        build.load_kernel.cache_clear()
+
+
 def test_portable_build_without_avx512_is_correct_but_never_picked_automatically(tmp_path, monkeypatch):
     """CPUs without AVX512-BF16 get the plain C loops: same answers, used only with --decode-kernel c."""
     monkeypatch.setenv("SLIMLM_KERNEL_CACHE", str(tmp_path))

@@ -1,0 +1,165 @@
+/* The engine's paged KV pools, read and written in place: the bf16 pool (slimlm/kv/paged.py) and the
+ * int8/int4 pools (slimlm/kv/quantized.py); and one query head's attention over a sequence's blocks. */
+#pragma once
+#include "model.h"
+#include "numerics.h"
+
+/* fp16 <-> float32 for the quantized pools' scales (round to nearest even, subnormals kept). */
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    x &= 0x7fffffffu;
+    if (x >= 0x47800000u) return sign | (x > 0x7f800000u ? 0x7e00 : 0x7c00); /* overflow, inf, nan */
+    if (x < 0x38800000u) {                                                 /* fp16 subnormal or zero */
+        float a;
+        memcpy(&a, &x, 4);
+        return sign | (uint16_t)rintf(a * 16777216.0f); /* units of 2^-24 */
+    }
+    x += 0xc8000fffu + ((x >> 13) & 1u); /* exponent rebias (-112), then round to nearest even */
+    return sign | (uint16_t)(x >> 13);
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0) {
+        float f = (float)man * 5.9604644775390625e-8f; /* 2^-24 */
+        return sign ? -f : f;
+    }
+    bits = sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* The bf16 pool: heads first, [KVH, blocks, block_size, D]. */
+static inline int64_t slot_offset(const slim_model *m, int64_t kv_head, int64_t block, int64_t offset) {
+    return ((kv_head * m->num_blocks + block) * m->block_size + offset) * m->head_dim;
+}
+
+/* The quantized pools: token major, [blocks, block_size, KVH]; codes take D * bits / 8 bytes. */
+static inline int64_t token_head(const slim_model *m, int64_t kv_head, int64_t block, int64_t offset) {
+    return (block * m->block_size + offset) * m->kv_heads + kv_head;
+}
+
+/* slimlm/kv/quant_ops.quantize for one vector: asymmetric codes over [min(x, 0), max(x, 0)], an fp16
+ * scale, a uint8 zero point; int4 puts element i in the low nibble, i + D/2 in the high one. */
+static void quantize_vector(const float *x, int64_t d, int bits, uint8_t *codes, uint16_t *scale, uint8_t *zero) {
+    float levels = (float)((1 << bits) - 1), lo = 0.0f, hi = 0.0f;
+    for (int64_t i = 0; i < d; i++) {
+        if (x[i] < lo) lo = x[i];
+        if (x[i] > hi) hi = x[i];
+    }
+    float s = (hi - lo) / levels;
+    s = s < 5.9604644775390625e-8f ? 5.9604644775390625e-8f : (s > 65504.0f ? 65504.0f : s);
+    *scale = f32_to_f16(s);
+    s = f16_to_f32(*scale); /* quantize against the scale as stored */
+    float z = rintf(-lo / s);
+    z = z < 0.0f ? 0.0f : (z > levels ? levels : z);
+    *zero = (uint8_t)z;
+    for (int64_t i = 0; i < d; i++) {
+        float c = rintf(x[i] / s + z);
+        uint8_t q = (uint8_t)(c < 0.0f ? 0.0f : (c > levels ? levels : c));
+        if (bits == 8) codes[i] = q;
+        else if (i < d / 2) codes[i] = q;
+        else codes[i - d / 2] |= (uint8_t)(q << 4);
+    }
+}
+
+static inline float code_at(const uint8_t *codes, int64_t i, int64_t d, int bits) {
+    if (bits == 8) return (float)codes[i];
+    return (float)(i < d / 2 ? codes[i] & 0xF : codes[i - d / 2] >> 4);
+}
+
+/* Write one token's K and V (float32, RoPE applied, turned for quantized pools) for one KV head. */
+static void kv_write(const slim_model *m, const slim_layer *l, int64_t g, int64_t block, int64_t offset,
+                     const float *k, const float *v) {
+    int64_t d = m->head_dim;
+    if (m->kv_bits == 16) {
+        bf16 *kd = (bf16 *)l->k_cache + slot_offset(m, g, block, offset);
+        bf16 *vd = (bf16 *)l->v_cache + slot_offset(m, g, block, offset);
+        for (int64_t i = 0; i < d; i++) {
+            kd[i] = f32_to_bf16(k[i]);
+            vd[i] = f32_to_bf16(v[i]);
+        }
+        return;
+    }
+    int bits = (int)m->kv_bits;
+    int64_t th = token_head(m, g, block, offset), bytes = d * bits / 8;
+    quantize_vector(k, d, bits, (uint8_t *)l->k_cache + th * bytes, l->k_scale + th, l->k_zero + th);
+    quantize_vector(v, d, bits, (uint8_t *)l->v_cache + th * bytes, l->v_scale + th, l->v_zero + th);
+}
+
+/* q . k for the key at (block, offset): for quantized keys s * (sum(c q) - z * sum(q)). */
+static inline float key_dot(const slim_model *m, const slim_layer *l, int64_t g, int64_t block, int64_t offset,
+                            const float *q, float q_sum) {
+    int64_t d = m->head_dim;
+    if (m->kv_bits == 16) return dot_bf16((const bf16 *)l->k_cache + slot_offset(m, g, block, offset), q, d);
+    int bits = (int)m->kv_bits;
+    int64_t th = token_head(m, g, block, offset);
+    const uint8_t *c = (const uint8_t *)l->k_cache + th * (d * bits / 8);
+    float acc = 0.0f;
+    for (int64_t i = 0; i < d; i++) acc += code_at(c, i, d, bits) * q[i];
+    return f16_to_f32(l->k_scale[th]) * (acc - (float)l->k_zero[th] * q_sum);
+}
+
+/* out += p * v for the value at (block, offset). */
+static inline void value_add(const slim_model *m, const slim_layer *l, int64_t g, int64_t block, int64_t offset,
+                             float p, float *out) {
+    int64_t d = m->head_dim;
+    if (m->kv_bits == 16) {
+        const bf16 *v = (const bf16 *)l->v_cache + slot_offset(m, g, block, offset);
+        for (int64_t i = 0; i < d; i++) out[i] += p * bf16_to_f32(v[i]);
+        return;
+    }
+    int bits = (int)m->kv_bits;
+    int64_t th = token_head(m, g, block, offset);
+    const uint8_t *c = (const uint8_t *)l->v_cache + th * (d * bits / 8);
+    float ps = p * f16_to_f32(l->v_scale[th]), z = (float)l->v_zero[th];
+    for (int64_t i = 0; i < d; i++) out[i] += ps * (code_at(c, i, d, bits) - z);
+}
+
+/* x <- x R (transpose = 0) or x R^T (transpose = 1), R [d, d] orthogonal: the quantized pools' turn. */
+static void turn(float *x, const float *r, int64_t d, int transpose) {
+    float y[MAX_HEAD_DIM];
+    for (int64_t j = 0; j < d; j++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < d; i++) acc += x[i] * (transpose ? r[j * d + i] : r[i * d + j]);
+        y[j] = acc;
+    }
+    memcpy(x, y, (size_t)d * sizeof(float));
+}
+
+/* One query head over positions [lo, ctx) of its KV head, read through the block table. Online
+ * softmax over chunks of the context (running max and sum), so no scratch grows with the context. */
+#define ATTN_CHUNK 256
+static void attend_head(const slim_model *m, const slim_layer *l, const float *q, int64_t kv_head,
+                        const int64_t *table, int64_t lo, int64_t ctx, float *out) {
+    int64_t d = m->head_dim, bs = m->block_size;
+    float scores[ATTN_CHUNK], top = -INFINITY, total = 0.0f, q_sum = 0.0f;
+    for (int64_t i = 0; i < d; i++) {
+        out[i] = 0.0f;
+        q_sum += q[i];
+    }
+    for (int64_t start = lo; start < ctx; start += ATTN_CHUNK) {
+        int64_t n = ctx - start < ATTN_CHUNK ? ctx - start : ATTN_CHUNK;
+        float chunk_top = -INFINITY;
+        for (int64_t t = 0; t < n; t++) {
+            int64_t p = start + t;
+            scores[t] = key_dot(m, l, kv_head, table[p / bs], p % bs, q, q_sum) * m->scale;
+            if (scores[t] > chunk_top) chunk_top = scores[t];
+        }
+        float new_top = chunk_top > top ? chunk_top : top;
+        float rescale = expf(top - new_top); /* 0 on the first chunk (top = -inf) */
+        total *= rescale;
+        for (int64_t i = 0; i < d; i++) out[i] *= rescale;
+        top = new_top;
+        exp_shifted(scores, scores, n, top);
+        for (int64_t t = 0; t < n; t++) {
+            int64_t p = start + t;
+            total += scores[t];
+            value_add(m, l, kv_head, table[p / bs], p % bs, scores[t], out);
+        }
+    }
+    for (int64_t i = 0; i < d; i++) out[i] /= total;
+}

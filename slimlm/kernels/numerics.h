@@ -1,0 +1,113 @@
+/* Elementwise pieces of a decode step: bf16 conversions, exp, SiLU, dot products, RMSNorm, RoPE. */
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include "model.h"
+
+static inline float bf16_to_f32(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even, as torch's float -> bfloat16 conversion does (NaN stays NaN). */
+static inline bf16 f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+#ifdef __AVX512F__
+/* e^x for 16 lanes: 2^n * p(r) with x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial (a few ulp);
+ * libm's expf one lane at a time was a tenth of a 16-sequence step (SiLU and softmax). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* out[i] = e^(in[i] - shift) for n values. */
+static void exp_shifted(const float *in, float *out, int64_t n, float shift) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, exp16(_mm512_sub_ps(_mm512_loadu_ps(in + i), _mm512_set1_ps(shift))));
+#endif
+    for (; i < n; i++) out[i] = expf(in[i] - shift);
+}
+
+/* act[i] = silu(gate[i]) * up[i], rounded to bf16 (the down projection's input). */
+static void swiglu_bf16(const float *gate, const float *up, bf16 *act, int64_t n) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16) {
+        __m512 g = _mm512_loadu_ps(gate + i);
+        __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        __m512 a = _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + i));
+        float tmp[16];
+        _mm512_storeu_ps(tmp, a);
+        for (int j = 0; j < 16; j++) act[i + j] = f32_to_bf16(tmp[j]);
+    }
+#endif
+    for (; i < n; i++) act[i] = f32_to_bf16(gate[i] / (1.0f + expf(-gate[i])) * up[i]);
+}
+
+/* dot(w[0..k), x[0..k)) with w in bf16, x and the sum in float32 (attention scores). */
+static inline float dot_bf16(const bf16 *w, const float *x, int64_t k) {
+    int64_t i = 0;
+    float s = 0.0f;
+#ifdef __AVX512F__
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; i + 32 <= k; i += 32) {
+        __m512i w0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + i)));
+        __m512i w1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + i + 16)));
+        a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)), _mm512_loadu_ps(x + i + 16), a1);
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+    float p[8] = {0};
+    for (; i + 8 <= k; i += 8)
+        for (int j = 0; j < 8; j++) p[j] += bf16_to_f32(w[i + j]) * x[i + j];
+    for (int j = 0; j < 8; j++) s += p[j];
+#endif
+    for (; i < k; i++) s += bf16_to_f32(w[i]) * x[i];
+    return s;
+}
+
+/* out = x * rsqrt(mean(x^2) + eps) * weight, all float32. */
+static void rms_norm(const float *x, const bf16 *weight, float *out, int64_t n, float eps) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv * bf16_to_f32(weight[i]);
+}
+
+/* HF's x * cos + rotate_half(x) * sin on one head, with sin's sign already folded in (rope.py). */
+static void rotate(float *x, const float *cos, const float *ssin, int64_t d) {
+    int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float lo = x[i], hi = x[i + half];
+        x[i] = lo * cos[i] + hi * ssin[i];
+        x[i + half] = hi * cos[i + half] + lo * ssin[i + half];
+    }
+}
