@@ -56,15 +56,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--weights-layout",
         default="auto",
-        help="CPU linear weights: packed (oneDNN, fastest batched) | plain (torch GEMV, fastest one "
-        "sequence) | both (each step its fastest; linear weights held twice) | auto (plain for one "
-        "stream, else packed)",
+        help="CPU linear weights: plain (what the C decode kernel reads; torch GEMV for one sequence) | "
+        "packed (oneDNN, PyTorch's fastest batched) | both (linear weights held twice) | auto (plain "
+        "where the C decode kernel runs or for one stream, else packed)",
     )
     g.add_argument(
         "--decode-kernel",
         default="auto",
-        help="decode steps: c (slimlm's whole-model C kernel; bf16 plain weights on CPU) | "
-        "torch (PyTorch ops) | auto (c where it can run, default)",
+        help="decode steps: c (slimlm's whole-model C kernel: CPU, bf16 plain weights, bf16/int8/int4 "
+        "KV; an error where it cannot run) | torch (PyTorch ops) | auto (c where it runs with "
+        "AVX512-BF16, default)",
     )
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
 

@@ -108,9 +108,7 @@ class LLMEngine:
         if self.runner.fused is not None:
             return why
         if self.config.decode_kernel == "c":
-            raise SlimlmError(
-                f"the C decode kernel cannot run here: {why}; use --decode-kernel auto or torch"
-            )
+            raise SlimlmError(f"--decode-kernel c cannot run here: {why}; use --decode-kernel auto or torch")
         return f"torch ({why})"
 
     # ---- requests ----

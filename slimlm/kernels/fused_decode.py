@@ -86,18 +86,18 @@ def _why_not(model: nn.Module, cache) -> str | None:
     """None when the kernel can run this model over this cache; else the reason, for the memory report."""
     if not isinstance(model, LlamaForCausalLM):
         return f"{type(model).__name__} is not a Llama-family model"
-    if _kv_bits(cache) is None:
-        return "the C decode kernel reads the bf16, int8 and int4 paged KV pools only"
-    if cache.storage_tensors()[0].device.type != "cpu":
-        return "the C decode kernel is for CPU"
-    if cache.head_dim > MAX_HEAD_DIM:
-        return f"the C decode kernel takes head_dim up to {MAX_HEAD_DIM}"
     embed = model.model.embed_tokens
     if type(embed) is not nn.Embedding or _plain_weight(model.lm_head) is None:
         return "the embedding or lm_head is quantized (the C decode kernel reads bf16 rows)"
     dtype = embed.weight.dtype
     if dtype != torch.bfloat16:
         return f"the C decode kernel needs bf16 weights (this model is {str(dtype).removeprefix('torch.')})"
+    if _kv_bits(cache) is None:
+        return "the C decode kernel reads the bf16, int8 and int4 paged KV pools only"
+    if cache.storage_tensors()[0].device.type != "cpu":
+        return "the C decode kernel is for CPU"
+    if cache.head_dim > MAX_HEAD_DIM:
+        return f"the C decode kernel takes head_dim up to {MAX_HEAD_DIM}"
     tensors = [embed.weight, model.model.norm.weight, _plain_weight(model.lm_head)]
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp

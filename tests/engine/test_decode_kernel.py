@@ -330,7 +330,10 @@ def test_decode_kernel_choice_and_errors(smollm_bf16, smollm):
     fp32 = LLM.from_loaded(smollm, kv_cache_tokens=64)  # float32 weights: PyTorch, with the reason
     assert fp32.engine.runner.fused is None
     assert "bf16" in fp32.engine.decode_kernel and fp32.memory_report()["decode_kernel"].startswith("torch (")
-    with pytest.raises(SlimlmError, match="the C decode kernel cannot run here: .*bf16"):
+    with pytest.raises(
+        SlimlmError,
+        match=r"--decode-kernel c cannot run here: the C decode kernel needs bf16 weights \(this model is float32\)",
+    ):
         LLM.from_loaded(smollm, kv_cache_tokens=64, decode_kernel="c")
     with pytest.raises(SlimlmError, match="unknown decode kernel 'fast'; choose one of auto, c, torch"):
         LLM.from_loaded(smollm, kv_cache_tokens=64, decode_kernel="fast")
