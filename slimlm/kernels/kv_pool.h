@@ -130,6 +130,50 @@ static void turn(float *x, const float *r, int64_t d, int transpose) {
     memcpy(x, y, (size_t)d * sizeof(float));
 }
 
+#ifdef __AVX512F__
+/* r[i] = the sum of v[i]'s 16 lanes, for 16 vectors at once: halves added pairwise (256, then 128-bit),
+ * then within 128-bit lanes; about 2 instructions per sum against ~8 for one reduction at a time. */
+static inline __m512 sum16x16(const __m512 v[16]) {
+    __m512 a[8], b[4];
+    for (int k = 0; k < 8; k++) /* 128-bit lanes: [x0 + x2, x1 + x3, y0 + y2, y1 + y3] */
+        a[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int k = 0; k < 4; k++) /* lane j now holds 4 partial sums of v[4k + j] */
+        b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    __m512 c0 = _mm512_add_ps(_mm512_unpacklo_ps(b[0], b[1]), _mm512_unpackhi_ps(b[0], b[1]));
+    __m512 c1 = _mm512_add_ps(_mm512_unpacklo_ps(b[2], b[3]), _mm512_unpackhi_ps(b[2], b[3]));
+    __m512 d = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c0), _mm512_castps_pd(c1))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c0), _mm512_castps_pd(c1))));
+    /* d[4j + e] is the sum of v[4e + j] */
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return _mm512_permutexvar_ps(order, d);
+}
+
+/* q . k for 16 consecutive keys of the bf16 pool (16 rows of d): one accumulator per key. */
+static inline void key_dots16(const bf16 *k, const float *q, int64_t d, float *out) {
+    __m512 acc[16];
+    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        __m512 qv = _mm512_loadu_ps(q + i);
+        for (int r = 0; r < 16; r++) {
+            __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(k + r * d + i)));
+            acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), qv, acc[r]);
+        }
+    }
+    if (i < d) {
+        __mmask16 mask = (__mmask16)((1u << (d - i)) - 1);
+        __m512 qv = _mm512_maskz_loadu_ps(mask, q + i);
+        for (int r = 0; r < 16; r++) {
+            __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, k + r * d + i));
+            acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), qv, acc[r]);
+        }
+    }
+    _mm512_storeu_ps(out, sum16x16(acc));
+}
+#endif
+
 /* One query head over positions [lo, ctx) of its KV head, read through the block table. Online
  * softmax over chunks of the context (running max and sum), so no scratch grows with the context. */
 #define ATTN_CHUNK 256
@@ -144,10 +188,24 @@ static void attend_head(const slim_model *m, const slim_layer *l, const float *q
     for (int64_t start = lo; start < ctx; start += ATTN_CHUNK) {
         int64_t n = ctx - start < ATTN_CHUNK ? ctx - start : ATTN_CHUNK;
         float chunk_top = -INFINITY;
-        for (int64_t t = 0; t < n; t++) {
+        for (int64_t t = 0; t < n;) {
             int64_t p = start + t;
+#ifdef __AVX512F__
+            /* 16 keys that start a 16-aligned run of one bf16 block: scored together */
+            if (m->kv_bits == 16 && p % 16 == 0 && bs % 16 == 0 && t + 16 <= n) {
+                key_dots16((const bf16 *)l->k_cache + slot_offset(m, kv_head, table[p / bs], p % bs), q, d,
+                           scores + t);
+                for (int64_t j = t; j < t + 16; j++) {
+                    scores[j] *= m->scale;
+                    if (scores[j] > chunk_top) chunk_top = scores[j];
+                }
+                t += 16;
+                continue;
+            }
+#endif
             scores[t] = key_dot(m, l, kv_head, table[p / bs], p % bs, q, q_sum) * m->scale;
             if (scores[t] > chunk_top) chunk_top = scores[t];
+            t++;
         }
         float new_top = chunk_top > top ? chunk_top : top;
         float rescale = expf(top - new_top); /* 0 on the first chunk (top = -inf) */

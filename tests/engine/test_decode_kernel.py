@@ -40,10 +40,12 @@ def _incremental_logits(model, tokens: list[int]) -> torch.Tensor:
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("block_size", [4, 16])
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "llama-llama3", "llama-dynamic", "mistral", "qwen2"])
-def test_kernel_logits_match_a_float32_run_of_the_same_weights(arch):
+def test_kernel_logits_match_a_float32_run_of_the_same_weights(arch, block_size):
     """Every position's logits, through a shuffled block table; mistral's window (12) is crossed at 20
-    tokens, qwen2 has the q/k/v bias, llama-dynamic rescales RoPE past 16 positions."""
+    tokens, qwen2 has the q/k/v bias, llama-dynamic rescales RoPE past 16 positions. Blocks of 16 also
+    take the 16-keys-at-once scoring where a run of 16 keys starts."""
     hf = make_hf_model(arch)
     model = slimlm_from_hf(hf, torch.bfloat16)
     reference = copy.deepcopy(model).float()  # the same bf16-rounded weights, float32 math
@@ -52,9 +54,9 @@ def test_kernel_logits_match_a_float32_run_of_the_same_weights(arch):
     tokens = torch.randint(
         0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(1)
     ).tolist()
-    cache = PagedKVCache(model.config, num_blocks=12, block_size=4, dtype=torch.bfloat16)
+    cache = PagedKVCache(model.config, num_blocks=12, block_size=block_size, dtype=torch.bfloat16)
     cache.prepare_blocks(range(12))
-    table = [9, 2, 11, 0, 5, 7]
+    table = [9, 2, 11, 0, 5, 7][: -(-24 // block_size)]
     decoder, why = FusedDecoder.create(model, cache, max_ctx=32)
     assert decoder is not None, why
     fused = torch.cat([decoder.decode([t], [pos], [table]) for pos, t in enumerate(tokens)])
