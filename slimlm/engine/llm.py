@@ -73,25 +73,6 @@ def auto_weights_layout(max_num_seqs: int, dtype: torch.dtype, c_kernel: bool = 
     return "plain" if c_kernel or one_stream else "packed"
 
 
-def c_decode_kernel_will_run(engine_config: EngineConfig, model: torch.nn.Module) -> bool:
-    """Whether the engine's decode steps will go to the C kernel (slimlm.kernels.fused_decode), as far as
-    it can be told before the weights are laid out: bf16 on CPU, not turned off, and the kernel builds
-    (with its AVX512-BF16 fast path, unless "c" forces the portable one)."""
-    param = next(model.parameters())
-    if engine_config.decode_kernel == "torch" or param.device.type != "cpu" or param.dtype != torch.bfloat16:
-        return False
-    if engine_config.kv_dtype in ("fp32", "fp16"):  # the kernel reads bf16, int8 and int4 pools
-        return False
-    from slimlm.kernels.build import load_kernel
-    from slimlm.kernels.fused_decode import fast_kernel_available
-
-    return (
-        fast_kernel_available()
-        if engine_config.decode_kernel == "auto"
-        else load_kernel("decode_cpu") is not None
-    )
-
-
 class LLM:
     """Load a model and serve generation requests through the paged, continuously batched engine."""
 
@@ -140,11 +121,11 @@ class LLM:
             raise SlimlmError("pass either engine_config or engine keyword arguments, not both")
         engine_config = engine_config or EngineConfig(**engine_kwargs)
         if layout == "auto":
-            layout = auto_weights_layout(
-                engine_config.max_num_seqs,
-                next(loaded.model.parameters()).dtype,
-                c_decode_kernel_will_run(engine_config, loaded.model),
-            )
+            from slimlm.kernels.fused_decode import kernel_will_run
+
+            param = next(loaded.model.parameters())
+            c_kernel = kernel_will_run(engine_config.decode_kernel, engine_config.kv_dtype, param)
+            layout = auto_weights_layout(engine_config.max_num_seqs, param.dtype, c_kernel)
         if layout is not None:
             # A tied lm_head stays plain in "packed": a packed copy of the embedding table would add 21%
             # to SmolLM2's weights. "both" trades memory for speed everywhere, so it packs a copy too.

@@ -138,10 +138,10 @@ class FusedDecoder:
         kv_bits = _kv_bits(cache)
         quantized = kv_bits != 16
         extras = (cache.k_scale, cache.v_scale, cache.k_zero, cache.v_zero) if quantized else (None,) * 4
+        k_pool, v_pool = (cache.k_codes, cache.v_codes) if quantized else (cache.k, cache.v)
         layers = (_Layer * cfg.num_hidden_layers)()
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            k_pool, v_pool = (cache.k_codes, cache.v_codes) if quantized else (cache.k, cache.v)
             layers[i] = _Layer(
                 ptr(_plain_weight(attn.qkv_proj)),
                 ptr(attn.qkv_proj.bias),
@@ -180,23 +180,14 @@ class FusedDecoder:
     def create(
         cls, model: nn.Module, cache, max_ctx: int, max_batch: int = 1, require_fast: bool = False
     ) -> tuple[FusedDecoder | None, str]:
-        """(decoder, "C kernel") where it can run, else (None, why not). `require_fast`: only where the
-        CPU has the AVX512-BF16 GEMM tiles (the portable build is slower than PyTorch's kernels)."""
+        """(decoder, "C kernel") where it can run, else (None, why not); `require_fast` as in `_library`."""
         reason = _why_not(model, cache)
         if reason is not None:
             return None, reason
-        lib = load_kernel(KERNEL)
+        lib, what = _library(require_fast)
         if lib is None:
-            return None, kernel_unavailable_reason(KERNEL) or "the C kernel could not be built"
-        _declare(lib)
-        if require_fast and not lib.slim_fast_path():
-            return (
-                None,
-                "this CPU has no AVX512-BF16, which the C kernel's fast path needs (--decode-kernel c forces it)",
-            )
-        return cls(
-            lib, model, cache, max_ctx, max_batch
-        ), "C kernel" if lib.slim_fast_path() else "C kernel (portable)"
+            return None, what
+        return cls(lib, model, cache, max_ctx, max_batch), what
 
     @property
     def scratch_bytes(self) -> int:
@@ -223,13 +214,32 @@ class FusedDecoder:
         return logits
 
 
-def fast_kernel_available() -> bool:
-    """The kernel builds here and has its AVX512-BF16 fast path."""
+def _library(require_fast: bool) -> tuple[ctypes.CDLL | None, str]:
+    """(the built kernel, signatures declared, and what it is), or (None, why not). `require_fast`: only
+    where the CPU has the AVX512-BF16 GEMM tiles (the portable build is slower than PyTorch's kernels)."""
     lib = load_kernel(KERNEL)
     if lib is None:
-        return False
+        return None, kernel_unavailable_reason(KERNEL) or "the C kernel could not be built"
     _declare(lib)
-    return bool(lib.slim_fast_path())
+    if lib.slim_fast_path():
+        return lib, "C kernel"
+    if require_fast:
+        return (
+            None,
+            "this CPU has no AVX512-BF16, which the C kernel's fast path needs (--decode-kernel c forces it)",
+        )
+    return lib, "C kernel (portable)"
+
+
+def kernel_will_run(decode_kernel: str, kv_dtype: str, param: torch.Tensor) -> bool:
+    """Whether an engine's decode steps will go to this kernel, as far as it can be told before the
+    weights are laid out (`param`: any of the model's parameters): bf16 on CPU, not turned off, a pool
+    the kernel reads, and the kernel builds (with its fast path, unless "c" forces the portable one)."""
+    if decode_kernel == "torch" or param.device.type != "cpu" or param.dtype != torch.bfloat16:
+        return False
+    if kv_dtype in ("fp32", "fp16"):  # the kernel reads the bf16, int8 and int4 pools
+        return False
+    return _library(require_fast=decode_kernel == "auto")[0] is not None
 
 
 def _declare(lib: ctypes.CDLL) -> None:

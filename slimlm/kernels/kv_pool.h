@@ -157,18 +157,14 @@ static inline void key_dots16(const bf16 *k, const float *q, int64_t d, float *o
     int64_t i = 0;
     for (; i + 16 <= d; i += 16) {
         __m512 qv = _mm512_loadu_ps(q + i);
-        for (int r = 0; r < 16; r++) {
-            __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(k + r * d + i)));
-            acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), qv, acc[r]);
-        }
+        for (int r = 0; r < 16; r++)
+            acc[r] = _mm512_fmadd_ps(bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(k + r * d + i))), qv, acc[r]);
     }
     if (i < d) {
         __mmask16 mask = (__mmask16)((1u << (d - i)) - 1);
         __m512 qv = _mm512_maskz_loadu_ps(mask, q + i);
-        for (int r = 0; r < 16; r++) {
-            __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, k + r * d + i));
-            acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), qv, acc[r]);
-        }
+        for (int r = 0; r < 16; r++)
+            acc[r] = _mm512_fmadd_ps(bf16x16_to_ps(_mm256_maskz_loadu_epi16(mask, k + r * d + i)), qv, acc[r]);
     }
     _mm512_storeu_ps(out, sum16x16(acc));
 }

@@ -71,6 +71,13 @@ static void swiglu_bf16(const float *gate, const float *up, bf16 *act, int64_t n
     for (; i < n; i++) act[i] = f32_to_bf16(gate[i] / (1.0f + expf(-gate[i])) * up[i]);
 }
 
+#ifdef __AVX512F__
+/* 16 bf16 values -> 16 floats: a bf16 is the top half of a float32's bits. */
+static inline __m512 bf16x16_to_ps(__m256i v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#endif
+
 /* dot(w[0..k), x[0..k)) with w in bf16, x and the sum in float32 (attention scores). */
 static inline float dot_bf16(const bf16 *w, const float *x, int64_t k) {
     int64_t i = 0;
@@ -78,10 +85,10 @@ static inline float dot_bf16(const bf16 *w, const float *x, int64_t k) {
 #ifdef __AVX512F__
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     for (; i + 32 <= k; i += 32) {
-        __m512i w0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + i)));
-        __m512i w1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + i + 16)));
-        a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)), _mm512_loadu_ps(x + i + 16), a1);
+        __m512 w0 = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(w + i)));
+        __m512 w1 = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(w + i + 16)));
+        a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i + 16), a1);
     }
     s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #else
