@@ -22,6 +22,14 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse prints the whole usage (25 lines for `generate`) before a mistake; ours is one line,
+    like every other slimlm error, and points at --help for the usage."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"error: {message}; see '{self.prog} --help'\n")
+
+
 def _module(name: str):
     module = importlib.import_module(COMMANDS[name][0])
     if name == "plan":  # the planner exposes its own names
@@ -30,15 +38,14 @@ def _module(name: str):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="slimlm", description="Run and fine-tune LLMs inside the memory you have."
-    )
+    parser = _Parser(prog="slimlm", description="Run and fine-tune LLMs inside the memory you have.")
     from slimlm import __version__
 
     parser.add_argument("--version", action="version", version=f"slimlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = {}  # name -> its parser, so a stray flag is reported with that command's --help
     for name, (_module_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = parser.commands[name] = sub.add_parser(name, help=help_text, description=help_text)
         if only is None or only == name:
             try:
                 add_arguments, _ = _module(name)
@@ -52,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        where = parser.commands.get(args.command, parser)
+        where.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0

@@ -13,6 +13,7 @@ from slimlm.commands.common import (
     llm_from_args,
     sampling_params_from_args,
 )
+from slimlm.commands.logprobs_output import logprob_records, logprob_table
 from slimlm.errors import SlimlmError
 
 
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     if args.system and not args.chat:
         raise SlimlmError("--system needs --chat")
+    if params.logprobs is not None and params.num_beams > 1:
+        raise SlimlmError("--logprobs is not reported for beam search; drop --logprobs or --num-beams")
     single = len(prompts) == 1 and params.num_beams == 1  # beams decode several rows a step
     llm = llm_from_args(args, progress=not args.quiet, single_stream=single)
     if not args.quiet:
@@ -65,23 +68,30 @@ def run(args: argparse.Namespace) -> int:
     else:
         inputs = prompts
     if len(inputs) == 1 and params.num_beams == 1 and not args.json:
+        entries = []
         for out in llm.stream(inputs[0], params):  # stream a single prompt as it is generated
             sys.stdout.write(out.text)
             sys.stdout.flush()
+            if out.logprob is not None:
+                entries.append(out.logprob)
         sys.stdout.write("\n")
+        if params.logprobs is not None:
+            print(f"--- logprobs\n{logprob_table(logprob_records(llm.tokenizer, entries))}")
         return 0
     for prompt, result in zip(prompts, llm.generate(inputs, params), strict=True):
+        records = logprob_records(llm.tokenizer, result.logprobs) if params.logprobs is not None else None
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "prompt": prompt,
-                        "text": result.text,
-                        "finish_reason": result.finish_reason,
-                        "completion_tokens": len(result.token_ids),
-                    }
-                )
-            )
+            record = {
+                "prompt": prompt,
+                "text": result.text,
+                "finish_reason": result.finish_reason,
+                "completion_tokens": len(result.token_ids),
+            }
+            if records is not None:
+                record["logprobs"] = records
+            print(json.dumps(record))
         else:
             print(f"### {prompt}\n{result.text}\n")
+            if records is not None:
+                print(f"--- logprobs\n{logprob_table(records)}\n")
     return 0

@@ -118,7 +118,7 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise SlimlmError(
                 f"the prompt has {len(prompt_token_ids)} tokens but the context limit is {self.max_model_len}; "
-                "shorten it (or pass truncation explicitly)"
+                "shorten it, or raise --max-model-len where the model can run longer"
             )
         if params.num_beams > 1:
             raise SlimlmError("beam search runs through LLM.generate, not add_request")

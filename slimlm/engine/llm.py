@@ -259,6 +259,16 @@ class LLM:
             f"weights {format_bytes(r['weights_bytes'])} ({r['dtype']}, {r['device']}, "
             f"{r['weights_layout']} layout; decode steps on {r['decode_kernel']}) | "
             f"KV pool {format_bytes(r['kv_pool_bytes'])} ({r['kv_dtype']}): {r['kv_tokens']} tokens in "
-            f"{r['kv_blocks']} blocks of {r['block_size']} | max {r['max_concurrent_seqs_at_max_len']} sequences "
-            f"at {r['max_model_len']} tokens | budget: {r['budget']}"
+            f"{r['kv_blocks']} blocks of {r['block_size']} | {_capacity_text(r)} | budget: {r['budget']}"
         )
+
+
+def _capacity_text(r: dict[str, Any]) -> str:
+    """"max 0 sequences at 8192 tokens" read as "nothing can run": a pool smaller than one full-length
+    sequence says how long one sequence can get instead."""
+    if r["max_concurrent_seqs_at_max_len"] >= 1:
+        return f"max {r['max_concurrent_seqs_at_max_len']} sequences at {r['max_model_len']} tokens"
+    return (
+        f"one sequence can have up to {min(r['kv_tokens'], r['max_model_len'])} tokens (prompt + output; "
+        f"the model's context is {r['max_model_len']})"
+    )
