@@ -36,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
     for name in ("runs", "concurrency", "prompt_len", "gen_len"):
         if getattr(args, name) <= 0:
             raise SlimlmError(f"--{name.replace('_', '-')} must be positive")
+    if args.json:  # written after minutes of measuring: refuse a path that would replace the model
+        from slimlm.loading.default_model import resolve_model_path
+        from slimlm.output_dir import check_not_overlapping
+
+        check_not_overlapping(args.json, resolve_model_path(args.model), "--json", "the model")
     peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
     results = run_bench(
         args.model,
@@ -51,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     )
     print_table(results)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        except OSError as e:
+            raise SlimlmError(f"cannot write --json {args.json}: {e.strerror or e}") from None
     return 0

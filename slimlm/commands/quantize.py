@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from slimlm.loading import load
     from slimlm.loading.default_model import resolve_model_path
+    from slimlm.output_dir import check_not_overlapping, staged_output
     from slimlm.quant.calibration import calibration_batches, load_text
     from slimlm.quant.format import save_quantized
     from slimlm.quant.quantize import quantize_model, quantized_weight_bytes
@@ -54,10 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from slimlm.tokenizer.save import save_tokenizer
 
     check_scheme(args.bits, args.group_size)
-    source = resolve_model_path(args.model).resolve()
     out = Path(args.out).expanduser().resolve()
-    if out == source or out in source.parents or (source.is_dir() and source in out.parents):
-        raise SlimlmError(f"--out {out} overlaps the source model {source}; choose a new directory")
+    check_not_overlapping(out, resolve_model_path(args.model), "--out", "the source model")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SlimlmError(f"--out {out} already exists and is not empty; choose a new directory")
     text = load_text(args.calib_file) if args.calib_file else None
@@ -82,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
         quantize_embeddings=args.embeddings,
     )
     seconds = time.perf_counter() - start
-    save_quantized(loaded.model, qconfig, out, loaded.config.to_hf_dict())
-    save_tokenizer(loaded.tokenizer, out)
+    with staged_output(out) as tmp:  # an interrupted quantize leaves no half-written checkpoint
+        save_quantized(loaded.model, qconfig, tmp, loaded.config.to_hf_dict())
+        save_tokenizer(loaded.tokenizer, tmp)
     q_bytes = quantized_weight_bytes(loaded.model)
     print(
         f"{args.method} w{args.bits} g{args.group_size}: {float_bytes / 2**20:.1f} MiB fp32 -> {q_bytes / 2**20:.1f} MiB "

@@ -63,6 +63,10 @@ def load(
             raise SlimlmError(f"{path} is not a .gguf file; pass a GGUF file or an HF model directory")
         loaded = _load_gguf(path, torch_dtype, device, progress)
     elif path.is_dir():
+        from slimlm.output_dir import incomplete_output_error
+
+        if (error := incomplete_output_error(path)) is not None:
+            raise error
         loaded = _load_hf_dir(path, torch_dtype, device, progress)
     else:
         raise SlimlmError(f"{path} is neither a file nor a directory")

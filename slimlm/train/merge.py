@@ -128,12 +128,18 @@ def merge_adapter(
 ) -> Path:  # fmt: skip
     """Load the base (`model`, or the one the adapter names), add the adapter, merge and save."""
     from slimlm.loading import load, parse_dtype
+    from slimlm.loading.default_model import resolve_model_path
+    from slimlm.output_dir import check_not_overlapping, staged_output
     from slimlm.train.peft_format import read_peft_adapter
 
     out = check_output_dir(out_dir, overwrite)
     torch_dtype = parse_dtype(dtype)
     lora, state, notes = read_peft_adapter(adapter_dir)
     base = model if model is not None else notes.get("base_model")
+    # The merged files replace same-named ones with --overwrite: never the base's own, nor the adapter's.
+    check_not_overlapping(out, resolve_model_path(base), "--output", "the base model")
+    if out.expanduser().resolve() == Path(adapter_dir).expanduser().resolve():
+        raise SlimlmError(f"--output {out} is the adapter directory; choose another directory")
     loaded = load(base, dtype="float32", progress=progress)
     quant = notes.get("base_quantization")
     if quant and not any(is_quantized(m) for m in loaded.model.modules()):
@@ -146,7 +152,9 @@ def merge_adapter(
     load_lora_state_dict(loaded.model, state, f"adapter {adapter_dir}")
     merge_lora(loaded.model)
     dequantize_model(loaded.model, torch.float32)
-    return save_hf_checkpoint(loaded, loaded.model, out, torch_dtype)
+    with staged_output(out, overwrite) as tmp:  # an interrupted merge leaves no half-written model
+        save_hf_checkpoint(loaded, loaded.model, tmp, torch_dtype)
+    return out
 
 
 __all__ = ["check_output_dir", "dequantize_model", "merge_adapter", "save_hf_checkpoint"]

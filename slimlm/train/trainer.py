@@ -117,6 +117,7 @@ class Trainer:
         cfg = self.cfg
         if self.out.exists() and not self.out.is_dir():
             raise SlimlmError(f"--output {self.out} exists and is not a directory")
+        self._check_not_in_model()
         if cfg.resume:
             return ckpt.find_resume_checkpoint(self.out, cfg.resume)
         if self.out.is_dir() and any(self.out.iterdir()) and not cfg.overwrite:
@@ -125,6 +126,18 @@ class Trainer:
                 "--overwrite to replace it, or pick another --output"
             )
         return None
+
+    def _check_not_in_model(self) -> None:
+        """The run writes config.json / model.safetensors (full) or adapter files into --output, and
+        --overwrite clears its checkpoints: never inside the base model's own directory."""
+        from slimlm.loading.default_model import resolve_model_path
+
+        model = resolve_model_path(self.cfg.model).resolve()
+        out = self.out.expanduser().resolve()
+        if out == model or (model.is_dir() and model in out.parents):
+            raise SlimlmError(
+                f"--output {out} is inside the base model {model}; choose a directory outside it"
+            )
 
     def _load_data(self) -> tuple[list[Example], list[Example], dict]:
         cfg = self.cfg
