@@ -14,7 +14,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="source model (default: the embedded smollm2-135m)")
     p.add_argument("--method", choices=("rtn", "awq", "gptq"), default="awq")
     p.add_argument("--bits", type=int, default=4, help="8 or 4")
-    p.add_argument("--group-size", type=int, default=128, help="32, 64 or 128")
+    p.add_argument(
+        "--group-size",
+        type=_group_size,
+        default=None,
+        help="128, 64, 32 or -1 (one scale per output channel); default: the largest of 128/64/32 that "
+        "divides every input width of the model",
+    )
     p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (awq, gptq)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
     p.add_argument(
@@ -44,17 +50,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true")
 
 
+def _group_size(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a group size; use 128, 64, 32, -1 or auto"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from slimlm.loading import load
     from slimlm.loading.default_model import resolve_model_path
     from slimlm.output_dir import check_not_overlapping, staged_output
     from slimlm.quant.calibration import calibration_batches, load_text
     from slimlm.quant.format import save_quantized
-    from slimlm.quant.quantize import quantize_model, quantized_weight_bytes
+    from slimlm.quant.quantize import group_sizes_that_fit, quantize_model, quantized_weight_bytes
     from slimlm.quant.scheme import check_scheme
     from slimlm.tokenizer.save import save_tokenizer
 
-    check_scheme(args.bits, args.group_size)
+    check_scheme(args.bits, 128 if args.group_size is None else args.group_size)
     out = Path(args.out).expanduser().resolve()
     check_not_overlapping(out, resolve_model_path(args.model), "--out", "the source model")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -64,6 +81,14 @@ def run(args: argparse.Namespace) -> int:
     loaded = load(args.model, dtype="float32", progress=progress)
     if loaded.config.quantization:
         raise SlimlmError("the source model is already quantized; quantize the original float checkpoint")
+    group_size, group_note = args.group_size, ""
+    if group_size is None:
+        fits = group_sizes_that_fit(loaded.model)
+        if not fits:
+            raise SlimlmError("no group size of 128/64/32 divides every input width of this model; "
+                              "pass --group-size -1 (one scale per output channel)")  # fmt: skip
+        group_size = fits[0]
+        group_note = f" (group size {group_size}: the largest of 128/64/32 dividing every input width)"
     batches = None
     if args.method != "rtn":
         encode = lambda t: loaded.tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
@@ -74,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         loaded.model,
         args.method,
         args.bits,
-        args.group_size,
+        group_size,
         batches,
         progress,
         act_order=args.act_order,
@@ -86,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
         save_tokenizer(loaded.tokenizer, tmp)
     q_bytes = quantized_weight_bytes(loaded.model)
     print(
-        f"{args.method} w{args.bits} g{args.group_size}: {float_bytes / 2**20:.1f} MiB fp32 -> {q_bytes / 2**20:.1f} MiB "
-        f"in {seconds:.1f}s; wrote {out}",
+        f"{args.method} w{args.bits} g{group_size}: {float_bytes / 2**20:.1f} MiB fp32 -> {q_bytes / 2**20:.1f} MiB "
+        f"in {seconds:.1f}s; wrote {out}{group_note}",
         file=sys.stderr,
     )
     return 0

@@ -29,7 +29,7 @@ from slimlm.quant.gptq import gptq_quantize
 from slimlm.quant.head import head_input_stats, quantize_head
 from slimlm.quant.linear import QuantLinear, make_quant_linear
 from slimlm.quant.rtn import rtn_quantize
-from slimlm.quant.scheme import QuantizedWeight, check_scheme
+from slimlm.quant.scheme import SUPPORTED_GROUP_SIZES, QuantizedWeight, check_scheme
 from slimlm.quant.stats import InputStats
 from slimlm.quant_policy import quantize_embeddings_for
 
@@ -86,6 +86,18 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
     return LayerInputs(hidden, inputs.args, inputs.kwargs)
 
 
+def group_sizes_that_fit(model: nn.Module) -> list[int]:
+    """The supported group sizes (largest first) that divide the input width of every decoder linear and
+    of the embedding (quantized at 4 bits by default); e.g. 64 and 32 for SmolLM2-135M (576 = 9 x 64)."""
+    widths = {linear.in_features for layer in decoder_layers(model) for linear in _linears(layer).values()}
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if isinstance(embed, nn.Embedding):
+        widths.add(embed.embedding_dim)
+    return [
+        g for g in sorted(SUPPORTED_GROUP_SIZES, reverse=True) if g > 0 and all(w % g == 0 for w in widths)
+    ]
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -119,9 +131,16 @@ def quantize_model(
     if any(isinstance(m, QuantLinear | QuantEmbedding) for m in model.modules()):
         raise SlimlmError("the model is already quantized: quantize the original float checkpoint instead")
     targets = [_linears(layer) for layer in layers]
-    for i, linears in enumerate(targets):
-        for name, linear in linears.items():
-            check_scheme(bits, group_size, linear.in_features, f"model.layers.{i}.{name}")
+    if group_size != -1:
+        for i, linears in enumerate(targets):
+            for name, linear in linears.items():
+                if linear.in_features % group_size:
+                    working = ", ".join(map(str, [*group_sizes_that_fit(model), -1]))
+                    raise SlimlmError(
+                        f"group size {group_size} does not divide the {linear.in_features} input features of "
+                        f"model.layers.{i}.{name}; group sizes that fit this model: {working} "
+                        "(-1: one scale per output channel)"
+                    )
     embeddings = quantize_embeddings
     if not isinstance(embeddings, bool):
         embeddings = "auto" if embeddings is None else embeddings
