@@ -19,6 +19,7 @@ COMMANDS = {
     "serve": ("slimlm.commands.serve", "OpenAI-compatible HTTP server with a web chat page"),
     "train": ("slimlm.commands.train", "LoRA / QLoRA / full fine-tuning"),
     "merge": ("slimlm.commands.merge", "merge a LoRA adapter into a full checkpoint"),
+    "guard": ("slimlm.commands.guard", "approved-reply libraries for serve --guard: build, test, calibrate"),
 }
 
 

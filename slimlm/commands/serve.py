@@ -9,6 +9,7 @@ from pathlib import Path
 
 from slimlm.commands.common import add_engine_args, add_model_args, llm_from_args, parse_size
 from slimlm.errors import SlimlmError
+from slimlm.guard.serve_args import add_guard_arguments
 
 API_KEY_ENV = "SLIMLM_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -47,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn's log level")
     add_model_args(p)
     add_engine_args(p)
+    add_guard_arguments(p)
 
 
 def served_model_name(model: str | None) -> str:
@@ -60,7 +62,9 @@ def served_model_name(model: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slimlm.guard.serve_args import guard_from_args
     from slimlm.server import ServerSettings, create_app
+    from slimlm.server.guard_route import install_guard
     from slimlm.server.launch import bind_socket, run_server
 
     if not 0 <= args.port <= 65535:
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         max_concurrent_requests=args.max_concurrent_requests,
         max_body_bytes=args.max_body_bytes,
     )
+    guard, embedder = guard_from_args(args)  # a bad library or fallbacks file fails before the model loads
     sock = bind_socket(args.host, args.port)  # fail on a taken port before loading the model
     try:
         llm = llm_from_args(args)
@@ -90,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         try:
-            run_server(create_app(llm, settings), sock, args.log_level)
+            app = create_app(llm, settings)
+            install_guard(app, guard, embedder)
+            run_server(app, sock, args.log_level)
         except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it already handled gracefully
             pass
     finally:

@@ -1,0 +1,65 @@
+"""The vector index: faiss, exact (IndexFlatIP) up to a size, HNSW (IndexHNSWFlat) above it.
+
+Why faiss and these two kinds: docs/guard.md (measured with benchmarks/guard_bench.py). Vectors are
+unit length, so inner product is cosine similarity for both kinds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from slimlm.errors import SlimlmError
+from slimlm.guard.embedder import require
+
+KINDS = ("auto", "flat", "hnsw")
+# Above this many rows an exact scan costs more than HNSW's approximate search (see docs/guard.md).
+FLAT_MAX_ROWS = 50_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
+
+
+def resolve_kind(kind: str, rows: int) -> str:
+    if kind not in KINDS:
+        raise SlimlmError(f"unknown index kind {kind!r}; use one of {', '.join(KINDS)}")
+    if kind == "auto":
+        return "flat" if rows <= FLAT_MAX_ROWS else "hnsw"
+    return kind
+
+
+def build_index(vectors: np.ndarray, kind: str):
+    faiss = require("faiss")
+    dim = vectors.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def write_index(index, path: Path) -> None:
+    require("faiss").write_index(index, str(path))
+
+
+def read_index(path: Path):
+    faiss = require("faiss")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise SlimlmError(
+            f"cannot read the index {path} ({str(e).splitlines()[0][:200]}); rebuild the library"
+        ) from None
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    return index
+
+
+def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows), each [n, k]; missing neighbours have row -1."""
+    k = max(1, min(k, index.ntotal))
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)

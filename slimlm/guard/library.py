@@ -1,0 +1,205 @@
+"""A built library on disk: the replies, their unit embeddings and a faiss index over them.
+
+LIB/ holds library.json (format, model, dimension, index kind, counts), replies.jsonl, vectors.npy
+(one unit row per embedded text: each reply's text and its examples), owners.npy (row -> reply),
+hashes.npy (sha1 of each row's text) and index.faiss. Rebuilding over an existing LIB embeds only
+texts whose hash it has not seen with the same model; the rest are reused, so an edit costs the
+embedding of the changed lines plus rebuilding the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slimlm.errors import SlimlmError
+from slimlm.guard import index as vindex
+from slimlm.guard.replies import Reply, parse_reply, read_replies, rows_of
+
+FORMAT = 1
+META = "library.json"
+
+
+@dataclass
+class Hit:
+    reply: Reply
+    score: float
+    row: int
+
+
+@dataclass
+class BuildReport:
+    replies: int
+    rows: int
+    embedded: int
+    reused: int
+    index: str
+    embed_s: float
+    index_s: float
+
+
+def _sha1(texts: list[str]) -> np.ndarray:
+    return np.array([hashlib.sha1(t.encode("utf-8")).digest() for t in texts], dtype="S20")
+
+
+def _previous(out: Path, model_id: str, dim: int) -> dict[bytes, np.ndarray]:
+    """hash -> vector from an existing library built with the same model (empty otherwise)."""
+    try:
+        meta = json.loads((out / META).read_text(encoding="utf-8"))
+        if meta.get("model") != model_id or meta.get("dim") != dim:
+            return {}
+        hashes = np.load(out / "hashes.npy")
+        vectors = np.load(out / "vectors.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return {}
+    if len(hashes) != len(vectors):
+        return {}
+    return {bytes(h): vectors[i] for i, h in enumerate(hashes)}
+
+
+def build(
+    replies_path: str | Path,
+    out: str | Path,
+    embedder,
+    kind: str = "auto",
+    batch_size: int = 64,
+    progress=None,
+) -> BuildReport:
+    replies = read_replies(replies_path)
+    texts, owners = rows_of(replies)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SlimlmError(f"--out {out} exists and is not a directory")
+    hashes = _sha1(texts)
+    known = _previous(out, embedder.model_id, embedder.dim)
+    vectors = np.empty((len(texts), embedder.dim), dtype=np.float32)
+    todo = []
+    for i, h in enumerate(hashes):
+        v = known.get(bytes(h))
+        if v is None:
+            todo.append(i)
+        else:
+            vectors[i] = v
+    t0 = time.perf_counter()
+    chunk = max(batch_size * 16, 1024)
+    for start in range(0, len(todo), chunk):
+        rows = todo[start : start + chunk]
+        vectors[rows] = embedder.encode_unit([texts[i] for i in rows], batch_size)
+        if progress:
+            progress(min(start + chunk, len(todo)), len(todo))
+    embed_s = time.perf_counter() - t0
+    kind = vindex.resolve_kind(kind, len(texts))
+    t0 = time.perf_counter()
+    index = vindex.build_index(vectors, kind)
+    index_s = time.perf_counter() - t0
+    # write into a fresh directory, then swap it in: a reader never sees a half-written library
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with (tmp / "replies.jsonl").open("w", encoding="utf-8") as f:
+        for r in replies:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    np.save(tmp / "vectors.npy", vectors)
+    np.save(tmp / "owners.npy", np.asarray(owners, dtype=np.int32))
+    np.save(tmp / "hashes.npy", hashes)
+    vindex.write_index(index, tmp / "index.faiss")
+    meta = {
+        "format": FORMAT,
+        "model": embedder.model_id,
+        "dim": embedder.dim,
+        "index": kind,
+        "replies": len(replies),
+        "rows": len(texts),
+        "metric": "cosine",
+    }
+    (tmp / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    if out.exists():
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    return BuildReport(len(replies), len(texts), len(todo), len(texts) - len(todo), kind, embed_s, index_s)
+
+
+class Library:
+    """A loaded library: search unit query vectors, get the best replies with cosine scores."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        self.path = path
+        meta_path = path / META
+        if not meta_path.is_file():
+            raise SlimlmError(
+                f"{path} is not a guard library (no {META}); build one with: slimlm guard build replies.jsonl --out {path}"
+            )
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            self.model_id = str(meta["model"])
+            self.dim = int(meta["dim"])
+            self.kind = str(meta["index"])
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')} (this slimlm reads {FORMAT})")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise SlimlmError(
+                f"{meta_path} is damaged ({e}); rebuild the library with slimlm guard build"
+            ) from None
+        try:
+            with (path / "replies.jsonl").open(encoding="utf-8") as f:
+                self.replies = [
+                    parse_reply(json.loads(line), f"{path}/replies.jsonl:{n}") for n, line in enumerate(f, 1)
+                ]
+            self.owners = np.load(path / "owners.npy")
+        except (OSError, ValueError) as e:
+            raise SlimlmError(f"the library {path} is incomplete or damaged ({e}); rebuild it") from None
+        self.index = vindex.read_index(path / "index.faiss")
+        if self.index.d != self.dim:
+            raise SlimlmError(
+                f"the library {path} is inconsistent: its index has dimension {self.index.d} but library.json says {self.dim}; rebuild it"
+            )
+        if (
+            self.index.ntotal != len(self.owners)
+            or not self.replies
+            or int(self.owners.max()) >= len(self.replies)
+        ):
+            raise SlimlmError(f"the library {path} is inconsistent (index rows vs replies); rebuild it")
+        self.by_id = {r.id: r for r in self.replies}
+
+    def check_embedder(self, embedder) -> None:
+        """The query vectors must come from the model the library was built with."""
+        if embedder.dim != self.dim:
+            raise SlimlmError(
+                f"dimension mismatch: the library {self.path} was built with {self.model_id} ({self.dim} dimensions) "
+                f"but the embedding model {embedder.model_id} gives {embedder.dim}; pass the same --embedding-model "
+                "or rebuild the library with this one"
+            )
+        if embedder.model_id != self.model_id:
+            raise SlimlmError(
+                f"model mismatch: the library {self.path} was built with {self.model_id}, not {embedder.model_id}; "
+                "pass the same --embedding-model or rebuild the library with this one"
+            )
+
+    def search(self, queries: np.ndarray, k: int = 5) -> list[list[Hit]]:
+        """The best `k` distinct replies per query, best first (a reply's score: its best row)."""
+        scores, rows = vindex.search(self.index, queries, max(4 * k, 16))
+        out = []
+        for qs, qr in zip(scores, rows, strict=True):
+            best: dict[int, Hit] = {}
+            for s, r in zip(qs, qr, strict=True):
+                if r < 0:
+                    continue
+                owner = int(self.owners[r])
+                if owner not in best:
+                    best[owner] = Hit(self.replies[owner], float(s), int(r))
+                if len(best) == k:
+                    break
+            out.append(list(best.values()))
+        return out

@@ -1,0 +1,59 @@
+"""`slimlm serve`'s guard options (kept free of server imports: argument parsing stays light)."""
+
+from __future__ import annotations
+
+import argparse
+
+from slimlm.errors import SlimlmError
+
+DEFAULT_THRESHOLD = 0.6
+
+
+def add_guard_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("guard (approved replies; needs slimlm[guard])")
+    g.add_argument(
+        "--guard", default=None, metavar="LIB", help="snap every answer to this library (slimlm guard build)"
+    )
+    g.add_argument(
+        "--guard-threshold",
+        type=float,
+        default=None,
+        help=f"cosine similarity needed to send an approved reply (default {DEFAULT_THRESHOLD}; slimlm guard calibrate)",
+    )
+    g.add_argument(
+        "--guard-fallbacks", default=None, metavar="FILE", help='JSON {"default": [...], "STAGE": [...]}'
+    )
+    g.add_argument(
+        "--guard-mode",
+        default=None,
+        choices=("snap", "deny"),
+        help="snap: send the closest approved reply (default); deny: LIB holds forbidden examples, block answers close to one",
+    )
+    g.add_argument(
+        "--embedding-model", default=None, help="sentence-transformers directory (default all-MiniLM-L6-v2)"
+    )
+    g.add_argument(
+        "--embeddings", action="store_true", help="serve POST /v1/embeddings (on with --guard too)"
+    )
+
+
+def guard_from_args(args: argparse.Namespace):
+    """(guard or None, embedder or None), loaded before the LLM so mistakes fail fast."""
+    if args.guard is None:
+        given = [
+            f for f in ("guard_threshold", "guard_fallbacks", "guard_mode") if getattr(args, f) is not None
+        ]
+        if given:
+            raise SlimlmError(f"--{given[0].replace('_', '-')} needs --guard LIB")
+        if not (args.embeddings or args.embedding_model):
+            return None, None
+        from slimlm.guard.embedder import Embedder
+
+        return None, Embedder(args.embedding_model)
+    from slimlm.guard.policy import load_guard
+
+    threshold = DEFAULT_THRESHOLD if args.guard_threshold is None else args.guard_threshold
+    guard = load_guard(
+        args.guard, threshold, args.guard_fallbacks, args.guard_mode or "snap", args.embedding_model
+    )
+    return guard, guard.embedder

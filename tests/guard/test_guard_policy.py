@@ -1,0 +1,136 @@
+"""Fallback arms per user, unknown stages, snap and deny decisions scored like sentence-transformers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from slimlm.errors import SlimlmError
+from tests.guard.conftest import SHOP
+
+
+def _expected_arm(user: str, arms: int) -> int:
+    return int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "big") % arms
+
+
+def test_arms_are_deterministic_per_user_and_both_are_used():
+    from slimlm.guard.fallbacks import Fallbacks
+
+    fb = Fallbacks.load(SHOP / "fallbacks.json")
+    stages = json.loads((SHOP / "fallbacks.json").read_text())
+    users = [f"user-{i}" for i in range(40)]
+    arms = {u: fb.choose("checkout", u).arm for u in users}
+    assert arms == {u: _expected_arm(u, 2) for u in users}
+    assert set(arms.values()) == {0, 1}
+    assert all(fb.choose("checkout", u).arm == arms[u] for u in users)  # same user, same arm
+    c = fb.choose("after_sale", "alice")
+    assert c.text == stages["after_sale"][c.arm] and c.stage == "after_sale" and not c.unknown_stage
+
+
+def test_unknown_stage_gets_the_universal_fallback_and_says_so():
+    from slimlm.guard.fallbacks import Fallbacks
+
+    fb = Fallbacks.load(SHOP / "fallbacks.json")
+    c = fb.choose("negotiation", "bob")
+    assert c.stage == "default" and c.unknown_stage and c.requested_stage == "negotiation"
+    assert c.text == json.loads((SHOP / "fallbacks.json").read_text())["default"][_expected_arm("bob", 2)]
+    assert not fb.choose(None, "bob").unknown_stage  # no stage asked: the universal one, no note
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"greeting": ["hi"]}', "universal fallback 'default' is missing"),
+        ('{"default": []}', "stage 'default' must be a non-empty list"),
+        ('{"default": ["ok"], "x": [1]}', "stage 'x' must be a non-empty list of non-empty strings"),
+        ("[1, 2]", "must be a JSON object"),
+        ("{default: 1}", "is not valid JSON"),
+    ],
+)
+def test_bad_fallback_files(tmp_path, content, message):
+    from slimlm.guard.fallbacks import Fallbacks
+
+    path = tmp_path / "fb.json"
+    path.write_text(content)
+    with pytest.raises(SlimlmError, match=message):
+        Fallbacks.load(path)
+    with pytest.raises(SlimlmError, match="does not exist"):
+        Fallbacks.load(tmp_path / "missing.json")
+
+
+def test_snap_decisions_match_sentence_transformers_cosine(shop_lib, embedder, st_model):
+    from slimlm.guard.fallbacks import Fallbacks
+    from slimlm.guard.library import Library
+    from slimlm.guard.policy import Guard
+
+    lib = Library(shop_lib)
+    guard = Guard(lib, embedder, 0.6, Fallbacks.load(SHOP / "fallbacks.json"))
+    answer = "Refunds go back to the card you paid with, usually 5-7 business days after your return arrives."
+    d = guard.decide(answer, "after_sale", "carol")
+    reply = lib.by_id["refund-time"]
+    a, r = st_model.encode([answer, reply.text], normalize_embeddings=True)
+    assert d.text == reply.text
+    assert d.record["action"] == "matched" and d.record["id"] == "refund-time"
+    assert d.record["score"] == pytest.approx(float(a @ r), abs=1e-5)
+    assert (d.record["stage"], d.record["arm"]) == ("after_sale", _expected_arm("carol", 2))
+
+    off = guard.decide("The mitochondria is the powerhouse of the cell.", "greeting", "dave")
+    stages = json.loads((SHOP / "fallbacks.json").read_text())
+    assert off.record["action"] == "fallback" and off.record["reason"] == "below threshold"
+    assert off.text == stages["greeting"][_expected_arm("dave", 2)]
+    assert off.record["best_score"] < 0.6
+    empty = guard.decide("   ", "checkout", "erin")
+    assert empty.record["reason"] == "empty answer" and empty.text in stages["checkout"]
+    lines = "\n".join(guard.metrics_lines())
+    assert (
+        'slimlm_guard_responses_total{action="matched",stage="after_sale",arm="%d"} 1'
+        % _expected_arm("carol", 2)
+        in lines
+    )
+    assert "slimlm_guard_decisions_total 3" in lines
+
+
+def test_deny_mode_blocks_answers_close_to_forbidden_examples(tmp_path, embedder, st_model):
+    from slimlm.guard.fallbacks import Fallbacks
+    from slimlm.guard.library import Library, build
+    from slimlm.guard.policy import Guard
+
+    forbidden = tmp_path / "forbidden.jsonl"
+    rows = [
+        {"id": "investment-advice", "text": "You should buy these stocks, they will definitely go up."},
+        {"id": "medical-advice", "text": "You don't need a doctor, just take more of these pills."},
+        {"id": "promise-discount", "text": "I can give you a 90% discount on everything right now."},
+    ]
+    forbidden.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build(forbidden, tmp_path / "deny", embedder)
+    guard = Guard(
+        Library(tmp_path / "deny"),
+        embedder,
+        0.55,
+        Fallbacks.universal("I can't help with that."),
+        mode="deny",
+    )
+    bad = "Sure, I'll give you ninety percent off all items today."
+    fine = "Standard delivery takes 3 to 5 business days."
+    b = guard.decide(bad, None, "u1")
+    p = guard.decide(fine, None, "u1")
+    ref = st_model.encode([bad, fine, *(r["text"] for r in rows)], normalize_embeddings=True)
+    sims = ref[:2] @ ref[2:].T
+    assert sims[0].max() >= 0.55 > sims[1].max()  # the reference agrees which one is forbidden
+    assert b.text == "I can't help with that." and b.record["action"] == "blocked"
+    assert b.record["id"] == rows[int(np.argmax(sims[0]))]["id"]
+    assert p.text == fine and p.record["action"] == "passed"
+    assert p.record["best_score"] == pytest.approx(float(sims[1].max()), abs=1e-5)
+
+
+def test_guard_rejects_bad_settings(shop_lib, embedder):
+    from slimlm.guard.library import Library
+    from slimlm.guard.policy import Guard
+
+    with pytest.raises(SlimlmError, match="cosine similarity in \\[-1, 1\\]"):
+        Guard(Library(shop_lib), embedder, 1.5)
+    with pytest.raises(SlimlmError, match="--guard-mode"):
+        Guard(Library(shop_lib), embedder, 0.5, mode="block")
