@@ -48,6 +48,7 @@ class LowBitAdamW(torch.optim.Optimizer):
         fused: bool | None = None,
         block_size: int | None = None,
         fp32_state_max_numel: int = 4096,
+        state_device: str | torch.device | None = None,
     ) -> None:
         name = type(self).__name__
         unsupported = {"amsgrad": amsgrad, "capturable": capturable, "differentiable": differentiable}
@@ -66,6 +67,8 @@ class LowBitAdamW(torch.optim.Optimizer):
             )
         self.block_size = block_size
         self.fp32_state_max_numel = fp32_state_max_numel
+        # Offload: states live here (e.g. "cpu") and visit the parameter's device for its update only.
+        self.state_device = None if state_device is None else torch.device(state_device)
         params = list(params)
         if not params:
             raise SlimlmError(f"{name} got an empty parameter list; pass model.parameters() or param groups")
@@ -124,6 +127,12 @@ class LowBitAdamW(torch.optim.Optimizer):
                     m_codec.init(state, local)
                     v_codec.init(state, local)
                 state["step"] += 1
+                offloaded = self.state_device is not None and self.state_device != local.device
+                if offloaded:
+                    home, state = (
+                        state,
+                        {k: v if k == "step" else v.to(local.device) for k, v in state.items()},
+                    )
                 adamw_update_(
                     local,
                     local_tensor(p.grad),
@@ -138,7 +147,13 @@ class LowBitAdamW(torch.optim.Optimizer):
                     step=float(state["step"]),
                     maximize=group["maximize"],
                 )
+                if offloaded:
+                    home.update({k: v.to(self.state_device) for k, v in state.items()})
         return loss
+
+    def state_device_for(self, p: torch.Tensor) -> torch.device:
+        """Where p's states are kept: the offload device if one is set, else the (local) parameter's."""
+        return self.state_device or local_tensor(p).device
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict (plain tensors) plus a header naming the format and layout."""
@@ -178,7 +193,7 @@ class LowBitAdamW(torch.optim.Optimizer):
             saved = state_dict["state"].get(saved_id)
             if saved is not None:
                 self.state[p] = {
-                    key: value.to(local_tensor(p).device if key != "step" else value.device, copy=True)
+                    key: value.to(self.state_device_for(p) if key != "step" else value.device, copy=True)
                     for key, value in saved.items()
                 }
 

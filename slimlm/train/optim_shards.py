@@ -108,9 +108,10 @@ def load_shards(path: Path, optimizer: LowBitAdamW, model: torch.nn.Module) -> N
 
 def _state_for(optimizer: LowBitAdamW, p: torch.Tensor, pieces: list[dict]) -> dict:
     spec, local = shard_spec(p), local_tensor(p)
+    home = optimizer.state_device_for(p)
     for piece in pieces:  # the same rows as a saved shard: its state as saved, bit for bit
         if piece["row_offset"] == spec.row_offset and piece["shape"] == list(local.shape):
-            return {k: v.to(local.device if k != "step" else v.device) for k, v in piece["state"].items()}
+            return {k: v.to(home if k != "step" else v.device) for k, v in piece["state"].items()}
     m_codec, v_codec = optimizer.moment_codecs(p)
     decoded_m, decoded_v = [], []
     for piece in pieces:
@@ -120,7 +121,7 @@ def _state_for(optimizer: LowBitAdamW, p: torch.Tensor, pieces: list[dict]) -> d
             decoded_v.append(v_codec.decode(piece["state"], like).clone())
     rows = slice(spec.row_offset, spec.row_offset + local.shape[0]) if local.ndim else slice(None)
     state = {"step": pieces[0]["state"]["step"].clone()}
-    m_codec.init(state, local)
+    m_codec.init(state, local)  # codes are made on the parameter's device, then kept at `home`
     m_codec.encode(state, local, _cat(decoded_m)[rows].contiguous().to(local.device))
     if isinstance(v_codec, FactoredSecondMoment):
         key_row, key_col = f"{v_codec.prefix}_row", f"{v_codec.prefix}_col"
@@ -134,7 +135,7 @@ def _state_for(optimizer: LowBitAdamW, p: torch.Tensor, pieces: list[dict]) -> d
     else:
         v_codec.init(state, local)
         v_codec.encode(state, local, _cat(decoded_v)[rows].contiguous().to(local.device))
-    return state
+    return {k: v.to(home) if k != "step" else v for k, v in state.items()}
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -92,8 +92,13 @@ class Trainer:
         self.per_step = self.dist.world_size * cfg.grad_accum
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        self.wrapped = dist.wrap_model(self.loss_module, self.dist, self.device, decoder_layers(self.model))
-        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.lr, cfg.weight_decay)
+        fsdp_offload = cfg.offload_optimizer and self.dist.strategy == "fsdp"
+        self.wrapped = dist.wrap_model(self.loss_module, self.dist, self.device, decoder_layers(self.model),
+                                       offload=fsdp_offload)  # fmt: skip
+        state_device = (
+            "cpu" if cfg.offload_optimizer and not fsdp_offload and self.device.type != "cpu" else None
+        )
+        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.lr, cfg.weight_decay, state_device)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.warmup_steps, cfg.warmup_ratio,
                                          cfg.schedule, cfg.min_lr_ratio)  # fmt: skip
         self.pad_id = next(
