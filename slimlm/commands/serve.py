@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from slimlm.commands.cluster_args import add_cluster_args, wants_cluster
 from slimlm.commands.common import add_engine_args, add_model_args, llm_from_args, parse_size
 from slimlm.errors import SlimlmError
 from slimlm.guard.serve_args import add_guard_arguments
@@ -46,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="largest request body accepted, e.g. 2MiB (default); larger gets 413",
     )
     g.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn's log level")
+    add_cluster_args(p)
     add_model_args(p)
     add_engine_args(p)
     add_guard_arguments(p)
@@ -77,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
     )
     guard, embedder = guard_from_args(args)  # a bad library or fallbacks file fails before the model loads
+    if wants_cluster(args):  # engine replicas on Ray Serve (slimlm/cluster)
+        from slimlm.cluster.launch import run_cluster
+
+        return run_cluster(args, settings)
     sock = bind_socket(args.host, args.port)  # fail on a taken port before loading the model
     try:
         llm = llm_from_args(args)

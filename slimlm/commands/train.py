@@ -107,6 +107,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument(
         "--distributed", choices=STRATEGIES, default="auto", help="under torchrun: ddp (auto) or fsdp"
     )
+    o.add_argument(
+        "--offload-optimizer",
+        action="store_true",
+        help="keep optimizer states in CPU memory when training on a GPU (FSDP: CPUOffloadPolicy)",
+    )
     r = p.add_argument_group("evaluation, checkpoints, display")
     r.add_argument(
         "--eval-every", type=int, default=None, help="evaluate every N steps (always before and after)"
@@ -140,7 +145,7 @@ def config_from_args(args: argparse.Namespace):
         max_grad_norm=args.max_grad_norm or None, eval_every=args.eval_every, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed, device=args.device,
         distributed=args.distributed, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
-        measure_memory=not args.no_memory_tracking,
+        measure_memory=not args.no_memory_tracking, offload_optimizer=args.offload_optimizer,
     )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.optim.codecs import Layout, MomentCodec
+from slimlm.optim.sharding import local_tensor
 
 STATE_FORMAT_VERSION = 1
 HEADER_KEY = "slimlm_optimizer"
@@ -23,7 +24,11 @@ SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class LowBitAdamW(torch.optim.Optimizer):
-    """Base class: subclasses define `default_block_size` and `moment_codecs(p)`."""
+    """Base class: subclasses define `default_block_size` and `moment_codecs(p)`.
+
+    Parameters may be FSDP2 DTensor shards: each rank stores and updates the moments of its local shard
+    (see slimlm.optim.sharding), and `moment_codecs` decides by the global shape, the same on every rank.
+    """
 
     default_block_size = 128
 
@@ -43,6 +48,7 @@ class LowBitAdamW(torch.optim.Optimizer):
         fused: bool | None = None,
         block_size: int | None = None,
         fp32_state_max_numel: int = 4096,
+        state_device: str | torch.device | None = None,
     ) -> None:
         name = type(self).__name__
         unsupported = {"amsgrad": amsgrad, "capturable": capturable, "differentiable": differentiable}
@@ -61,6 +67,8 @@ class LowBitAdamW(torch.optim.Optimizer):
             )
         self.block_size = block_size
         self.fp32_state_max_numel = fp32_state_max_numel
+        # Offload: states live here (e.g. "cpu") and visit the parameter's device for its update only.
+        self.state_device = None if state_device is None else torch.device(state_device)
         params = list(params)
         if not params:
             raise SlimlmError(f"{name} got an empty parameter list; pass model.parameters() or param groups")
@@ -71,7 +79,7 @@ class LowBitAdamW(torch.optim.Optimizer):
     # -- what subclasses define -------------------------------------------------------------------------
 
     def moment_codecs(self, p: torch.Tensor) -> tuple[MomentCodec, MomentCodec]:
-        """(first-moment codec, second-moment codec) for parameter p; depends only on p's shape."""
+        """(first-moment codec, second-moment codec) for parameter p (global shape; a DTensor stays one)."""
         raise NotImplementedError
 
     def keeps_fp32_state(self, p: torch.Tensor) -> bool:
@@ -113,14 +121,21 @@ class LowBitAdamW(torch.optim.Optimizer):
                     raise SlimlmError(f"{name} does not support sparse gradients; use dense embeddings")
                 state = self.state[p]
                 m_codec, v_codec = self.moment_codecs(p)
+                local = local_tensor(p)  # an FSDP2 shard's local rows; p itself otherwise
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    m_codec.init(state, p)
-                    v_codec.init(state, p)
+                    m_codec.init(state, local)
+                    v_codec.init(state, local)
                 state["step"] += 1
+                offloaded = self.state_device is not None and self.state_device != local.device
+                if offloaded:
+                    home, state = (
+                        state,
+                        {k: v if k == "step" else v.to(local.device) for k, v in state.items()},
+                    )
                 adamw_update_(
-                    p,
-                    p.grad,
+                    local,
+                    local_tensor(p.grad),
                     state,
                     m_codec,
                     v_codec,
@@ -132,7 +147,13 @@ class LowBitAdamW(torch.optim.Optimizer):
                     step=float(state["step"]),
                     maximize=group["maximize"],
                 )
+                if offloaded:
+                    home.update({k: v.to(self.state_device) for k, v in state.items()})
         return loss
+
+    def state_device_for(self, p: torch.Tensor) -> torch.device:
+        """Where p's states are kept: the offload device if one is set, else the (local) parameter's."""
+        return self.state_device or local_tensor(p).device
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict (plain tensors) plus a header naming the format and layout."""
@@ -172,7 +193,7 @@ class LowBitAdamW(torch.optim.Optimizer):
             saved = state_dict["state"].get(saved_id)
             if saved is not None:
                 self.state[p] = {
-                    key: value.to(p.device if key != "step" else value.device, copy=True)
+                    key: value.to(self.state_device_for(p) if key != "step" else value.device, copy=True)
                     for key, value in saved.items()
                 }
 
@@ -188,7 +209,8 @@ class LowBitAdamW(torch.optim.Optimizer):
 
     def expected_layout(self, p: torch.Tensor) -> Layout:
         m_codec, v_codec = self.moment_codecs(p)
-        return {"step": ((), torch.float32), **m_codec.layout(p), **v_codec.layout(p)}
+        local = local_tensor(p)
+        return {"step": ((), torch.float32), **m_codec.layout(local), **v_codec.layout(local)}
 
     def _check_layout(self, index: int, p: torch.Tensor, saved: dict[str, Any]) -> None:
         expected = self.expected_layout(p)

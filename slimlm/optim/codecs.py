@@ -19,6 +19,7 @@ from slimlm.optim.quantize import (
     rank1_decode,
     rank1_encode,
 )
+from slimlm.optim.sharding import ShardSpec, sum_over_shards
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -130,7 +131,15 @@ class FactoredSecondMoment(MomentCodec):
 
     v is approximated by row / mean(row) (outer) col. Non-finite g^2 enter the means as 0, so a NaN or Inf
     gradient makes only its own parameter element NaN, as in torch's AdamW.
+
+    `shard`: for a 2-D weight whose rows are sharded (FSDP2), the column means and the mean of the row
+    statistics are summed over the shard group and divided by the global row count, so every rank uses the
+    statistics of the whole matrix (see slimlm.optim.sharding). Rows stay local; columns are replicated.
     """
+
+    def __init__(self, prefix: str, shard: ShardSpec | None = None) -> None:
+        super().__init__(prefix)
+        self.shard = shard if shard is not None and shard.sharded and len(shard.global_shape) == 2 else None
 
     def layout(self, p: torch.Tensor) -> Layout:
         shape = tuple(p.shape)
@@ -143,8 +152,15 @@ class FactoredSecondMoment(MomentCodec):
         row, col = state[f"{self.prefix}_row"], state[f"{self.prefix}_col"]
         square = (grad * grad).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         row.mul_(beta2).add_(square.mean(dim=-1), alpha=1 - beta2)
-        col.mul_(beta2).add_(square.mean(dim=-2), alpha=1 - beta2)
-        row_factor = row / row.mean(dim=-1, keepdim=True).clamp_min(TINY)
+        if self.shard is None:
+            col.mul_(beta2).add_(square.mean(dim=-2), alpha=1 - beta2)
+            row_mean = row.mean(dim=-1, keepdim=True)
+        else:  # sums over this rank's rows, then over all ranks: one all-reduce of columns + 1 floats
+            sums = sum_over_shards(torch.cat((square.sum(dim=-2), row.sum().view(1))), self.shard)
+            rows = self.shard.global_shape[0]
+            col.mul_(beta2).add_(sums[:-1], alpha=(1 - beta2) / rows)
+            row_mean = sums[-1:] / rows
+        row_factor = row / row_mean.clamp_min(TINY)
         v = row_factor.unsqueeze(-1) * col.unsqueeze(-2)
         # 0 * g^2 is NaN exactly where g is not finite: that element's update is NaN, as in torch's AdamW.
         return v.addcmul_(grad, grad, value=0.0)

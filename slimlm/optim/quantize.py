@@ -119,6 +119,8 @@ def padded_length(numel: int, multiple: int) -> int:
 def finite_abs_max(x: torch.Tensor, dim: int | list[int], nonnegative: bool = False) -> torch.Tensor:
     """max |x| along dim, ignoring NaN and Inf (an all-non-finite slice gives 0)."""
     magnitude = x if nonnegative else x.abs()
+    if magnitude.numel() == 0:  # an empty FSDP shard: zero maxima of the reduced shape
+        return magnitude.new_zeros(magnitude.sum(dim=dim).shape)
     out = magnitude.amax(dim=dim)
     # Rare path: redo with non-finite values zeroed only when some maximum came out NaN or Inf.
     if not bool(torch.isfinite(out).all()):

@@ -28,6 +28,7 @@ from slimlm.optim.qmaps import (
     zero_free_unsigned_8bit_map,
 )
 from slimlm.optim.quantize import CodeTable
+from slimlm.optim.sharding import is_dtensor, shard_spec
 
 SIGNED_4BIT = CodeTable(signed_4bit_map())
 ZERO_FREE_4BIT = CodeTable(zero_free_linear_map(4))
@@ -81,7 +82,9 @@ class AdamWFactor4bit(LowBitAdamW):
     """4-bit AdamW with an Adafactor-style factorized second moment for tensors of >= 2 dims (Li et al. 2023).
 
     m as in AdamW4bit. v of a >=2-D tensor: float32 running means of g^2 per row and per column
-    (sublinear memory); 1-D tensors: as in AdamW4bit. About 0.5 bytes per parameter.
+    (sublinear memory); 1-D tensors: as in AdamW4bit. About 0.5 bytes per parameter. Under FSDP2 the row
+    statistics of a 2-D weight stay with the rank that owns the rows and the column statistics are summed
+    over ranks each step, so the factorization is that of the whole matrix (slimlm.optim.sharding).
     Same arguments as torch.optim.AdamW plus `block_size` and `fp32_state_max_numel`.
     """
 
@@ -92,5 +95,5 @@ class AdamWFactor4bit(LowBitAdamW):
             return FP32_CODECS
         m_codec = BlockwiseCodec("exp_avg", SIGNED_4BIT, self.block_size)
         if p.ndim >= 2:
-            return m_codec, FactoredSecondMoment("exp_avg_sq")
+            return m_codec, FactoredSecondMoment("exp_avg_sq", shard_spec(p) if is_dtensor(p) else None)
         return m_codec, BlockwiseCodec("exp_avg_sq", ZERO_FREE_4BIT, self.block_size)

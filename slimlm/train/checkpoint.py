@@ -2,12 +2,14 @@
 
 A checkpoint is a directory `<output>/checkpoints/step-000042/` holding
     trainable.safetensors   the trainable parameters (LoRA adapters, or every weight in full fine-tuning)
-    optimizer.pt            optimizer.state_dict() (low-bit states bit-exact)
+    optimizer.pt            optimizer.state_dict() of torch AdamW (full state dict under FSDP)
+    optimizer_rank{r}.pt    the low-bit optimizers' states, one file per shard (train/optim_shards.py)
     scheduler.pt            the lr scheduler's state_dict()
     rng_rank{r}.pt          Python and torch (CPU, CUDA) RNG states of each process
     trainer_state.json      step, epoch, position in the epoch, loss history and the run's fingerprint
 It is written under a temporary name and renamed when complete, so an interrupted save never becomes
-the newest checkpoint. The fingerprint (trajectory settings, model, data, world size) must match on resume.
+the newest checkpoint. The fingerprint (trajectory settings, model, data, world size) must match on resume,
+except that processes and accumulation may trade places when their product (the global batch) is kept.
 """
 
 from __future__ import annotations
@@ -66,13 +68,20 @@ def _files_digest(paths: list[str]) -> str:
 def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
     """Raise a SlimlmError naming every difference between a checkpoint's run and this one."""
     diffs = []
+    old, new = saved.get("settings", {}), current["settings"]
+    # Processes x accumulation is the global batch: 2 ranks x 1 resume as 1 process x 2 (same micro-batches).
+    same_batch = (
+        saved.get("world_size", 1) * old.get("grad_accum", 1) == current["world_size"] * new["grad_accum"]
+    )
+    skip = {"world_size", "grad_accum"} if same_batch else set()
     for key in ("model", "data", "eval_data", "world_size"):
+        if key in skip:
+            continue
         if saved.get(key) != current.get(key):
             diffs.append({"model": "the model", "data": "the training data", "eval_data": "the eval data",
                           "world_size": f"the number of processes ({saved.get(key)} vs {current.get(key)})"}[key])  # fmt: skip
-    old, new = saved.get("settings", {}), current["settings"]
     for name in new:
-        if old.get(name) != new[name]:
+        if name not in skip and old.get(name) != new[name]:
             diffs.append(
                 f"--{name.replace('_', '-')} ({old.get(name)!r} in the checkpoint, {new[name]!r} now)"
             )
@@ -138,7 +147,8 @@ def finish_save(tmp: Path, final: Path, trainable: dict[str, torch.Tensor], opti
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / TRAINABLE_FILE))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
+    if optimizer_state is not None:  # None: the low-bit optimizers' shard files are already in tmp
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler_state, tmp / "scheduler.pt")
     payload = {"format_version": FORMAT_VERSION, "fingerprint": run_fingerprint, **asdict(state)}
     (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1))
@@ -183,7 +193,12 @@ def load_checkpoint(path: Path, rank: int, device: torch.device) -> LoadedCheckp
     state, fp = read_checkpoint_state(path)
     try:
         trainable = load_file(str(path / TRAINABLE_FILE), device=str(device))
-        optimizer = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+        optimizer_file = path / "optimizer.pt"
+        optimizer = (
+            torch.load(optimizer_file, map_location=device, weights_only=True)
+            if optimizer_file.is_file()
+            else {}
+        )
         scheduler = torch.load(path / "scheduler.pt", weights_only=True)
         rng_file = path / f"rng_rank{rank}.pt"
         rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None

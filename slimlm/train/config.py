@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     distributed: str = "auto"
+    offload_optimizer: bool = False  # optimizer states in CPU memory (FSDP: CPUOffloadPolicy) on a GPU
     overwrite: bool = False
     resume: str | bool = False  # True: the newest checkpoint in output_dir; str: a checkpoint directory
     progress: bool = True
@@ -107,6 +108,11 @@ class TrainConfig:
             raise SlimlmError(f"--max-grad-norm must be > 0 (or omitted), got {self.max_grad_norm}")
         if self.qlora_group_size is not None and self.qlora_group_size not in (32, 64, 128):
             raise SlimlmError(f"--qlora-group-size must be 32, 64 or 128, got {self.qlora_group_size}")
+        if self.offload_optimizer and self.optim == "adamw" and self.distributed != "fsdp":
+            raise SlimlmError(
+                "--offload-optimizer keeps low-bit states in CPU memory; use --optim adamw8bit/adamw4bit/factor4bit "
+                "or --distributed fsdp"
+            )
         if self.overwrite and self.resume:
             raise SlimlmError("--overwrite and --resume contradict each other; give one")
         if self.method != "full":

@@ -59,17 +59,26 @@ def init_distributed(strategy: str, device_type: str) -> DistributedInfo:
 
 
 def wrap_model(
-    module: nn.Module, info: DistributedInfo, device: torch.device, layers: nn.ModuleList
+    module: nn.Module,
+    info: DistributedInfo,
+    device: torch.device,
+    layers: nn.ModuleList,
+    offload: bool = False,
 ) -> nn.Module:
-    """DDP around the training module, or FSDP2 `fully_shard` on each decoder layer and the root."""
+    """DDP around the training module, or FSDP2 `fully_shard` on each decoder layer and the root.
+
+    `offload` (FSDP on a GPU): CPUOffloadPolicy keeps the sharded parameters, gradients and so the optimizer
+    states in CPU memory; the optimizer step runs on the CPU.
+    """
     if not info.enabled:
         return module
     if info.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+        policy = CPUOffloadPolicy() if offload and device.type != "cpu" else OffloadPolicy()
         for layer in layers:
-            fully_shard(layer)
-        fully_shard(module)
+            fully_shard(layer, offload_policy=policy)
+        fully_shard(module, offload_policy=policy)
         return module
     from torch.nn.parallel import DistributedDataParallel
 
@@ -150,7 +159,8 @@ def load_trainable_state(
 def load_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistributedInfo
 ) -> None:
-    if info.strategy == "fsdp":
+    by_name = any(isinstance(k, str) for k in state.get("state", {}))  # a full state dict saved under FSDP
+    if info.strategy == "fsdp" or (by_name and not info.enabled):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -16,8 +16,13 @@ PLANNER_NAMES = {
 }
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; weight decay only on matrices (not norms or biases)."""
+def build_optimizer(
+    model: nn.Module, name: str, lr: float, weight_decay: float, state_device: str | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; weight decay only on matrices (not norms or biases).
+
+    `state_device`: keep the low-bit states there (CPU offload) while the parameters live elsewhere.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -30,7 +35,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
     from slimlm.optim import AdamW4bit, AdamW8bit, AdamWFactor4bit
 
     cls = {"adamw8bit": AdamW8bit, "adamw4bit": AdamW4bit, "factor4bit": AdamWFactor4bit}[name]
-    return cls(groups, lr=lr)
+    return cls(groups, lr=lr, state_device=state_device)
 
 
 class WarmupDecay:

@@ -22,6 +22,7 @@ import torch
 from slimlm.errors import SlimlmError
 from slimlm.train import checkpoint as ckpt
 from slimlm.train import distributed as dist
+from slimlm.train import optim_shards as shards
 from slimlm.train.batching import collate, epoch_batches, split_train_eval
 from slimlm.train.config import TrainConfig
 from slimlm.train.data import Example, load_examples
@@ -71,10 +72,6 @@ class Trainer:
     def _setup(self, loaded) -> None:
         cfg = self.cfg
         self.device = resolve_device(cfg.device, self.dist.local_rank)
-        if self.dist.strategy == "fsdp" and cfg.optim != "adamw":
-            raise SlimlmError(
-                "--distributed fsdp shards parameters, which the low-bit optimizers do not support; use --optim adamw or ddp"
-            )
         self.out = Path(cfg.output_dir)
         self.resume_from = self._check_output_dir()
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -95,8 +92,13 @@ class Trainer:
         self.per_step = self.dist.world_size * cfg.grad_accum
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        self.wrapped = dist.wrap_model(self.loss_module, self.dist, self.device, decoder_layers(self.model))
-        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.lr, cfg.weight_decay)
+        fsdp_offload = cfg.offload_optimizer and self.dist.strategy == "fsdp"
+        self.wrapped = dist.wrap_model(self.loss_module, self.dist, self.device, decoder_layers(self.model),
+                                       offload=fsdp_offload)  # fmt: skip
+        state_device = (
+            "cpu" if cfg.offload_optimizer and not fsdp_offload and self.device.type != "cpu" else None
+        )
+        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.lr, cfg.weight_decay, state_device)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.warmup_steps, cfg.warmup_ratio,
                                          cfg.schedule, cfg.min_lr_ratio)  # fmt: skip
         self.pad_id = next(
@@ -170,7 +172,10 @@ class Trainer:
                 f"checkpoint {resumed.path} holds other trainable tensors than this run; start over with --overwrite"
             )
         dist.load_trainable_state(self.wrapped, self.model, resumed.trainable, self.dist)
-        dist.load_optimizer_state(self.wrapped, self.optimizer, resumed.optimizer, self.dist)
+        if shards.has_shards(resumed.path):  # low-bit states, resharded to this run's processes
+            shards.load_shards(resumed.path, self.optimizer, self.model)
+        else:
+            dist.load_optimizer_state(self.wrapped, self.optimizer, resumed.optimizer, self.dist)
         self.scheduler.load_state_dict(resumed.scheduler)
         self.state = resumed.state
         ckpt.restore_rng(resumed.rng)
@@ -362,7 +367,13 @@ class Trainer:
         dist.barrier(self.dist)
         ckpt.save_rng(tmp, self.dist.rank)
         trainable = dist.full_trainable_state(self.wrapped, self.model, self.dist)
-        optimizer_state = dist.full_optimizer_state(self.wrapped, self.optimizer, self.dist)
+        optimizer_state = None
+        if not shards.uses_shards(self.optimizer):
+            optimizer_state = dist.full_optimizer_state(self.wrapped, self.optimizer, self.dist)
+        elif self.dist.strategy == "fsdp":  # every rank holds its own shard of the states
+            shards.save_shard(tmp, self.optimizer, self.model, self.dist.rank, self.dist.world_size)
+        elif self.dist.is_main:  # DDP / one process: the states are whole on every rank
+            shards.save_shard(tmp, self.optimizer, self.model, 0, 1)
         dist.barrier(self.dist)
         if self.dist.is_main:
             ckpt.finish_save(
