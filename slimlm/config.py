@@ -200,6 +200,8 @@ class ModelConfig:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise SlimlmError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise SlimlmError(f"{path} is not text (binary or corrupt); re-download or re-save it") from None
         if not isinstance(d, dict):
             raise SlimlmError(f"{path} must hold a JSON object")
         return cls.from_hf_dict(d)

@@ -11,8 +11,10 @@ from slimlm.commands.common import (
     add_model_args,
     add_sampling_args,
     llm_from_args,
+    require_text,
     sampling_params_from_args,
 )
+from slimlm.errors import SlimlmError
 
 HELP = "commands: /reset (new conversation), /system TEXT (set system prompt and reset), /exit"
 
@@ -41,14 +43,18 @@ class ChatSession:
     def reply(self, user_text: str):
         """Yields text pieces of the assistant's reply; records it in the history when done."""
         self.messages.append({"role": "user", "content": user_text})
-        prompt = self.llm.chat_prompt(self.messages)
-        stats = self.llm.engine.stats
-        computed_before = stats.computed_prompt_tokens
-        pieces = []
-        start = time.perf_counter()
-        for out in self.llm.stream(prompt, self.params):
-            pieces.append(out.text)
-            yield out.text
+        try:
+            prompt = self.llm.chat_prompt(self.messages)
+            stats = self.llm.engine.stats
+            computed_before = stats.computed_prompt_tokens
+            pieces = []
+            start = time.perf_counter()
+            for out in self.llm.stream(prompt, self.params):
+                pieces.append(out.text)
+                yield out.text
+        except BaseException:  # a failed or stopped turn leaves the history as it was before it
+            self.messages.pop()
+            raise
         elapsed = time.perf_counter() - start
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
         self.last_turn = {
@@ -60,6 +66,8 @@ class ChatSession:
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
+    if args.system:
+        require_text(args.system, "--system")
     llm = llm_from_args(args, single_stream=True)  # one conversation: one sequence at a time
     print(llm.memory_report_text(), file=sys.stderr)
     session = ChatSession(llm, params, args.system)
@@ -79,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
             session.reset()
             print("(new conversation)", file=sys.stderr)
             continue
+        try:
+            require_text(text, "this line")
+        except SlimlmError as e:  # binary input: say so and keep the conversation
+            print(f"error: {e}", file=sys.stderr)
+            continue
         if text.startswith("/system"):
             session.system = text[len("/system") :].strip() or None
             session.reset()
@@ -87,9 +100,18 @@ def run(args: argparse.Namespace) -> int:
         if text.startswith("/"):
             print(f"unknown command {text.split()[0]}; {HELP}", file=sys.stderr)
             continue
-        for piece in session.reply(text):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in session.reply(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except SlimlmError as e:  # e.g. the history outgrew the KV pool: the conversation stays usable
+            sys.stdout.write("\n")
+            print(f"error: {e}; the turn was dropped (/reset starts a new conversation)", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply; Ctrl-C at the prompt (or /exit) quits
+            sys.stdout.write("\n")
+            print("(reply stopped; the turn was dropped)", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         if args.stats:
             t = session.last_turn

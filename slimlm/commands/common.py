@@ -39,6 +39,31 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def require_text(text: str, what: str) -> str:
+    """Python decodes argv and stdin with surrogateescape, so binary input arrives as a str holding lone
+    surrogates that the tokenizer rejects with a TypeError; say what was wrong instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SlimlmError(
+            f"{what} is not UTF-8 text (byte 0x{ord(text[e.start]) & 0xFF:02x} at character {e.start}); give text"
+        ) from None
+    return text
+
+
+def read_text_file(path: str, flag: str) -> str:
+    """A UTF-8 text file given by `flag`, or a one-line error (missing, a directory, binary)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise SlimlmError(
+            f"{flag} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); give a text file"
+        ) from None
+    except OSError as e:
+        raise SlimlmError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(

@@ -11,6 +11,8 @@ from slimlm.commands.common import (
     add_model_args,
     add_sampling_args,
     llm_from_args,
+    read_text_file,
+    require_text,
     sampling_params_from_args,
 )
 from slimlm.commands.logprobs_output import logprob_records, logprob_table
@@ -32,18 +34,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompts)
+    prompts = [require_text(p, f"prompt {i + 1}") for i, p in enumerate(args.prompts)]
     if args.prompts_file:
-        try:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
-            raise SlimlmError(f"cannot read --prompts-file {args.prompts_file}: {e.strerror}") from None
+        text = read_text_file(args.prompts_file, "--prompts-file")
+        prompts += [line for line in text.split("\n") if line.strip()]
     if not prompts and not sys.stdin.isatty():
-        text = sys.stdin.read().strip()
+        text = require_text(sys.stdin.read(), "standard input").strip()
         prompts = [text] if text else []
     if not prompts:
         raise SlimlmError('no prompt given; pass one, e.g. slimlm generate "Tell me a joke" --chat')
+    if args.system:
+        require_text(args.system, "--system")
     return prompts
 
 

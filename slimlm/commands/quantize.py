@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from slimlm.commands.common import read_text_file
 from slimlm.errors import SlimlmError
 
 
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     check_not_overlapping(out, resolve_model_path(args.model), "--out", "the source model")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SlimlmError(f"--out {out} already exists and is not empty; choose a new directory")
+    if args.calib_file:
+        read_text_file(args.calib_file, "--calib-file")  # a binary file: one line, not a traceback
     text = load_text(args.calib_file) if args.calib_file else None
     progress = not args.quiet
     loaded = load(args.model, dtype="float32", progress=progress)

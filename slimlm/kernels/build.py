@@ -13,6 +13,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -80,16 +81,46 @@ def load_kernel(name: str) -> ctypes.CDLL | None:
         )
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
-    if not target.exists():
-        error = _compile(cc, SOURCE_DIR / f"{name}.c", target)
-        if error:
-            _reasons[name] = error
-            return None
+    for attempt in range(2):  # a cached file that is not our library (garbage, another .so) is rebuilt once
+        if not target.exists():
+            error = _compile(cc, SOURCE_DIR / f"{name}.c", target)
+            if error:
+                _reasons[name] = error
+                return None
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError as exc:
+            _reasons[name] = f"could not load {target}: {exc}"
+            lib = None
+        if lib is not None:
+            missing = [f for f in _exported_functions(SOURCE_DIR / f"{name}.c") if not hasattr(lib, f)]
+            if not missing:
+                return lib
+            _reasons[name] = f"{target} is not slimlm's {name} library (no {missing[0]})"
+            _unload(lib)  # else dlopen would hand back this library again for the rebuilt path
+        if attempt == 0:
+            try:
+                target.unlink()
+            except OSError:
+                return None
+    return None
+
+
+def _unload(lib: ctypes.CDLL) -> None:
     try:
-        return ctypes.CDLL(str(target))
-    except OSError as exc:
-        _reasons[name] = f"could not load {target}: {exc}"
-        return None
+        import _ctypes
+
+        _ctypes.dlclose(lib._handle)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
+_EXPORTED = re.compile(r"^(?!static\b)[A-Za-z_][\w \t*]*?\b(\w+)\s*\(", re.MULTILINE)
+
+
+def _exported_functions(source: Path) -> list[str]:
+    """Names of the functions `source` defines at file scope without `static` (what the .so exports)."""
+    return _EXPORTED.findall(source.read_text())
 
 
 def _compile(cc: str, source: Path, target: Path) -> str | None:

@@ -21,7 +21,7 @@ def safetensors_files(path: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):  # not JSON, or not text at all
             raise SlimlmError(
                 f"{index} is not a valid safetensors index (needs a 'weight_map' object)"
             ) from None
@@ -77,4 +77,6 @@ def read_generation_config(path: Path) -> dict[str, Any]:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise SlimlmError(f"{file} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise SlimlmError(f"{file} is not text (binary or corrupt); re-download or re-save it") from None
     return data if isinstance(data, dict) else {}

@@ -61,6 +61,8 @@ def _from_hf_config(path: Path) -> PlannedModel:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise SlimlmError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise SlimlmError(f"{path} is not text (binary or corrupt); give an HF config.json") from None
     if not isinstance(d, dict):
         raise SlimlmError(f"{path} must hold a JSON object")
     arch = (d.get("architectures") or [d.get("model_type", "?")])[0]

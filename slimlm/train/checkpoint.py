@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -176,7 +177,7 @@ class LoadedCheckpoint:
 def read_checkpoint_state(path: Path) -> tuple[TrainerState, dict]:
     try:
         payload = json.loads((path / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # unreadable, not JSON, or not text
         raise SlimlmError(f"{path / STATE_FILE} is unreadable ({e}); pick another checkpoint") from None
     if payload.get("format_version") != FORMAT_VERSION:
         raise SlimlmError(
@@ -188,6 +189,7 @@ def read_checkpoint_state(path: Path) -> tuple[TrainerState, dict]:
 
 
 def load_checkpoint(path: Path, rank: int, device: torch.device) -> LoadedCheckpoint:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     state, fp = read_checkpoint_state(path)
@@ -202,7 +204,7 @@ def load_checkpoint(path: Path, rank: int, device: torch.device) -> LoadedCheckp
         scheduler = torch.load(path / "scheduler.pt", weights_only=True)
         rng_file = path / f"rng_rank{rank}.pt"
         rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, SafetensorError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise SlimlmError(f"checkpoint {path} is incomplete or corrupt ({e}); pick another one") from None
     return LoadedCheckpoint(path, state, fp, trainable, optimizer, scheduler, rng)
 

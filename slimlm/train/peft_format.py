@@ -73,6 +73,8 @@ def read_peft_adapter(adapter_dir: str | Path) -> tuple[LoraConfig, dict[str, to
         config = json.loads((path / CONFIG_FILE).read_text())
     except json.JSONDecodeError as e:
         raise SlimlmError(f"{path / CONFIG_FILE} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise SlimlmError(f"{path / CONFIG_FILE} is not text (binary or corrupt)") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise SlimlmError(
             f"{path} holds a {config.get('peft_type')} adapter; slimlm merges LoRA adapters only"
@@ -107,7 +109,12 @@ def read_peft_adapter(adapter_dir: str | Path) -> tuple[LoraConfig, dict[str, to
         state[name] = value
     notes = {}
     if (path / SLIMLM_FILE).is_file():
-        notes = json.loads((path / SLIMLM_FILE).read_text())
+        try:
+            notes = json.loads((path / SLIMLM_FILE).read_text())
+        except ValueError:  # not JSON, or not text
+            raise SlimlmError(
+                f"{path / SLIMLM_FILE} is corrupt; restore it or delete it and pass --model"
+            ) from None
     return lora, state, notes
 
 
