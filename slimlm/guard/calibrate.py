@@ -122,7 +122,7 @@ def plot(rows: list[Row], best: Row, path: str | Path, title: str) -> Path:
     ax.set_xlabel("threshold (cosine similarity)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
-    ax.legend(loc="lower left")
+    ax.legend(loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)

@@ -85,11 +85,8 @@ def test_snap_decisions_match_sentence_transformers_cosine(shop_lib, embedder, s
     empty = guard.decide("   ", "checkout", "erin")
     assert empty.record["reason"] == "empty answer" and empty.text in stages["checkout"]
     lines = "\n".join(guard.metrics_lines())
-    assert (
-        'slimlm_guard_responses_total{action="matched",stage="after_sale",arm="%d"} 1'
-        % _expected_arm("carol", 2)
-        in lines
-    )
+    arm = _expected_arm("carol", 2)
+    assert f'slimlm_guard_responses_total{{action="matched",stage="after_sale",arm="{arm}"}} 1' in lines
     assert "slimlm_guard_decisions_total 3" in lines
 
 
