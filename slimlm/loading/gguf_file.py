@@ -96,8 +96,10 @@ def config_from_gguf(
         extra = {"qk_norm": True}
     elif family == "gemma3":
         extra = _gemma3_fields(meta, get, hidden, n_heads)
-        tokens = meta.get("tokenizer.ggml.tokens") or []
-        if "<end_of_turn>" in tokens:  # chat turns end there (HF's generation_config stops there too)
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if (
+            isinstance(tokens, list) and "<end_of_turn>" in tokens
+        ):  # chat turns end there (HF's generation_config stops there too)
             eos_ids.append(tokens.index("<end_of_turn>"))
     return ModelConfig(
         family=family,
@@ -303,12 +305,17 @@ def _file_order_view(dest: torch.Tensor, heads: int) -> torch.Tensor:
 def _dequantize(raw: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
     from gguf import GGMLQuantizationType, quants
 
+    from slimlm.loading.gguf_kquants import dequantize as dequantize_blocks
+
     qtype = GGMLQuantizationType(info.qtype)
     try:
-        return quants.dequantize(raw, qtype)
+        # slimlm's own numpy path for the legacy and k-quant types; the gguf package for the rest
+        values = dequantize_blocks(raw, info.qtype)
+        return values if values is not None else quants.dequantize(raw, qtype)
     except NotImplementedError:
         raise SlimlmError(
-            f"GGUF tensor {info.name} uses {qtype.name}, which the gguf package cannot dequantize"
+            f"GGUF tensor {info.name} uses ggml type {qtype.name}, which slimlm cannot dequantize; "
+            "re-quantize the file to Q4_K, Q6_K or Q8_0 (llama-quantize)"
         ) from None
     except (ValueError, IndexError) as e:
         raise SlimlmError(

@@ -53,6 +53,15 @@ class Gemma3Attention(Attention):
 
 
 class Gemma3DecoderLayer(nn.Module):
+    # AWQ (quant/awq.py): the MLP reads pre_feedforward_layernorm; post_attention_layernorm norms the
+    # attention output, so folding into it (the Llama grouping) would be wrong.
+    awq_scale_groups = (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),
+        ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    )
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.is_sliding = config.layer_types is not None and config.layer_types[layer_idx] == SLIDING

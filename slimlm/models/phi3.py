@@ -33,6 +33,11 @@ class Phi3MLP(MLP):
 class Phi3DecoderLayer(DecoderLayer):
     attention_class = Phi3Attention
     mlp_class = Phi3MLP
+    # AWQ (quant/awq.py): the norms feed the fused projections; v -> o and up -> down are not separable.
+    awq_scale_groups = (
+        ("input_layernorm", ("self_attn.qkv_proj",)),
+        ("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    )
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):

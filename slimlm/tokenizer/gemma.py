@@ -8,7 +8,10 @@ spaces are stored as real spaces and are respelled with "▁" first, so the merg
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
@@ -63,8 +66,39 @@ def respell_spaces(tokens: list[str]) -> list[str]:
     return ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
 
 
+def _cache_path(tokens: list[str], unk: str | None) -> Path:
+    digest = hashlib.sha256("\x00".join([*tokens, str(unk)]).encode("utf-8", "surrogatepass")).hexdigest()
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "slimlm" / "tokenizers" / f"gemma-{digest[:24]}.json"
+
+
 def gemma_backend(fields: Mapping[str, Any], tokens: list[str], unk: str | None) -> Backend:
-    """The BPE tokenizer of a Gemma GGUF (`tokens`: already respelled with `respell_spaces`)."""
+    """The BPE tokenizer of a Gemma GGUF (`tokens`: already respelled with `respell_spaces`).
+
+    Rebuilding the merges of a 262k vocabulary takes seconds (tens on a busy machine), so the built
+    model is kept in ~/.cache/slimlm/tokenizers, keyed by a hash of the vocabulary, and read back next
+    time; a cache that cannot be read or written is skipped.
+    """
+    if "tokenizer.ggml.merges" not in fields:
+        cached = _cache_path(tokens, unk)
+        try:
+            if cached.is_file():
+                return Backend.from_file(str(cached))
+        except Exception:  # noqa: BLE001 - a damaged cache file: rebuild it
+            pass
+    backend = _build(fields, tokens, unk)
+    if "tokenizer.ggml.merges" not in fields:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            backend.save(str(tmp))
+            os.replace(tmp, cached)
+        except OSError:
+            pass
+    return backend
+
+
+def _build(fields: Mapping[str, Any], tokens: list[str], unk: str | None) -> Backend:
     from slimlm.tokenizer.gguf_vocab import _merge_pairs, _string_list, merges_from_scores
 
     vocab = {token: index for index, token in enumerate(tokens)}
