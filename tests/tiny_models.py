@@ -49,16 +49,77 @@ ARCHS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
 }
 
+# The families beyond Llama's, with their awkward settings: one KV head, head_dim != hidden / heads,
+# Phi-3's longrope past its original length, Gemma 3's head_dim 256, a window shorter than the prompts,
+# both soft-cappings and an attention scale that is not head_dim ** -0.5.
+_LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0 + 0.05 * i for i in range(8)],
+    "long_factor": [1.0 + 0.4 * i for i in range(8)],
+}
+FAMILY_ARCHS = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"num_key_value_heads": 1, "head_dim": 32}),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        {
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 64,
+            "original_max_position_embeddings": 16,
+            "rope_scaling": _LONGROPE,
+            "pad_token_id": 0,
+        },
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 256,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10_000.0,
+            "query_pre_attn_scalar": 64,
+            "final_logit_softcapping": 0.5,  # below the logits' size, so it bites
+            "attn_logit_softcapping": 50.0,
+            "pad_token_id": 0,
+        },
+    ),
+    # As the released Gemma 3 configs: no soft-capping, scale 1/sqrt(head_dim), five local layers a global.
+    "gemma3-plain": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "num_hidden_layers": 6,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "sliding_window": 6,
+            "query_pre_attn_scalar": 32,
+            "pad_token_id": 0,
+        },
+    ),
+}
+
 
 def make_hf_model(arch: str, seed: int = 0):
     import transformers
 
-    config_cls, model_cls, extra = ARCHS[arch]
+    config_cls, model_cls, extra = ARCHS[arch] if arch in ARCHS else FAMILY_ARCHS[arch]
     hf_config = getattr(transformers, config_cls)(**{**BASE, **extra})
-    if arch == "mistral":
-        hf_config._attn_implementation = "eager"  # sdpa ignores the sliding window in some versions
+    if arch == "mistral" or arch in FAMILY_ARCHS:
+        # sdpa ignores the sliding window in some versions, and soft-capping in all
+        hf_config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(hf_config).eval()
+    if arch in FAMILY_ARCHS:  # norms start at the identity: perturb them so parity tests see them
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.add_(torch.randn_like(param) * 0.1)
     return model
 
 

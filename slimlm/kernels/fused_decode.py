@@ -86,6 +86,8 @@ def _why_not(model: nn.Module, cache) -> str | None:
     """None when the kernel can run this model over this cache; else the reason, for the memory report."""
     if not isinstance(model, LlamaForCausalLM):
         return f"{type(model).__name__} is not a Llama-family model"
+    if model.config.family not in ("llama", "mistral", "qwen2"):  # q/k norms, fused checkpoints, Gemma
+        return f"the C decode kernel runs llama, mistral and qwen2 models, not {model.config.family}"
     embed = model.model.embed_tokens
     if type(embed) is not nn.Embedding or _plain_weight(model.lm_head) is None:
         return "the embedding or lm_head is quantized (the C decode kernel reads bf16 rows)"

@@ -21,8 +21,29 @@ def causal_mask(
     return mask
 
 
+def attend_softcapped(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, cap: float
+) -> torch.Tensor:
+    """Attention with scores -> cap * tanh(scores / cap) (Gemma's soft-capping), which SDPA cannot do.
+
+    q [B, H, Q, D]; k, v [B, KVH, L, D]; mask broadcastable to [B, H, Q, L] (True = attend) or None.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = torch.tanh(scores / cap) * cap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+
+
 def attend_one(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q: [q_len, H, D]; k, v: [ctx_len, KVH, D] -> [q_len, H, D]."""
     q_len, ctx_len = q.shape[0], k.shape[0]
@@ -30,6 +51,9 @@ def attend_one(
     kh = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
     vh = v.transpose(0, 1).unsqueeze(0)
     gqa = qh.shape[1] != kh.shape[1]
+    if softcap:
+        mask = causal_mask(q_len, ctx_len, sliding_window, q.device)
+        return attend_softcapped(qh, kh, vh, mask, scale, softcap).squeeze(0).transpose(0, 1)
     if q_len == ctx_len and sliding_window is None:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
@@ -48,7 +72,12 @@ def decode_mask(context_lens: torch.Tensor, max_len: int, sliding_window: int | 
 
 
 def attend_decode_batch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One new token per sequence. q: [B, H, D]; k, v: [KVH, B, L, D] padded, heads first; mask [B, L].
 
@@ -58,6 +87,10 @@ def attend_decode_batch(
     SDPA: one row's bf16 matmuls cost more than upcasting its context (136 vs 80 us per layer at 192
     tokens with oneDNN off, as one-token steps run: benchmarks/decode_kernels.py).
     """
+    if softcap:
+        kh, vh = k.transpose(0, 1), v.transpose(0, 1)  # [B, KVH, L, D]
+        m = None if mask is None else mask[:, None, None, :]
+        return attend_softcapped(q.unsqueeze(2), kh, vh, m, scale, softcap).squeeze(2)
     if q.dtype in (torch.bfloat16, torch.float16) and q.shape[0] > 1:
         return _attend_decode_matmul(q, k, v, mask, scale)
     qh = q.float().unsqueeze(2)  # [B, H, 1, D]

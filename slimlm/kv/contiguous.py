@@ -25,7 +25,9 @@ class ContiguousKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.sliding_window = config.sliding_window
-        self.scale = config.head_dim**-0.5
+        self.windows = [config.layer_window(i) for i in range(config.num_hidden_layers)]
+        self.scale = config.attn_scale
+        self.softcap = config.attn_logit_softcapping
 
     @property
     def nbytes(self) -> int:
@@ -36,7 +38,7 @@ class ContiguousKVCache:
     ) -> torch.Tensor:
         slots = meta.slots or list(range(meta.num_seqs))
         kc, vc = self.k[layer], self.v[layer]
-        start = 0
+        start, window = 0, self.windows[layer]
         for slot, q_len, ctx in zip(slots, meta.query_lens, meta.context_lens, strict=True):
             if ctx > self.max_len:
                 raise ValueError(f"context of {ctx} tokens exceeds the cache's {self.max_len}")
@@ -46,19 +48,19 @@ class ContiguousKVCache:
         if meta.is_decode and meta.num_seqs > 1:
             max_ctx = max(meta.context_lens)
             idx = torch.tensor(slots, device=q.device)
-            mask = meta.step_cache.get("contiguous_mask")
+            mask = meta.step_cache.get(f"contiguous_mask_{window}")
             if mask is None:
                 lens = torch.tensor(meta.context_lens, device=q.device)
-                mask = meta.step_cache["contiguous_mask"] = decode_mask(lens, max_ctx, self.sliding_window)
+                mask = meta.step_cache[f"contiguous_mask_{window}"] = decode_mask(lens, max_ctx, window)
             keys = kc[idx, :max_ctx].permute(2, 0, 1, 3)  # [KVH, B, L, D]
             values = vc[idx, :max_ctx].permute(2, 0, 1, 3)
-            return attend_decode_batch(q, keys, values, mask, self.scale)
+            return attend_decode_batch(q, keys, values, mask, self.scale, self.softcap)
         outs = []
         start = 0
         for slot, q_len, ctx in zip(slots, meta.query_lens, meta.context_lens, strict=True):
             outs.append(
                 attend_one(
-                    q[start : start + q_len], kc[slot, :ctx], vc[slot, :ctx], self.scale, self.sliding_window
+                    q[start : start + q_len], kc[slot, :ctx], vc[slot, :ctx], self.scale, window, self.softcap
                 )
             )
             start += q_len

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from slimlm.config import ModelConfig
-from slimlm.kv.attention import causal_mask
+from slimlm.kv.attention import attend_softcapped, causal_mask
 from slimlm.kv.metadata import AttnMetadata
 
 
@@ -14,8 +14,9 @@ class DenseAttention:
     """Stores nothing: each sequence of the step attends causally to its own tokens only."""
 
     def __init__(self, config: ModelConfig) -> None:
-        self.scale = config.head_dim**-0.5
-        self.sliding_window = config.sliding_window
+        self.scale = config.attn_scale
+        self.windows = [config.layer_window(i) for i in range(config.num_hidden_layers)]
+        self.softcap = config.attn_logit_softcapping
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata
@@ -27,9 +28,13 @@ class DenseAttention:
         kh = k.view(b, s, *k.shape[1:]).transpose(1, 2)  # [B, KVH, S, D]
         vh = v.view(b, s, *v.shape[1:]).transpose(1, 2)
         gqa = qh.shape[1] != kh.shape[1]
-        if self.sliding_window is None or s <= self.sliding_window:
+        window = self.windows[layer]
+        if self.softcap:
+            mask = causal_mask(s, s, window, q.device)
+            out = attend_softcapped(qh, kh, vh, mask, self.scale, self.softcap)
+        elif window is None or s <= window:
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
-            mask = causal_mask(s, s, self.sliding_window, q.device)
+            mask = causal_mask(s, s, window, q.device)
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(b * s, *q.shape[1:])  # [T, H, D]

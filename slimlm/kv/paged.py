@@ -41,8 +41,11 @@ class PagedKVCache:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.compute_dtype = dtype
-        self.scale = config.head_dim**-0.5
+        self.scale = config.attn_scale
         self.sliding_window = config.sliding_window
+        # Per layer: Gemma 3 interleaves sliding-window and global layers.
+        self.windows = [config.layer_window(i) for i in range(config.num_hidden_layers)]
+        self.softcap = config.attn_logit_softcapping
         self._allocate(config.num_hidden_layers, device)
         # Storage is allocated lazily (torch.empty), so a block is zeroed the first time it is handed out:
         # decode reads the unwritten tail of a block (masked), and garbage there could be NaN/Inf,
@@ -105,19 +108,21 @@ class PagedKVCache:
     ) -> torch.Tensor:
         self._store(layer, meta.slot_mapping, k, v)
         tables = meta.block_tables
+        window = self.windows[layer]
         if meta.is_decode:
-            if "paged_mask" not in meta.step_cache:  # once per step, shared by every layer
-                meta.step_cache["paged_mask"] = self._decode_mask(meta, tables.shape[1], q.device)
+            mask_key = f"paged_mask_{window}"
+            if mask_key not in meta.step_cache:  # once per step, shared by every layer
+                meta.step_cache[mask_key] = self._decode_mask(meta, tables.shape[1], q.device, window)
                 meta.step_cache["paged_tables"] = tables.clamp(min=0)  # -1 padding reads block 0, masked
-            mask, tables = meta.step_cache["paged_mask"], meta.step_cache["paged_tables"]
+            mask, tables = meta.step_cache[mask_key], meta.step_cache["paged_tables"]
             keys, values = self._load(layer, tables)  # [KVH, B, L, D]
             if meta.num_seqs == 1:  # one sequence: cut its context out instead of masking padding
                 ctx = meta.context_lens[0]
-                lo = 0 if self.sliding_window is None else max(0, ctx - self.sliding_window)
+                lo = 0 if window is None else max(0, ctx - window)
                 keys, values, mask = keys[:, :, lo:ctx], values[:, :, lo:ctx], None
             if keys.dtype != q.dtype:  # an fp32 pool under a bf16 model, say
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
-            return attend_decode_batch(q, keys, values, mask, self.scale)
+            return attend_decode_batch(q, keys, values, mask, self.scale, self.softcap)
         outs = []
         start = 0
         for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
@@ -129,12 +134,13 @@ class PagedKVCache:
                     keys[:, :ctx].transpose(0, 1).to(q.dtype),
                     values[:, :ctx].transpose(0, 1).to(q.dtype),
                     self.scale,
-                    self.sliding_window,
+                    window,
+                    self.softcap,
                 )
             )
             start += q_len
         return torch.cat(outs, dim=0)
 
-    def _decode_mask(self, meta: AttnMetadata, max_blocks: int, device) -> torch.Tensor:
+    def _decode_mask(self, meta: AttnMetadata, max_blocks: int, device, window: int | None) -> torch.Tensor:
         lens = torch.tensor(meta.context_lens, device=device)
-        return decode_mask(lens, max_blocks * self.block_size, self.sliding_window)
+        return decode_mask(lens, max_blocks * self.block_size, window)

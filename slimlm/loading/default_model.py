@@ -31,10 +31,14 @@ def resolve_model_path(model: str | None) -> Path:
     """`None` or an alias -> the embedded GGUF; anything else must be an existing file or directory."""
     if model is None or model.lower() in ALIASES:
         return default_model_path()
+    from slimlm.loading.gemma3_model import GEMMA3_ALIASES, gemma3_model_path
+
+    if model.lower() in GEMMA3_ALIASES:
+        return gemma3_model_path()
     path = Path(model).expanduser()
     if not path.exists():
         raise SlimlmError(
             f"model path {model!r} does not exist; pass an HF model directory, a .gguf file, "
-            f"or {DEFAULT_ALIAS!r} for the embedded default"
+            f"{DEFAULT_ALIAS!r} for the embedded default or {GEMMA3_ALIASES[0]!r}"
         )
     return path

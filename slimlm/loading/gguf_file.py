@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimlm.config import GGUF_ARCHITECTURES, ModelConfig, RopeScaling
+from slimlm.config import FULL, GGUF_ARCHITECTURES, SLIDING, ModelConfig, RopeScaling
 from slimlm.errors import SlimlmError
 
 # GGUF tensor name (after "blk.N.") -> HF parameter name (after "model.layers.N.")
@@ -29,6 +29,17 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Per family, where llama.cpp's names differ from the Llama layout above (q/k norms; Gemma's four norms).
+_FAMILY_LAYER_NAMES = {
+    "qwen3": {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+    "gemma3": {
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
 
 
 def field_value(field) -> Any:
@@ -80,6 +91,16 @@ def config_from_gguf(
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
     eos_ids = [i for i in (eos, eot) if i is not None]
+    extra = {}
+    if family == "qwen3":
+        extra = {"qk_norm": True}
+    elif family == "gemma3":
+        extra = _gemma3_fields(meta, get, hidden, n_heads)
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if (
+            isinstance(tokens, list) and "<end_of_turn>" in tokens
+        ):  # chat turns end there (HF's generation_config stops there too)
+            eos_ids.append(tokens.index("<end_of_turn>"))
     return ModelConfig(
         family=family,
         vocab_size=vocab_size or get("vocab_size") or 0,
@@ -99,14 +120,31 @@ def config_from_gguf(
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=list(dict.fromkeys(eos_ids)),
         torch_dtype="float32",
+        **extra,
     )
 
 
-def hf_name(gguf_name: str) -> str | None:
+def _gemma3_fields(meta: dict[str, Any], get, hidden: int, n_heads: int) -> dict[str, Any]:
+    """What llama.cpp's gemma3 graph fixes in code rather than in the file: every sixth layer global,
+    local RoPE base 10000, GeGLU; the attention scale is 1/sqrt(head_dim) except the 27B model's
+    (62 layers), which uses 1/sqrt(hidden / heads)."""
+    layers = get("block_count", required=True)
+    head_dim = get("attention.key_length", hidden // n_heads)
+    return {
+        "hidden_act": "gelu_pytorch_tanh",
+        "qk_norm": True,
+        "layer_types": [SLIDING if (i + 1) % 6 else FULL for i in range(layers)],
+        "rope_local_theta": 10000.0,
+        "query_pre_attn_scalar": float(hidden // n_heads if layers == 62 else head_dim),
+        "final_logit_softcapping": get("final_logit_softcapping"),
+    }
+
+
+def hf_name(gguf_name: str, family: str = "llama") -> str | None:
     base, _, suffix = gguf_name.rpartition(".")
     if base.startswith("blk."):
         _, layer, part = base.split(".", 2)
-        mapped = _LAYER_NAMES.get(part)
+        mapped = _FAMILY_LAYER_NAMES.get(family, {}).get(part) or _LAYER_NAMES.get(part)
         return f"model.layers.{layer}.{mapped}.{suffix}" if mapped else None
     mapped = _TOP_NAMES.get(base)
     return f"{mapped}.{suffix}" if mapped else None
@@ -215,6 +253,7 @@ class GGUFTensor:
     file: GGUFFile
     info: GGUFTensorInfo
     unpermute_heads: int | None = None  # undo llama.cpp's Q/K row permutation for this many heads
+    shift: float = 0.0  # added to every value (Gemma files store norm weights as 1 + w)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -247,6 +286,8 @@ class GGUFTensor:
                 j = min(lead, i + step)
                 part = raw if rows_per_lead is None else raw[i * rows_per_lead : j * rows_per_lead]
                 values = _dequantize(part, info)
+                if self.shift:
+                    values = values + np.float32(self.shift)
                 block = target[i:j]
                 block.copy_(torch.from_numpy(values).view(block.shape))
         self.file.release(info)
@@ -264,12 +305,17 @@ def _file_order_view(dest: torch.Tensor, heads: int) -> torch.Tensor:
 def _dequantize(raw: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
     from gguf import GGMLQuantizationType, quants
 
+    from slimlm.loading.gguf_kquants import dequantize as dequantize_blocks
+
     qtype = GGMLQuantizationType(info.qtype)
     try:
-        return quants.dequantize(raw, qtype)
+        # slimlm's own numpy path for the legacy and k-quant types; the gguf package for the rest
+        values = dequantize_blocks(raw, info.qtype)
+        return values if values is not None else quants.dequantize(raw, qtype)
     except NotImplementedError:
         raise SlimlmError(
-            f"GGUF tensor {info.name} uses {qtype.name}, which the gguf package cannot dequantize"
+            f"GGUF tensor {info.name} uses ggml type {qtype.name}, which slimlm cannot dequantize; "
+            "re-quantize the file to Q4_K, Q6_K or Q8_0 (llama-quantize)"
         ) from None
     except (ValueError, IndexError) as e:
         raise SlimlmError(
@@ -279,10 +325,13 @@ def _dequantize(raw: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
 
 def gguf_weights(file: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, GGUFTensor]]:
     """(HF name, lazily dequantized tensor) for every tensor slimlm has a place for."""
-    unpermute = config.family != "qwen2"  # llama.cpp permutes Q/K for llama-arch files only
+    unpermute = config.family in ("llama", "mistral")  # llama.cpp permutes Q/K for llama-arch files only
     for info in file.tensors:
-        name = hf_name(info.name)
+        name = hf_name(info.name, config.family)
         if name is None:
+            continue
+        if config.family == "gemma3" and name.endswith("norm.weight"):
+            yield name, GGUFTensor(file, info, shift=-1.0)  # the converter stored 1 + w
             continue
         heads = None
         if unpermute and name.endswith(("q_proj.weight", "q_proj.bias")):

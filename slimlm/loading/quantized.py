@@ -11,7 +11,6 @@ from slimlm.config import ModelConfig
 from slimlm.loading.safetensors_dir import iter_safetensors
 from slimlm.loading.weights import fill_weights
 from slimlm.models import MODEL_CLASSES
-from slimlm.models.rope import RotaryEmbedding
 
 
 def load_quantized_dir(
@@ -36,7 +35,7 @@ def load_quantized_dir(
             module.bias.data = module.bias.data.to(dtype)
         if isinstance(module, QuantEmbedding):  # looked-up rows come out in the compute dtype
             module.dtype = dtype
-    model.model.rotary_emb = RotaryEmbedding(config, device=device)
+    model.init_buffers(device)
     if config.tie_word_embeddings and not isinstance(model.model.embed_tokens, QuantEmbedding):
         model.lm_head.weight = model.model.embed_tokens.weight
     quantized_params = {

