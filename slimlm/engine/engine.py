@@ -123,10 +123,19 @@ class LLMEngine:
         if params.num_beams > 1:
             raise SlimlmError("beam search runs through LLM.generate, not add_request")
         seq = Sequence(prompt_token_ids, params, seq_id)
-        self.scheduler.add(seq)
-        self.seqs[seq.seq_id] = seq
+        if seq.seq_id in self.seqs:
+            raise SlimlmError(f"sequence id {seq.seq_id} is already running; give each request its own id")
+        # Everything that can fail runs before the scheduler sees the sequence, and a failure undoes
+        # what was registered: a half-added sequence would break the next step of every request.
+        checker = StopChecker(self.tokenizer, params)
         self.sampler.register(seq)
-        self.stop_checkers[seq.seq_id] = StopChecker(self.tokenizer, params)
+        try:
+            self.scheduler.add(seq)
+        except BaseException:
+            self.sampler.forget(seq.seq_id)
+            raise
+        self.seqs[seq.seq_id] = seq
+        self.stop_checkers[seq.seq_id] = checker
         self.stats.prompt_tokens += len(prompt_token_ids)
         return seq
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from slimlm.errors import SlimlmError
 
 MAX_LOGPROBS = 20
+# torch.Generator.manual_seed's range; anything outside it fails only when the request is added
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 def _check(ok: bool, name: str, value: object, valid: str) -> None:
@@ -100,7 +102,12 @@ class SamplingParams:
             self.no_repeat_ngram_size,
             "an integer >= 0 (0 disables it)",
         )
-        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
+        _check(
+            self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+            "seed",
+            self.seed,
+            f"None or an integer in [{SEED_MIN}, {SEED_MAX}]",
+        )
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         _check(

@@ -114,6 +114,8 @@ def apply_temperature(logits: torch.Tensor, temperatures: Seq[float] | torch.Ten
 def apply_top_k(logits: torch.Tensor, top_ks: Seq[int] | torch.Tensor) -> torch.Tensor:
     """Keep each row's k highest logits (ties with the k-th included); k <= 0 or k >= V disables."""
     vocab = logits.shape[-1]
+    if not isinstance(top_ks, torch.Tensor):  # k beyond the vocabulary disables, even past int64
+        top_ks = [k if k <= vocab else 0 for k in top_ks]
     k = torch.as_tensor(top_ks, dtype=torch.long, device=logits.device)
     k = torch.where((k <= 0) | (k > vocab), torch.full_like(k, vocab), k)
     sorted_desc = logits.sort(dim=-1, descending=True).values

@@ -163,6 +163,15 @@ class AsyncEngine:
             raise
         return RequestStream(self, group)
 
+    async def run(self, fn, *args):
+        """Run `fn(*args)` on the engine thread between two steps (the model is not shared with another
+        thread, and the work takes its turn with the running requests) and return its result."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(("call", (loop, future, fn, args)))
+        return await future
+
     # ---- the engine thread ----
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -196,6 +205,13 @@ class AsyncEngine:
     def _handle(self, kind: str, payload) -> None:
         if kind == "add":
             self._add(payload)
+        elif kind == "call":
+            loop, future, fn, args = payload
+            try:
+                result, error = fn(*args), None
+            except Exception as e:  # the caller gets the error; the engine keeps serving
+                result, error = None, e
+            loop.call_soon_threadsafe(_settle, future, error, result)
         elif kind == "abort":
             for seq_id in payload:
                 if self._groups.pop(seq_id, None) is not None:
@@ -265,11 +281,11 @@ class AsyncEngine:
         )
 
 
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future, error: BaseException | None, result: object = None) -> None:
     if future.done():  # the client went away while waiting
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)
 

@@ -9,8 +9,11 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from slimlm.engine.engine import StepOutput
+from slimlm.engine.scoring import prompt_logprobs
 from slimlm.server.async_engine import AsyncEngine, EngineFailure, RequestStream
 from slimlm.server.errors import APIError, error_body
+from slimlm.server.logprobs import add_prompt_logprobs, content_only, prompt_logprobs_dict
 from slimlm.server.metrics import Metrics
 from slimlm.server.protocol import ChatCompletionRequest, CompletionRequest
 from slimlm.server.responses import (
@@ -26,8 +29,22 @@ from slimlm.server.responses import (
 )
 from slimlm.server.streaming import ClientGone, EventStream, sse, unless_disconnected
 from slimlm.server.translate import Prepared, prepare_chat, prepare_completion
+from slimlm.server.validation import check_limits
 
 _ENGINE_FAILED = "the engine failed while generating this request; it was aborted (details in the server log)"
+
+
+class _NoOutput:
+    """The stream of a request that generates nothing (echo with max_tokens 0)."""
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        raise StopAsyncIteration
+
+    def abort(self) -> None:
+        pass
 
 
 class ConcurrencyLimit:
@@ -101,12 +118,15 @@ class Generation:
                 param="model",
                 code="model_not_found",
             )
+        check_limits(req, self.llm.config.vocab_size)
         release = self.limit.acquire()
         try:
             prepare = prepare_chat if kind == "chat" else prepare_completion
             prepared = await asyncio.to_thread(prepare, self.llm, req)
+            prompt_parts = await self._prompt_logprobs(kind, req, prepared)
             timing = _Timing(self.metrics)
-            stream = await self.engine.submit(prepared.requests)
+            # max_tokens 0 with echo scores the prompt and generates nothing
+            stream = await self.engine.submit(prepared.requests) if prepared.requests else _NoOutput()
         except BaseException:
             release()
             raise
@@ -119,9 +139,10 @@ class Generation:
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(self._events(stream, prepared, meta, timing, include_usage), close)
+            events = self._events(stream, prepared, meta, timing, include_usage, prompt_parts)
+            return EventStream(events, close)
         try:
-            choices = await unless_disconnected(request, self._collect(stream, prepared, timing))
+            choices = await unless_disconnected(request, self._collect(stream, prepared, timing, kind))
         except ClientGone:
             return Response(status_code=499)
         except EngineFailure:
@@ -133,14 +154,37 @@ class Generation:
             body = chat_completion(meta, choices, prepared.num_prompt_tokens, tokenizer)
         else:
             body = completion(meta, choices, prepared.num_prompt_tokens, tokenizer, prepared.echo_texts)
+            if prompt_parts:
+                body = add_prompt_logprobs(body, prompt_parts, prepared.n)
         return JSONResponse(body)
 
-    @staticmethod
-    async def _collect(stream: RequestStream, prepared: Prepared, timing: _Timing) -> list[ChoiceResult]:
-        choices = [ChoiceResult() for _ in prepared.requests]
+    async def _prompt_logprobs(self, kind: str, req, prepared: Prepared) -> list[dict] | None:
+        """Per prompt, OpenAI's logprobs of the echoed prompt tokens (echo + logprobs), else None."""
+        if kind != "completion" or not req.echo or req.logprobs is None:
+            return None
+        model, tokenizer = self.llm.engine.model, self.llm.tokenizer
+        parts = []
+        for ids in prepared.prompts:
+            entries = await self.engine.run(prompt_logprobs, model, ids, req.logprobs)
+            parts.append(prompt_logprobs_dict(tokenizer, ids, entries))
+        return parts
+
+    def _visible(self, kind: str, prepared: Prepared, index: int, out: StepOutput) -> StepOutput:
+        if kind != "chat" or out.logprob is None:
+            return out
+        params = prepared.requests[index][1]
+        return content_only(out, params, self.llm.engine.eos_token_ids, self.llm.tokenizer)
+
+    async def _collect(
+        self, stream: RequestStream, prepared: Prepared, timing: _Timing, kind: str
+    ) -> list[ChoiceResult]:
+        choices = [ChoiceResult() for _ in range(len(prepared.prompts) * prepared.n)]
         async for index, out in stream:
             timing.token()
-            choices[index].add(out)
+            choices[index].add(self._visible(kind, prepared, index, out))
+        for c in choices:
+            if not prepared.requests:  # scored only
+                c.finish_reason = "length"
         timing.done(choices)
         return choices
 
@@ -151,10 +195,11 @@ class Generation:
         meta: ResponseMeta,
         timing: _Timing,
         include_usage: bool,
+        prompt_parts: list[dict] | None = None,
     ) -> AsyncIterator[str]:
         tokenizer = self.llm.tokenizer
         is_chat = meta.kind == "chat"
-        choices = [ChoiceResult() for _ in prepared.requests]
+        choices = [ChoiceResult() for _ in range(len(prepared.prompts) * prepared.n)]
         offsets = [0] * len(choices)  # completion logprobs' text_offset
 
         def chunk(
@@ -174,9 +219,10 @@ class Generation:
                 elif prepared.echo_texts:
                     echo = prepared.echo_texts[i // prepared.n]
                     offsets[i] = len(echo)
-                    yield chunk(i, echo)
+                    yield chunk(i, echo, None, prompt_parts[i // prepared.n] if prompt_parts else None)
             async for i, out in stream:
                 timing.token()
+                out = self._visible(meta.kind, prepared, i, out)
                 choices[i].add(out)
                 logprobs = None
                 if out.logprob is not None:
@@ -189,6 +235,10 @@ class Generation:
                     yield chunk(i, out.text, None, logprobs)
                 if out.finished:
                     yield chunk(i, None, out.finish_reason)
+            if not prepared.requests:  # scored only: every choice ends here
+                for i, c in enumerate(choices):
+                    c.finish_reason = "length"
+                    yield chunk(i, None, "length")
             timing.done(choices)
             if include_usage:
                 yield sse(usage_chunk(meta, prepared.num_prompt_tokens, sum(c.num_tokens for c in choices)))

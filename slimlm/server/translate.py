@@ -8,6 +8,7 @@ from slimlm.engine.params import SamplingParams
 from slimlm.errors import SlimlmError
 from slimlm.server.errors import APIError, from_slimlm_error
 from slimlm.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from slimlm.server.validation import check_kv_room, pool_tokens
 
 MAX_N = 16
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -100,9 +101,15 @@ def prepare_completion(llm, req: CompletionRequest) -> Prepared:
         prompts = [llm.encode_prompt(p) for p in raw]
     except SlimlmError as e:
         raise APIError(400, f"invalid prompt: {e}", param="prompt") from None
-    prepared = _prepare(llm, req, prompts, req.max_tokens, req.logprobs, "prompt")
+    score_only = req.max_tokens == 0  # echo (checked in validation): the prompt's logprobs, no tokens
+    prepared = _prepare(llm, req, prompts, 1 if score_only else req.max_tokens, req.logprobs, "prompt")
+    if score_only:
+        prepared.requests = []
     if req.echo:
-        prepared.echo_texts = [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in raw]
+        # token-id prompts echo every token's text (special ones too), as their logprobs list them
+        prepared.echo_texts = [
+            p if isinstance(p, str) else llm.tokenizer.decode(p, skip_special_tokens=False) for p in raw
+        ]
     return prepared
 
 
@@ -138,6 +145,9 @@ def _prepare(
                 param=prompt_field,
                 code="context_length_exceeded",
             )
+        # the whole KV pool bounds one sequence too; without max_tokens the answer may fill the pool
+        room = min(room, pool_tokens(llm) - len(prompt))
+        check_kv_room(llm, len(prompt), max_tokens if max_tokens is not None else 1, prompt_field)
         for i in range(req.n):
             seed = None if req.seed is None else req.seed + i  # n samples from one seed must differ
             params = _sampling_params(
