@@ -144,7 +144,7 @@ def sampling_params_from_args(args: argparse.Namespace):
     return SamplingParams(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def engine_config_from_args(args: argparse.Namespace):
+def engine_config_from_args(args: argparse.Namespace, single_stream: bool = False):
     from slimlm.engine.config import EngineConfig, kv_dtype_from_quant_policy
 
     kv_dtype = args.kv_dtype or "auto"
@@ -166,14 +166,15 @@ def engine_config_from_args(args: argparse.Namespace):
         enable_prefix_caching=not args.no_prefix_caching,
         kv_dtype=kv_dtype,
         decode_kernel=getattr(args, "decode_kernel", "auto"),
+        weights_layout=getattr(args, "weights_layout", "auto"),
+        single_stream=single_stream,
     )
 
 
 def llm_from_args(args: argparse.Namespace, progress: bool = True, single_stream: bool = False):
     """`single_stream`: the command decodes one sequence at a time (chat, one prompt), so "auto" weights
     are laid out for one-row steps."""
-    from slimlm.engine.llm import LLM, auto_weights_layout, resolve_device, resolve_dtype
-    from slimlm.models.prepack import check_weights_layout
+    from slimlm.engine.llm import LLM
 
     if args.threads is not None:
         if args.threads <= 0:
@@ -181,18 +182,11 @@ def llm_from_args(args: argparse.Namespace, progress: bool = True, single_stream
         import torch
 
         torch.set_num_threads(args.threads)
-    engine_config = engine_config_from_args(args)
-    layout = getattr(args, "weights_layout", "auto")
-    check_weights_layout(layout)
-    if layout == "auto" and single_stream:
-        from slimlm.loading import parse_dtype  # a bad --dtype fails here, before loading
-
-        layout = auto_weights_layout(1, parse_dtype(resolve_dtype(args.dtype, resolve_device(args.device))))
+    engine_config = engine_config_from_args(args, single_stream)  # bad flags fail here, before loading
     return LLM(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         engine_config=engine_config,
         progress=progress,
-        weights_layout=layout,
     )

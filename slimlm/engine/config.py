@@ -11,6 +11,9 @@ QUANT_POLICY_TO_KV_DTYPE = {0: "auto", 8: "int8", 4: "int4"}
 # "auto": the whole-model C kernel for decode steps where it can run, else PyTorch;
 # "c": the same, but an error where it cannot; "torch": PyTorch ops only (slimlm.kernels.fused_decode).
 DECODE_KERNELS = ("auto", "c", "torch")
+# How the linear weights are laid out (slimlm.models.prepack); "as loaded" leaves the model untouched
+# (LLM.from_loaded's default: the caller owns the model). slimlm.engine.backend resolves "auto".
+WEIGHTS_LAYOUTS = ("auto", "packed", "plain", "both", "as loaded")
 
 
 @dataclass
@@ -31,6 +34,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_dtype: str = "auto"
     decode_kernel: str = "auto"
+    weights_layout: str = "auto"
+    single_stream: bool = False  # the caller decodes one sequence at a time: "auto" lays out for one row
 
     def __post_init__(self) -> None:
         if not 0 < self.cache_max_entry_count <= 1:
@@ -55,6 +60,10 @@ class EngineConfig:
         if self.decode_kernel not in DECODE_KERNELS:
             raise SlimlmError(
                 f"unknown decode kernel {self.decode_kernel!r}; choose one of {', '.join(DECODE_KERNELS)}"
+            )
+        if self.weights_layout not in WEIGHTS_LAYOUTS:
+            raise SlimlmError(
+                f"unknown weights layout {self.weights_layout!r}; choose one of {', '.join(WEIGHTS_LAYOUTS[:4])}"
             )
 
 

@@ -85,31 +85,15 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             eos_token_ids=self.eos_token_ids,
         )
-        self.runner = ModelRunner(model, self.cache, config.block_size, device)
-        self.decode_kernel = self._attach_decode_kernel()
+        from slimlm.engine.backend import choose_backend
+
+        self.backend = choose_backend(model, self.cache, config, self.max_model_len)
+        self.decode_kernel = self.backend.description  # what decode steps run on, for reports
+        self.runner = ModelRunner(model, self.cache, config.block_size, device, self.backend.decoder)
         self.sampler = Sampler(device, self.eos_token_ids)
         self.stop_checkers: dict[int, StopChecker] = {}
         self.seqs: dict[int, Sequence] = {}
         self.stats = EngineStats()
-
-    def _attach_decode_kernel(self) -> str:
-        """Give the runner the C decode kernel where it can run; -> what decode steps run on."""
-        if self.config.decode_kernel == "torch":
-            return "torch (asked for)"
-        from slimlm.kernels.fused_decode import FusedDecoder
-
-        self.runner.fused, why = FusedDecoder.create(
-            self.model,
-            self.cache,
-            self.max_model_len,
-            max_batch=self.config.max_num_seqs,
-            require_fast=self.config.decode_kernel == "auto",
-        )
-        if self.runner.fused is not None:
-            return why
-        if self.config.decode_kernel == "c":
-            raise SlimlmError(f"--decode-kernel c cannot run here: {why}; use --decode-kernel auto or torch")
-        return f"torch ({why})"
 
     # ---- requests ----
     def add_request(

@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
+from slimlm.engine.backend import KEEP_LAYOUT, auto_weights_layout  # noqa: F401  (re-exported)
 from slimlm.engine.config import EngineConfig
 from slimlm.engine.engine import LLMEngine, StepOutput
 from slimlm.engine.memory import format_bytes
 from slimlm.engine.params import SamplingParams
 from slimlm.errors import SlimlmError
-from slimlm.models.prepack import check_weights_layout, prepare_linears
 
 
 @dataclass
@@ -63,16 +63,6 @@ def _distinct_tensor_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def auto_weights_layout(max_num_seqs: int, dtype: torch.dtype, c_kernel: bool = False) -> str:
-    """Plain weights where decode steps read plain rows: the C decode kernel (`c_kernel`: it will run,
-    at any batch size), or torch's reduced-precision GEMV for one sequence at a time in bf16/fp16.
-    Otherwise oneDNN-packed (fastest PyTorch kernel for batches, and for float32 at any batch size:
-    20.7 against 17.2 tok/s batch-1 here, benchmarks/decode_ceiling.py --dtype float32). "both" is
-    never automatic: it holds the linear weights twice."""
-    one_stream = max_num_seqs == 1 and dtype in (torch.bfloat16, torch.float16)
-    return "plain" if c_kernel or one_stream else "packed"
-
-
 class LLM:
     """Load a model and serve generation requests through the paged, continuously batched engine."""
 
@@ -83,15 +73,15 @@ class LLM:
         device: str | torch.device = "auto",
         engine_config: EngineConfig | None = None,
         progress: bool = True,
-        weights_layout: str = "auto",
+        weights_layout: str | None = None,
         **engine_kwargs: Any,
     ) -> None:
         from slimlm.loading import load
 
-        check_weights_layout(weights_layout)
+        engine_config = _engine_config(engine_config, engine_kwargs, weights_layout, "auto")
         self.device = resolve_device(device)
         loaded = load(model, dtype=resolve_dtype(dtype, self.device), device=self.device, progress=progress)
-        self._init(loaded, engine_config, engine_kwargs, weights_layout)
+        self._init(loaded, engine_config)
 
     @classmethod
     def from_loaded(
@@ -104,38 +94,20 @@ class LLM:
         """Build an engine over an already loaded model (tests, benchmarks, several engines on one model).
 
         `weights_layout` re-lays the model's linears for CPU inference in place (see
-        slimlm.models.prepack), which makes that model inference-only; None (default) leaves the model
+        slimlm.engine.backend), which makes that model inference-only; None (default) leaves the model
         as it is, because the caller owns it.
         """
-        if weights_layout is not None:
-            check_weights_layout(weights_layout)
         self = cls.__new__(cls)
         self.device = next(loaded.model.parameters()).device
-        self._init(loaded, engine_config, engine_kwargs, weights_layout)
+        self._init(loaded, _engine_config(engine_config, engine_kwargs, weights_layout, KEEP_LAYOUT))
         return self
 
-    def _init(
-        self, loaded, engine_config: EngineConfig | None, engine_kwargs: dict[str, Any], layout: str | None
-    ) -> None:
-        if engine_config is not None and engine_kwargs:
-            raise SlimlmError("pass either engine_config or engine keyword arguments, not both")
-        engine_config = engine_config or EngineConfig(**engine_kwargs)
-        if layout == "auto":
-            from slimlm.kernels.fused_decode import kernel_will_run
-
-            param = next(loaded.model.parameters())
-            c_kernel = kernel_will_run(engine_config.decode_kernel, engine_config.kv_dtype, param)
-            layout = auto_weights_layout(engine_config.max_num_seqs, param.dtype, c_kernel)
-        if layout is not None:
-            # A tied lm_head stays plain in "packed": a packed copy of the embedding table would add 21%
-            # to SmolLM2's weights. "both" trades memory for speed everywhere, so it packs a copy too.
-            tied = loaded.config.tie_word_embeddings
-            prepare_linears(loaded.model, layout, include_lm_head=layout == "both" or not tied)
-        self.weights_layout = layout
+    def _init(self, loaded, engine_config: EngineConfig) -> None:
         self.loaded = loaded
         self.tokenizer = self.loaded.tokenizer
         self.config = self.loaded.config
         self.engine = LLMEngine(self.loaded.model, self.config, self.tokenizer, engine_config, self.device)
+        self.weights_layout = self.engine.backend.weights_layout
         self._next_id = 0
 
     # ---- prompts ----
@@ -247,9 +219,11 @@ class LLM:
             "max_concurrent_seqs_at_max_len": engine.budget.num_blocks // per_seq_blocks,
             "budget": engine.budget.source,
             "dtype": str(next(self.loaded.model.parameters()).dtype).removeprefix("torch."),
-            "weights_layout": self.weights_layout or "as loaded",
-            "decode_kernel": engine.decode_kernel,
-            "decode_kernel_scratch_bytes": engine.runner.fused.scratch_bytes if engine.runner.fused else 0,
+            "weights_layout": engine.backend.weights_layout,
+            "weights_format": engine.backend.weights,
+            "decode_kernel": engine.backend.description,
+            "decode_kernel_scratch_bytes": engine.backend.scratch_bytes,
+            "notes": list(engine.backend.notes) + list(getattr(self.loaded, "notes", [])),
             "device": str(self.device),
         }
 
@@ -257,9 +231,10 @@ class LLM:
         r = self.memory_report()
         return (
             f"weights {format_bytes(r['weights_bytes'])} ({r['dtype']}, {r['device']}, "
-            f"{r['weights_layout']} layout; decode steps on {r['decode_kernel']}) | "
+            f"{r['weights_layout']} layout; {r['weights_format']}; decode steps on {r['decode_kernel']}) | "
             f"KV pool {format_bytes(r['kv_pool_bytes'])} ({r['kv_dtype']}): {r['kv_tokens']} tokens in "
             f"{r['kv_blocks']} blocks of {r['block_size']} | {_capacity_text(r)} | budget: {r['budget']}"
+            + "".join(f" | note: {n}" for n in r["notes"])
         )
 
 
@@ -272,3 +247,20 @@ def _capacity_text(r: dict[str, Any]) -> str:
         f"one sequence can have up to {min(r['kv_tokens'], r['max_model_len'])} tokens (prompt + output; "
         f"the model's context is {r['max_model_len']})"
     )
+
+
+def _engine_config(
+    engine_config: EngineConfig | None, kwargs: dict[str, Any], weights_layout: str | None, default: str
+) -> EngineConfig:
+    """One EngineConfig from either a config or keyword arguments; `weights_layout` (the LLM argument)
+    overrides, and `default` applies when neither names one."""
+    import dataclasses
+
+    if engine_config is not None and kwargs:
+        raise SlimlmError("pass either engine_config or engine keyword arguments, not both")
+    if engine_config is None:
+        kwargs.setdefault("weights_layout", weights_layout or default)
+        return EngineConfig(**kwargs)
+    if weights_layout is not None:
+        return dataclasses.replace(engine_config, weights_layout=weights_layout)
+    return engine_config

@@ -13,12 +13,14 @@ from slimlm.models.prepack import onednn_disabled
 class ModelRunner:
     """Builds the flat batch for a step, runs the model over the paged cache, returns last-token logits."""
 
-    def __init__(self, model, cache, block_size: int, device: torch.device | str) -> None:
+    def __init__(self, model, cache, block_size: int, device: torch.device | str, fused=None) -> None:
         self.model = model
         self.cache = cache
         self.block_size = block_size
         self.device = torch.device(device)
-        self.fused = None  # a FusedDecoder (slimlm.kernels.fused_decode), set by the engine where it runs
+        self.fused = (
+            fused  # a FusedDecoder (slimlm.kernels.fused_decode) where slimlm.engine.backend chose one
+        )
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size

@@ -24,6 +24,7 @@
  * which "dynamic" chunks broke (12 against 9 ms per token).
  */
 #include "gemm.h"
+#include "gemm_q.h"
 #include "kv_pool.h"
 #include "model.h"
 #include "numerics.h"
@@ -39,13 +40,54 @@ int slim_fast_path(void) {
 #endif
 }
 
+/* 1 when built with the AVX512-VNNI tiles for int4/int8 weights (gemm_q.h); 0 for the portable loops. */
+int slim_quant_fast_path(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static int64_t widest_input(const slim_model *m) {
+    int64_t widest = m->inter > m->hidden ? m->inter : m->hidden;
+    return m->heads * m->head_dim > widest ? m->heads * m->head_dim : widest;
+}
+
 /* Floats of scratch `work` must hold for a step of `batch` sequences (one or more). */
 int64_t slim_work_floats(const slim_model *m, int64_t batch) {
     int64_t qkv = (m->heads + 2 * m->kv_heads) * m->head_dim;
-    int64_t widest = m->inter > m->hidden ? m->inter : m->hidden;
-    if (m->heads * m->head_dim > widest) widest = m->heads * m->head_dim;
+    int64_t widest = widest_input(m);
     int64_t per_seq = 2 * m->hidden + qkv + m->heads * m->head_dim + 2 * m->inter;
-    return batch * per_seq + (batch * widest + 1) / 2; /* + the bf16 copy of a GEMM's input */
+    /* + a GEMM's input as bf16, or as int8 codes with a scale and a sum per 32 */
+    return batch * per_seq + (batch * widest + 1) / 2 + (batch * widest + 3) / 4 + 2 * batch * (widest / QBLOCK);
+}
+
+/* The step's GEMM inputs, laid out after the float activations in `work`. */
+static slim_input inputs_in(const slim_model *m, float *after, int64_t batch) {
+    int64_t widest = widest_input(m);
+    slim_input in;
+    in.xb = (bf16 *)after;
+    in.xq = (int8_t *)(after + (batch * widest + 1) / 2);
+    in.xs = after + (batch * widest + 1) / 2 + (batch * widest + 3) / 4;
+    in.xsum = in.xs + batch * (widest / QBLOCK);
+    return in;
+}
+
+/* y [n, w->rows] = x [n, w->k] W^T for any weight (the PyTorch path's linears on the kernel's weights:
+ * prefill of quantized models). xq / xs / xsum: scratch for n rows of k int8 and k / 32 floats twice;
+ * xb: n * k bf16. */
+void slim_linear(const slim_weight *w, const float *x, int64_t n, int8_t *xq, float *xs, float *xsum, bf16 *xb,
+                 float *y, int64_t threads) {
+    slim_input in = {xb, xq, xs, xsum};
+#pragma omp parallel for num_threads((int)threads) schedule(static)
+    for (int64_t b = 0; b < n; b++) prep_row(w, x + b * w->k, &in, b);
+    linear(w, &in, y, w->rows, n, (int)threads);
+}
+
+/* out [n, w->k] = rows ids of the table w (float32), each divided by div where given. */
+void slim_embed(const slim_weight *w, const int64_t *ids, int64_t n, const float *div, float *out) {
+    for (int64_t b = 0; b < n; b++) embed_row(w, ids[b], div, out + b * w->k);
 }
 
 /* One new token for each of `batch` sequences (the cache holds each one's earlier positions).
@@ -68,18 +110,17 @@ int slim_decode(const slim_model *m, int64_t batch, const int64_t *tokens, const
     int threads = (int)m->threads;
     float *x = m->work, *hn = x + batch * hid, *qkv = hn + batch * hid, *attn = qkv + batch * nqkv;
     float *gate_up = attn + batch * h * d;
-    bf16 *xb = (bf16 *)(gate_up + batch * 2 * inter);
+    slim_input in = inputs_in(m, gate_up + batch * 2 * inter, batch);
 
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t i = 0; i < hid; i++) x[b * hid + i] = bf16_to_f32(m->embed[tokens[b] * hid + i]);
+    for (int64_t b = 0; b < batch; b++) embed_row(&m->embed, tokens[b], m->embed_div, x + b * hid);
     for (int64_t li = 0; li < m->layers; li++) {
         const slim_layer *l = &m->layer[li];
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t b = 0; b < batch; b++) {
             rms_norm(x + b * hid, l->in_norm, hn + b * hid, hid, m->eps);
-            to_bf16_rows(hn + b * hid, xb + b * hid, hid);
+            prep_row(&l->qkv_w, hn + b * hid, &in, b);
         }
-        gemm(l->qkv_w, xb, qkv, nqkv, batch, nqkv, hid, threads);
+        linear(&l->qkv_w, &in, qkv, nqkv, batch, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t b = 0; b < batch; b++) {
             float *row = qkv + b * nqkv;
@@ -100,23 +141,32 @@ int slim_decode(const slim_model *m, int64_t batch, const int64_t *tokens, const
                         attn + b * h * d + j * d);
             if (m->rotation) turn(attn + b * h * d + j * d, m->rotation, d, 1);
         }
-        to_bf16_rows(attn, xb, batch * h * d);
-        gemm(l->o_w, xb, hn, hid, batch, hid, h * d, threads);
+        for (int64_t b = 0; b < batch; b++) prep_row(&l->o_w, attn + b * h * d, &in, b);
+        linear(&l->o_w, &in, hn, hid, batch, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t b = 0; b < batch; b++) {
             for (int64_t i = b * hid; i < (b + 1) * hid; i++) x[i] += hn[i];
             rms_norm(x + b * hid, l->post_norm, hn + b * hid, hid, m->eps);
-            to_bf16_rows(hn + b * hid, xb + b * hid, hid);
+            prep_row(&l->gate_up_w, hn + b * hid, &in, b);
         }
-        gemm(l->gate_up_w, xb, gate_up, 2 * inter, batch, 2 * inter, hid, threads);
+        linear(&l->gate_up_w, &in, gate_up, 2 * inter, batch, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t b = 0; b < batch; b++)
-            swiglu_bf16(gate_up + b * 2 * inter, gate_up + b * 2 * inter + inter, xb + b * inter, inter);
-        gemm(l->down_w, xb, hn, hid, batch, hid, inter, threads);
+        for (int64_t b = 0; b < batch; b++) {
+            float *gate = gate_up + b * 2 * inter;
+            if (l->down_w.bits == 16) {
+                swiglu_bf16(gate, gate + inter, in.xb + b * inter, inter);
+            } else {
+                swiglu_f32(gate, gate + inter, gate, inter);
+                prep_row(&l->down_w, gate, &in, b);
+            }
+        }
+        linear(&l->down_w, &in, hn, hid, batch, threads);
         for (int64_t i = 0; i < batch * hid; i++) x[i] += hn[i];
     }
-    for (int64_t b = 0; b < batch; b++) rms_norm(x + b * hid, m->final_norm, hn + b * hid, hid, m->eps);
-    to_bf16_rows(hn, xb, batch * hid);
-    gemm(m->lm_head, xb, logits, m->vocab, batch, m->vocab, hid, threads);
+    for (int64_t b = 0; b < batch; b++) {
+        rms_norm(x + b * hid, m->final_norm, hn + b * hid, hid, m->eps);
+        prep_row(&m->lm_head, hn + b * hid, &in, b);
+    }
+    linear(&m->lm_head, &in, logits, m->vocab, batch, threads);
     return 0;
 }

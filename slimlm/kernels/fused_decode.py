@@ -1,9 +1,10 @@
 """The engine's decode step as one C call for the whole model (kernels/decode_cpu.c).
 
-`FusedDecoder.create` checks the model and the KV pool fit the kernel (CPU, bf16 weights on plain rows,
-the bf16, int8 or int4 paged pool, Llama-family layers with fused q/k/v and gate/up) and otherwise says
-why not, so the engine keeps its PyTorch path. The kernel reads the model's and the pool's own tensors (no copies):
-the decoder keeps references to them, and the engine builds it after the weights are laid out.
+`FusedDecoder.create` checks the model and the KV pool fit the kernel (CPU, bf16 plain rows or int4/int8
+weights in the kernel's layout (kernels/qlinear.py), the bf16, int8 or int4 paged pool, Llama-family
+layers with fused q/k/v and gate/up) and otherwise says why not, so the engine keeps its PyTorch path.
+The kernel reads the model's and the pool's own tensors (no copies): the decoder keeps references to
+them. slimlm/engine/backend.py lays the weights out and builds it.
 """
 
 from __future__ import annotations
@@ -13,51 +14,12 @@ import ctypes
 import torch
 from torch import nn
 
-from slimlm.kernels.build import kernel_unavailable_reason, load_kernel
+from slimlm.kernels.library import DIMS, Layer, Model, Weight, bf16_weight, library
+from slimlm.kernels.qlinear import KernelEmbedding, KernelLinear
 from slimlm.models.llama import LlamaForCausalLM
 from slimlm.models.prepack import PackedLinear
 
-KERNEL = "decode_cpu"
-_ptr = ctypes.c_void_p
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [
-        (name, _ptr)
-        for name in (
-            "qkv_w",
-            "qkv_b",
-            "o_w",
-            "gate_up_w",
-            "down_w",
-            "in_norm",
-            "post_norm",
-            "k_cache",
-            "v_cache",
-            "k_scale",
-            "v_scale",
-            "k_zero",
-            "v_zero",
-        )
-    ]
-
-
-_DIMS = ("hidden", "inter", "heads", "kv_heads", "head_dim", "layers", "vocab")
-_CACHE_DIMS = ("block_size", "num_blocks", "window", "max_ctx", "threads", "kv_bits")
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [
-        *[(name, ctypes.c_int64) for name in (*_DIMS, *_CACHE_DIMS)],
-        ("eps", ctypes.c_float),
-        ("scale", ctypes.c_float),
-        ("rotation", _ptr),
-        ("embed", _ptr),
-        ("final_norm", _ptr),
-        ("lm_head", _ptr),
-        ("layer", ctypes.POINTER(_Layer)),
-        ("work", _ptr),
-    ]
+MAX_HEAD_DIM = 512  # decode_cpu.c's MAX_HEAD_DIM
 
 
 def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
@@ -69,7 +31,9 @@ def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
     return None
 
 
-MAX_HEAD_DIM = 512  # decode_cpu.c's MAX_HEAD_DIM
+def _kernel_weight(linear: nn.Module) -> KernelLinear | torch.Tensor | None:
+    """What the kernel reads for this linear: its KernelLinear, its bf16 rows, or None (cannot)."""
+    return linear if isinstance(linear, KernelLinear) else _plain_weight(linear)
 
 
 def _kv_bits(cache) -> int | None:
@@ -82,16 +46,14 @@ def _kv_bits(cache) -> int | None:
     return {Int8PagedKVCache: 8, Int4PagedKVCache: 4}.get(type(cache))
 
 
-def _why_not(model: nn.Module, cache) -> str | None:
-    """None when the kernel can run this model over this cache; else the reason, for the memory report."""
+def blocker(model: nn.Module, cache) -> str | None:
+    """Why the kernel cannot run this model over this cache, for reasons laying the weights out cannot
+    change (family, dtype, pool, device, head size); None when a layout may make it run."""
     if not isinstance(model, LlamaForCausalLM):
         return f"{type(model).__name__} is not a Llama-family model"
     if model.config.family not in ("llama", "mistral", "qwen2"):  # q/k norms, fused checkpoints, Gemma
         return f"the C decode kernel runs llama, mistral and qwen2 models, not {model.config.family}"
-    embed = model.model.embed_tokens
-    if type(embed) is not nn.Embedding or _plain_weight(model.lm_head) is None:
-        return "the embedding or lm_head is quantized (the C decode kernel reads bf16 rows)"
-    dtype = embed.weight.dtype
+    dtype = model.model.norm.weight.dtype
     if dtype != torch.bfloat16:
         return f"the C decode kernel needs bf16 weights (this model is {str(dtype).removeprefix('torch.')})"
     if _kv_bits(cache) is None:
@@ -100,23 +62,56 @@ def _why_not(model: nn.Module, cache) -> str | None:
         return "the C decode kernel is for CPU"
     if cache.head_dim > MAX_HEAD_DIM:
         return f"the C decode kernel takes head_dim up to {MAX_HEAD_DIM}"
-    tensors = [embed.weight, model.model.norm.weight, _plain_weight(model.lm_head)]
+    return None
+
+
+def _embed_table(model: LlamaForCausalLM):
+    embed = model.model.embed_tokens
+    if isinstance(embed, KernelEmbedding):
+        return embed.table
+    return embed.weight if type(embed) is nn.Embedding else None
+
+
+def _why_not(model: nn.Module, cache) -> str | None:
+    """None when the kernel can run this model over this cache; else the reason, for the memory report."""
+    reason = blocker(model, cache)
+    if reason is not None:
+        return reason
+    if _embed_table(model) is None or _kernel_weight(model.lm_head) is None:
+        return "the embedding or lm_head is quantized in a layout the C decode kernel cannot read"
+    tensors = [model.model.norm.weight]
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.qkv_proj is None or mlp.gate_up_proj is None:
             return "q/k/v and gate/up are not fused (lay the weights out with prepare_linears)"
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        weights = [_plain_weight(lin) for lin in linears]
+        weights = [_kernel_weight(lin) for lin in linears]
         if any(w is None for w in weights):
             return "some linears have no plain bf16 rows (quantized, LoRA or packed-only weights)"
         if any(lin.bias is not None for lin in linears[1:]):
             return "only q/k/v may have a bias"
-        tensors += [*weights, layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        tensors += [w for w in weights if isinstance(w, torch.Tensor)]
+        tensors += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         if attn.qkv_proj.bias is not None:
             tensors.append(attn.qkv_proj.bias)
-    if any(t is None or t.dtype != torch.bfloat16 or not t.is_contiguous() for t in tensors):
+    tensors += [
+        t for t in (_embed_table(model), _kernel_weight(model.lm_head)) if isinstance(t, torch.Tensor)
+    ]
+    if any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in tensors):
         return "the C decode kernel needs contiguous bf16 weights throughout"
     return None
+
+
+def _uses(model: LlamaForCausalLM) -> tuple[bool, bool]:
+    """(any bf16 weight rows, any int4/int8 weights): which vector paths the model needs."""
+    weights = [_embed_table(model), _kernel_weight(model.lm_head)]
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        weights += [
+            _kernel_weight(lin) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        ]
+    quant = [isinstance(w, KernelLinear) for w in weights]
+    return not all(quant), any(quant)
 
 
 class FusedDecoder:
@@ -129,7 +124,7 @@ class FusedDecoder:
         cfg = model.config
         self._lib = lib
         self._rotary = model.model.rotary_emb
-        self._keep: list[torch.Tensor] = []  # every tensor the C structs point into stays alive
+        self._keep: list[object] = []  # every tensor and module the C structs point into stays alive
 
         def ptr(t: torch.Tensor | None) -> int | None:
             if t is None:
@@ -137,19 +132,23 @@ class FusedDecoder:
             self._keep.append(t)
             return t.data_ptr()
 
+        def weight(w: KernelLinear | torch.Tensor) -> Weight:
+            self._keep.append(w)
+            return w.weight_struct() if isinstance(w, KernelLinear) else bf16_weight(w)
+
         kv_bits = _kv_bits(cache)
         quantized = kv_bits != 16
         extras = (cache.k_scale, cache.v_scale, cache.k_zero, cache.v_zero) if quantized else (None,) * 4
         k_pool, v_pool = (cache.k_codes, cache.v_codes) if quantized else (cache.k, cache.v)
-        layers = (_Layer * cfg.num_hidden_layers)()
+        layers = (Layer * cfg.num_hidden_layers)()
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            layers[i] = _Layer(
-                ptr(_plain_weight(attn.qkv_proj)),
+            layers[i] = Layer(
+                weight(_kernel_weight(attn.qkv_proj)),
                 ptr(attn.qkv_proj.bias),
-                ptr(_plain_weight(attn.o_proj)),
-                ptr(_plain_weight(mlp.gate_up_proj)),
-                ptr(_plain_weight(mlp.down_proj)),
+                weight(_kernel_weight(attn.o_proj)),
+                weight(_kernel_weight(mlp.gate_up_proj)),
+                weight(_kernel_weight(mlp.down_proj)),
                 ptr(layer.input_layernorm.weight),
                 ptr(layer.post_attention_layernorm.weight),
                 ptr(k_pool[i]),
@@ -157,9 +156,9 @@ class FusedDecoder:
                 *(None if t is None else ptr(t[i]) for t in extras),
             )
         self._layers = layers
-        m = _Model()
+        m = Model()
         for name, value in zip(
-            _DIMS,
+            DIMS,
             (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
              cfg.head_dim, cfg.num_hidden_layers, cfg.vocab_size),
             strict=True,
@@ -169,8 +168,11 @@ class FusedDecoder:
         m.window, m.max_ctx, m.threads = cfg.sliding_window or 0, max_ctx, torch.get_num_threads()
         m.eps, m.scale, m.kv_bits = cfg.rms_norm_eps, cache.scale, kv_bits
         m.rotation = ptr(cache.rotation.float().contiguous()) if quantized else None
-        m.embed, m.final_norm = ptr(model.model.embed_tokens.weight), ptr(model.model.norm.weight)
-        m.lm_head = ptr(_plain_weight(model.lm_head))
+        m.embed = weight(_embed_table(model))
+        embed = model.model.embed_tokens
+        m.embed_div = ptr(embed.lookup_scale) if isinstance(embed, KernelEmbedding) else None
+        m.final_norm = ptr(model.model.norm.weight)
+        m.lm_head = weight(_kernel_weight(model.lm_head))
         m.layer = layers
         self.max_batch = max_batch
         self._work = torch.empty(lib.slim_work_floats(ctypes.byref(m), max_batch), dtype=torch.float32)
@@ -182,11 +184,11 @@ class FusedDecoder:
     def create(
         cls, model: nn.Module, cache, max_ctx: int, max_batch: int = 1, require_fast: bool = False
     ) -> tuple[FusedDecoder | None, str]:
-        """(decoder, "C kernel") where it can run, else (None, why not); `require_fast` as in `_library`."""
+        """(decoder, "C kernel") where it can run, else (None, why not); `require_fast` as in `library`."""
         reason = _why_not(model, cache)
         if reason is not None:
             return None, reason
-        lib, what = _library(require_fast)
+        lib, what = library(*_uses(model), require_fast)
         if lib is None:
             return None, what
         return cls(lib, model, cache, max_ctx, max_batch), what
@@ -214,40 +216,3 @@ class FusedDecoder:
         if status != 0:
             raise ValueError(f"decode kernel refused positions {positions} (tables of {width} blocks)")
         return logits
-
-
-def _library(require_fast: bool) -> tuple[ctypes.CDLL | None, str]:
-    """(the built kernel, signatures declared, and what it is), or (None, why not). `require_fast`: only
-    where the CPU has the AVX512-BF16 GEMM tiles (the portable build is slower than PyTorch's kernels)."""
-    lib = load_kernel(KERNEL)
-    if lib is None:
-        return None, kernel_unavailable_reason(KERNEL) or "the C kernel could not be built"
-    _declare(lib)
-    if lib.slim_fast_path():
-        return lib, "C kernel"
-    if require_fast:
-        return (
-            None,
-            "this CPU has no AVX512-BF16, which the C kernel's fast path needs (--decode-kernel c forces it)",
-        )
-    return lib, "C kernel (portable)"
-
-
-def kernel_will_run(decode_kernel: str, kv_dtype: str, param: torch.Tensor) -> bool:
-    """Whether an engine's decode steps will go to this kernel, as far as it can be told before the
-    weights are laid out (`param`: any of the model's parameters): bf16 on CPU, not turned off, a pool
-    the kernel reads, and the kernel builds (with its fast path, unless "c" forces the portable one)."""
-    if decode_kernel == "torch" or param.device.type != "cpu" or param.dtype != torch.bfloat16:
-        return False
-    if kv_dtype in ("fp32", "fp16"):  # the kernel reads the bf16, int8 and int4 pools
-        return False
-    return _library(require_fast=decode_kernel == "auto")[0] is not None
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    lib.slim_fast_path.argtypes = []
-    lib.slim_fast_path.restype = ctypes.c_int
-    lib.slim_work_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64]
-    lib.slim_work_floats.restype = ctypes.c_int64
-    lib.slim_decode.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, *[_ptr] * 5, ctypes.c_int64, _ptr]
-    lib.slim_decode.restype = ctypes.c_int

@@ -6,16 +6,21 @@ typedef uint16_t bf16;
 
 #define MAX_HEAD_DIM 512 /* the quantized pools' turn works on the stack */
 
-typedef uint16_t bf16;
-
-#define MAX_HEAD_DIM 512 /* the quantized pools' turn works on the stack */
+/* One weight matrix [rows, k]: bf16 rows, or int4/int8 codes in the tiled layout of gemm_q.h with a
+ * scale d and a float minimum m per (row, group): w = d * code + m. */
+typedef struct {
+    const void *data;     /* bits 16: bf16 [rows, k]; bits 8/4: codes, tiles of 16 rows (gemm_q.h) */
+    const void *scales;   /* bits 8/4: per tile and group, 16 d then 16 m, fp16 or fp32; else NULL */
+    const int32_t *perm;  /* GPTQ act-order: the GEMM reads x[perm[i]] as its input i; else NULL */
+    int64_t rows, k, bits, group, scale_bits;
+} slim_weight;
 
 typedef struct {
-    const bf16 *qkv_w;     /* [(H + 2 KVH) * D, hidden]: q, k, v rows stacked */
+    slim_weight qkv_w;     /* [(H + 2 KVH) * D, hidden]: q, k, v rows stacked */
     const bf16 *qkv_b;     /* [(H + 2 KVH) * D] or NULL (Qwen2 has a q/k/v bias) */
-    const bf16 *o_w;       /* [hidden, H * D] */
-    const bf16 *gate_up_w; /* [2 * inter, hidden]: gate rows, then up rows */
-    const bf16 *down_w;    /* [hidden, inter] */
+    slim_weight o_w;       /* [hidden, H * D] */
+    slim_weight gate_up_w; /* [2 * inter, hidden]: gate rows, then up rows */
+    slim_weight down_w;    /* [hidden, inter] */
     const bf16 *in_norm;   /* [hidden] */
     const bf16 *post_norm; /* [hidden] */
     void *k_cache;         /* this layer's K pool: bf16 [KVH, blocks, block_size, D], or quantized codes */
@@ -32,9 +37,10 @@ typedef struct {
     int64_t kv_bits;        /* 16: the bf16 pool; 8 or 4: the quantized pools */
     float eps, scale;
     const float *rotation;  /* quantized pools: the orthogonal [D, D] K/V are stored turned by; else NULL */
-    const bf16 *embed;      /* [vocab, hidden] */
+    slim_weight embed;      /* [vocab, hidden] */
+    const float *embed_div; /* AWQ on a tied head: looked-up rows are divided by this [hidden]; else NULL */
     const bf16 *final_norm; /* [hidden] */
-    const bf16 *lm_head;    /* [vocab, hidden] (the embedding itself when tied) */
+    slim_weight lm_head;    /* [vocab, hidden] (the embedding itself when tied) */
     const slim_layer *layer;
     float *work; /* scratch, slim_work_floats() floats */
 } slim_model;

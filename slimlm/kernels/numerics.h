@@ -71,6 +71,19 @@ static void swiglu_bf16(const float *gate, const float *up, bf16 *act, int64_t n
     for (; i < n; i++) act[i] = f32_to_bf16(gate[i] / (1.0f + expf(-gate[i])) * up[i]);
 }
 
+/* out[i] = silu(gate[i]) * up[i] in float32 (out may be gate): a quantized down projection's input. */
+static void swiglu_f32(const float *gate, const float *up, float *out, int64_t n) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16) {
+        __m512 g = _mm512_loadu_ps(gate + i);
+        __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
 #ifdef __AVX512F__
 /* 16 bf16 values -> 16 floats: a bf16 is the top half of a float32's bits. */
 static inline __m512 bf16x16_to_ps(__m256i v) {

@@ -34,6 +34,7 @@ class LoadedModel:
     generation_config: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     load_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what loading changed, for the memory report
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -51,17 +52,24 @@ def load(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    weights: str = "float",
 ) -> LoadedModel:
-    """Load weights, config and tokenizer. `model`: HF dir, .gguf file, alias, or None (embedded default)."""
+    """Load weights, config and tokenizer. `model`: HF dir, .gguf file, alias, or None (embedded default).
+    `weights` "native" runs a GGUF's Q4_0/Q4_1/Q8_0 blocks as they are (slimlm.loading.gguf_native);
+    "float" (default) dequantizes them to `dtype`. Quantized HF checkpoints load quantized either way."""
     import time
 
     start = time.perf_counter()
+    from slimlm.loading.gguf_native import check_weights_choice, load_gguf_native
+
+    check_weights_choice(weights)
     torch_dtype = parse_dtype(dtype)
     path = resolve_model_path(model)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise SlimlmError(f"{path} is not a .gguf file; pass a GGUF file or an HF model directory")
-        loaded = _load_gguf(path, torch_dtype, device, progress)
+        native = weights == "native"
+        loaded = (load_gguf_native if native else _load_gguf)(path, torch_dtype, device, progress)
     elif path.is_dir():
         from slimlm.output_dir import incomplete_output_error
 

@@ -186,10 +186,14 @@ def test_auto_layout_follows_the_number_of_sequences_and_bad_layouts_are_refused
         prepare_linears(nn.Linear(4, 4), "x")
 
 
-def test_cli_picks_plain_for_one_stream_and_rejects_unknown_layouts(monkeypatch):
+def test_cli_hands_the_layout_to_the_engine_and_the_backend_resolves_auto(monkeypatch):
+    """Commands no longer pick layouts: they fill EngineConfig, and slimlm.engine.backend lays out."""
     import argparse
 
     from slimlm.commands import common
+    from slimlm.engine.backend import _lay_out
+    from slimlm.engine.config import EngineConfig
+    from tests.tiny_models import make_hf_model, slimlm_from_hf
 
     made = {}
     monkeypatch.setattr("slimlm.engine.llm.LLM", lambda **kw: made.update(kw))
@@ -197,12 +201,18 @@ def test_cli_picks_plain_for_one_stream_and_rejects_unknown_layouts(monkeypatch)
     common.add_model_args(parser)
     common.add_engine_args(parser)
     common.llm_from_args(parser.parse_args(["--dtype", "bfloat16"]), single_stream=True)
-    assert made["weights_layout"] == "plain"
-    common.llm_from_args(parser.parse_args(["--dtype", "float32"]), single_stream=True)
-    assert made["weights_layout"] == "packed"
-    common.llm_from_args(parser.parse_args([]))
-    assert made["weights_layout"] == "auto"  # LLM decides from max_num_seqs
-    common.llm_from_args(parser.parse_args(["--weights-layout", "both"]), single_stream=True)
-    assert made["weights_layout"] == "both"
+    config = made["engine_config"]
+    assert config.weights_layout == "auto" and config.single_stream and "weights_layout" not in made
+    common.llm_from_args(parser.parse_args(["--weights-layout", "both"]))
+    assert made["engine_config"].weights_layout == "both" and not made["engine_config"].single_stream
     with pytest.raises(SlimlmError, match="unknown weights layout 'fastest'"):
         common.llm_from_args(parser.parse_args(["--weights-layout", "fastest"]))
+    hf = make_hf_model("llama")
+    for dtype, single, kernel, expected in [
+        (torch.bfloat16, True, False, "plain"),  # one stream: torch's bf16 GEMV reads plain rows
+        (torch.float32, True, False, "packed"),
+        (torch.bfloat16, False, False, "packed"),  # batches on PyTorch: oneDNN
+        (torch.bfloat16, False, True, "plain"),  # the C kernel reads plain rows at any batch
+    ]:
+        model = slimlm_from_hf(hf, dtype)
+        assert _lay_out(model, EngineConfig(single_stream=single), kernel) == expected

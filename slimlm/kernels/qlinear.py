@@ -1,0 +1,94 @@
+"""PyTorch modules over the C kernel's quantized weights: the one copy both paths read.
+
+Once the engine hands a quantized model to the C decode kernel (slimlm/engine/backend.py), its
+QuantLinear / QuantEmbedding modules are replaced by these, which hold the weights in the kernel's layout
+(kernels/qweights.py). Decode steps read the buffers from C; prefill and any other PyTorch call runs
+the same buffers through the kernel's GEMM (`slim_linear`, AVX512-VNNI), so the weights are held once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from slimlm.kernels.library import Weight, any_library
+from slimlm.kernels.qweights import QBLOCK, KernelWeight, dequantize
+
+
+class KernelLinear(nn.Module):
+    """y = x W^T + b with W in the kernel's int4/int8 layout; inference only."""
+
+    def __init__(self, weight: KernelWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.rows, weight.k
+        self.bits, self.group_size = weight.bits, weight.group
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("qscales", weight.scales)
+        self.register_buffer("perm", weight.perm)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def kernel_weight(self) -> KernelWeight:
+        return KernelWeight(self.codes, self.qscales, self.perm, self.out_features, self.in_features, self.bits,
+                            self.group_size)  # fmt: skip
+
+    def weight_struct(self) -> Weight:
+        """The C descriptor (pointers into this module's buffers: keep the module alive)."""
+        perm = None if self.perm is None else self.perm.data_ptr()
+        scale_bits = 16 if self.qscales.dtype == torch.float16 else 32
+        return Weight(self.codes.data_ptr(), self.qscales.data_ptr(), perm, self.out_features, self.in_features,
+                      self.bits, self.group_size, scale_bits)  # fmt: skip
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.kernel_weight()).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        n, k = rows.shape
+        xq = torch.empty(n * k, dtype=torch.int8)
+        sums = torch.empty(2, n * (k // QBLOCK), dtype=torch.float32)
+        y = torch.empty(n, self.out_features, dtype=torch.float32)
+        weight = self.weight_struct()
+        any_library().slim_linear(ctypes.byref(weight), rows.data_ptr(), n, xq.data_ptr(), sums[0].data_ptr(),
+                                  sums[1].data_ptr(), None, y.data_ptr(), torch.get_num_threads())  # fmt: skip
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        perm = ", act_order" if self.perm is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, {self.kernel_weight().describe()}, C kernel{perm}"
+
+
+class KernelEmbedding(nn.Module):
+    """Token embedding over a KernelLinear's table (the tied lm_head's own, or its own child)."""
+
+    def __init__(
+        self, table: KernelLinear, dtype: torch.dtype, tied: bool, lookup_scale: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+        self.dtype, self.tied = dtype, tied
+        if tied:  # owned by the lm_head: not a child, so the model holds and counts it once
+            self.__dict__["_shared_table"] = table
+        else:
+            self.own_table = table
+        div = None if lookup_scale is None else lookup_scale.detach().float().reshape(-1).contiguous()
+        self.register_buffer("lookup_scale", div)
+
+    @property
+    def table(self) -> KernelLinear:
+        return self.__dict__["_shared_table"] if self.tied else self.own_table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError("token id outside the embedding table")
+        out = torch.empty(flat.numel(), self.embedding_dim, dtype=torch.float32)
+        weight = self.table.weight_struct()
+        div = None if self.lookup_scale is None else self.lookup_scale.data_ptr()
+        any_library().slim_embed(ctypes.byref(weight), flat.data_ptr(), flat.numel(), div, out.data_ptr())
+        return out.to(self.dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.table.kernel_weight().describe()}, tied={self.tied}"
