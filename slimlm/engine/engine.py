@@ -9,6 +9,7 @@ import torch
 from slimlm.config import ModelConfig
 from slimlm.engine.block_manager import BlockManager
 from slimlm.engine.config import EngineConfig
+from slimlm.engine.constraints import Constraints
 from slimlm.engine.detokenize import StopChecker
 from slimlm.engine.memory import KVBudget, free_memory_bytes, plan_kv_blocks
 from slimlm.engine.params import SamplingParams
@@ -91,6 +92,7 @@ class LLMEngine:
         self.decode_kernel = self.backend.description  # what decode steps run on, for reports
         self.runner = ModelRunner(model, self.cache, config.block_size, device, self.backend.decoder)
         self.sampler = Sampler(device, self.eos_token_ids)
+        self.constraints = Constraints(tokenizer, model_config.vocab_size, self.eos_token_ids)
         self.stop_checkers: dict[int, StopChecker] = {}
         self.seqs: dict[int, Sequence] = {}
         self.stats = EngineStats()
@@ -112,11 +114,13 @@ class LLMEngine:
         # Everything that can fail runs before the scheduler sees the sequence, and a failure undoes
         # what was registered: a half-added sequence would break the next step of every request.
         checker = StopChecker(self.tokenizer, params)
-        self.sampler.register(seq)
+        self.constraints.register(seq.seq_id, params.structured_outputs)  # raises on a bad grammar
         try:
+            self.sampler.register(seq)
             self.scheduler.add(seq)
         except BaseException:
             self.sampler.forget(seq.seq_id)
+            self.constraints.forget(seq.seq_id)
             raise
         self.seqs[seq.seq_id] = seq
         self.stop_checkers[seq.seq_id] = checker
@@ -143,8 +147,13 @@ class LLMEngine:
             self.stats.computed_prompt_tokens += sum(computed)
             self.stats.last_prefill_tokens = computed
         logits = self.runner.run(seqs, batch.is_prefill)
+        if self.constraints:
+            logits = self.constraints.mask(logits, seqs)
         token_ids, logprobs = self.sampler(logits, seqs)
         self.scheduler.postprocess(seqs, token_ids, logprobs)
+        if self.constraints:
+            for seq in self.constraints.advance(seqs, token_ids):
+                self.scheduler.finish(seq, "stop")  # the grammar is complete
         self.stats.steps += 1
         self.stats.preemptions = self.scheduler.num_preemptions
         for seq, token in zip(seqs, token_ids, strict=True):
@@ -180,4 +189,5 @@ class LLMEngine:
     def _forget(self, seq_id: int) -> None:
         self.seqs.pop(seq_id, None)
         self.sampler.forget(seq_id)
+        self.constraints.forget(seq_id)
         self.stop_checkers.pop(seq_id, None)

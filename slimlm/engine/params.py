@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from slimlm.engine.structured import StructuredOutputs
 from slimlm.errors import SlimlmError
 
 MAX_LOGPROBS = 20
@@ -59,6 +60,8 @@ class SamplingParams:
     early_stopping: bool | str = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # output constrained to a JSON schema / regex / choice / grammar (slimlm.engine.structured)
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -143,6 +146,16 @@ class SamplingParams:
         )
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputs.from_dict(self.structured_outputs)
+        _check(
+            self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
+            "structured_outputs",
+            self.structured_outputs,
+            "None, a StructuredOutputs or a dict like {'json': schema}",
+        )
+        if self.structured_outputs is not None and self.num_beams > 1:
+            raise SlimlmError("structured_outputs cannot be combined with beam search (num_beams > 1)")
 
     @property
     def greedy(self) -> bool:
