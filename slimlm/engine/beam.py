@@ -11,7 +11,6 @@ from slimlm.kv.contiguous import ContiguousKVCache
 from slimlm.kv.metadata import AttnMetadata
 from slimlm.progress import progress_bar
 
-
 # Each step runs num_beams rows and keeps 2 x num_beams candidates: beyond this the search is all cost
 # (minutes per token at 100,000 beams) for no gain in practice.
 MAX_NUM_BEAMS = 64
