@@ -27,6 +27,7 @@ CONFIGS = {
     "LoRA r16 + AdamW4bit + ckpt": dict(method="lora", optim="adamw4bit", gradient_checkpointing=True),
     "QLoRA r16 + AdamW4bit + ckpt": dict(method="qlora", optim="adamw4bit", gradient_checkpointing=True),
     "LoRA r16 + AdamW (no ckpt)": dict(method="lora", optim="adamw", gradient_checkpointing=False),
+    "QLoRA r16 + AdamW (no ckpt)": dict(method="qlora", optim="adamw", gradient_checkpointing=False),
 }
 
 
@@ -55,6 +56,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     loaded = load(None, dtype="float32", progress=False)
     cfg = TrainConfig(data=[str(work / "pydoc.txt")], output_dir=str(work / "run"), overwrite=True, eval_fraction=0.0,
                       batch_size=args.batch_size, max_seq_len=args.seq_len, max_steps=args.steps, lora_rank=16,
+                      lora_dropout=args.lora_dropout,
                       progress=False, precision="fp32", **CONFIGS[name])  # fmt: skip
     trainer = Trainer(cfg, loaded)
     del loaded
@@ -87,9 +89,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="slimlm train's default")
     p.add_argument("--chars", type=int, default=40_000, help="pydoc characters to train on")
     p.add_argument("--configs", nargs="*", default=list(CONFIGS))
     p.add_argument("--work-dir", default="/tmp/slimlm_train_memory")
+    p.add_argument("--out", default="train_memory", help="results/<out>.json and .md")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -107,7 +111,8 @@ def main() -> None:
     command = "python benchmarks/train_memory.py " + " ".join(sys.argv[1:])
     lines = [
         "# Training memory, SmolLM2-135M-Instruct", "",
-        f"Command: `{command}` (batch {args.batch_size} x {args.seq_len} tokens, fp32 compute, CPU)", "",
+        f"Command: `{command}` (batch {args.batch_size} x {args.seq_len} tokens, fp32 compute, CPU, "
+        f"LoRA dropout {args.lora_dropout})", "",
         "| configuration | trainable params | optimizer states MiB | tensor peak MiB (measured) | planner peak MiB "
         "| peak RSS in training MiB | RSS at start MiB | s/step |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -117,8 +122,8 @@ def main() -> None:
                      f"{mib(r['tensor_peak_bytes'])} | {mib(r['planned_peak_bytes'])} | {mib(r['peak_rss_training_bytes'])} | "
                      f"{mib(r['rss_at_start_bytes'])} | {r['seconds_per_step']} |")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_memory.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    (RESULTS / "train_memory.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -80,6 +80,9 @@ CASES = [
 ] + [
     dict(method="full", precision="mixed"),
     dict(method="lora", precision="mixed", gradient_checkpointing=True),
+    dict(method="lora", precision="fp32", lora_dropout=0.05),  # slimlm train's default dropout
+    dict(method="lora", precision="bf16", lora_dropout=0.05),
+    dict(method="lora", precision="fp32", gradient_checkpointing=True, lora_dropout=0.1),
     dict(method="full", precision="fp32", flash_attention=False),
     dict(method="full", precision="fp32", optimizer="sgd"),
     dict(method="full", precision="bf16", grad_accumulation=2),

@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
     if args.system:
         require_text(args.system, "--system")
+    args.max_num_seqs = 1  # one conversation: the default pool holds one full-length sequence
     llm = llm_from_args(args, single_stream=True)  # one conversation: one sequence at a time
     print(llm.memory_report_text(), file=sys.stderr)
     session = ChatSession(llm, params, args.system)

@@ -16,6 +16,7 @@ from slimlm.commands.common import (
     sampling_params_from_args,
 )
 from slimlm.commands.logprobs_output import logprob_records, logprob_table
+from slimlm.engine.beam import check_num_beams
 from slimlm.errors import SlimlmError
 
 
@@ -50,13 +51,18 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)  # validate flags before loading anything
+    check_num_beams(params.num_beams)
     prompts = _read_prompts(args)
     if args.system and not args.chat:
         raise SlimlmError("--system needs --chat")
     if params.logprobs is not None and params.num_beams > 1:
         raise SlimlmError("--logprobs is not reported for beam search; drop --logprobs or --num-beams")
+    # No more sequences than prompts run at once: the default pool is sized for that (docs/kv_cache.md).
+    if args.max_num_seqs > 0:  # (a bad value is left for the engine's own error)
+        args.max_num_seqs = min(args.max_num_seqs, len(prompts) * params.num_beams)
     single = len(prompts) == 1 and params.num_beams == 1  # beams decode several rows a step
     llm = llm_from_args(args, progress=not args.quiet, single_stream=single)
+    llm.show_progress = not args.quiet  # beam search shows its steps
     if not args.quiet:
         print(llm.memory_report_text(), file=sys.stderr)
     if args.chat:

@@ -11,7 +11,7 @@ from slimlm.engine.block_manager import BlockManager
 from slimlm.engine.config import EngineConfig
 from slimlm.engine.constraints import Constraints
 from slimlm.engine.detokenize import StopChecker
-from slimlm.engine.memory import KVBudget, free_memory_bytes, plan_kv_blocks
+from slimlm.engine.memory import KVBudget, allocate_kv_pool, free_memory_bytes, plan_kv_blocks
 from slimlm.engine.params import SamplingParams
 from slimlm.engine.runner import ModelRunner
 from slimlm.engine.sampler import Sampler
@@ -62,18 +62,29 @@ class LLMEngine:
         block_bytes = cache_cls.bytes_per_block(
             model_config, config.block_size, kv_storage_dtype(config.kv_dtype, compute_dtype)
         )
+        free_bytes = free_memory_bytes(device)
         self.budget: KVBudget = plan_kv_blocks(
             block_bytes=block_bytes,
             block_size=config.block_size,
-            free_bytes=free_memory_bytes(device),
+            free_bytes=free_bytes,
             cache_max_entry_count=config.cache_max_entry_count,
             kv_cache_tokens=config.kv_cache_tokens,
             kv_cache_bytes=config.kv_cache_bytes,
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
         )
-        self.cache = make_kv_cache(
-            model_config, self.budget.num_blocks, config.block_size, config.kv_dtype, compute_dtype, device
+        self.cache = allocate_kv_pool(
+            lambda: make_kv_cache(
+                model_config,
+                self.budget.num_blocks,
+                config.block_size,
+                config.kv_dtype,
+                compute_dtype,
+                device,
+            ),
+            self.budget,
+            free_bytes,
+            device,
         )
         self.block_manager = BlockManager(
             self.budget.num_blocks, config.block_size, config.enable_prefix_caching

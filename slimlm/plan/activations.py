@@ -14,6 +14,12 @@ i intermediate, q = heads x head_dim, kv = kv_heads x head_dim, H heads, S seque
   SwiGLU             3·b·i           gate output (saved by SiLU), SiLU output and up output (saved by the product)
                      + b·i           the product, when down trains / carries LoRA
   LoRA               b·r             per adapted projection (A·x, saved by B)
+  LoRA dropout p > 0 b·in + m·in     per adapted projection: its dropped-out input (what A saves, instead
+                                     of the shared input, which then nothing saves) and, where the input
+                                     needs a gradient, the mask: m = b on the CPU (dropout multiplies by a
+                                     noise tensor of the input's dtype), 1 on CUDA (fused, bool mask). In
+                                     the first layer of LoRA the q/k/v inputs need no gradient (no mask),
+                                     nor does a later input that no adapter of that layer precedes.
 
 Model level: the final norm (4h + 4, + b·h when it trains), the lm_head input (b·h when lm_head trains),
 RoPE cos/sin (2·b·head_dim per position), int64 labels (8 per token). Logits: the forward holds
@@ -27,7 +33,9 @@ Gradient checkpointing (per decoder layer) keeps only each layer's input, b·h p
 one layer at a time during the backward. A layer's backward works on top of what is saved with the
 gradient flowing into it (b·h) and, in SwiGLU's product backward, three [N, i] gradients (b·3i), of which
 one replaces the freed product when down trains. These formulas are those of slimlm's Llama and of HF
-transformers' (sdpa or eager attention), which saves the same tensors; LoRA dropout is taken as 0.
+transformers' (sdpa or eager attention), which saves the same tensors. With LoRA dropout each adapter
+drops out its own copy of the input (q, k and v each make one), so at slimlm train's default (0.05,
+no checkpointing) the adapters' inputs are a fifth to a third of the step's peak (docs/plan.md).
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ class ActivationSetup:
     saved_inputs: frozenset[str] = frozenset()  # projections whose input is saved: they train or carry LoRA
     lora_targets: frozenset[str] = frozenset()
     lora_rank: int = 0
+    lora_dropout: float = 0.0  # > 0: every adapter saves its own dropped-out input and mask
+    dropout_mask_bytes: int | None = None  # per element; None: compute_bytes (the CPU's unfused dropout)
     norms_train: bool = False
     lm_head_trains: bool = False
     input_requires_grad: bool = True  # the embedding output needs a gradient (it trains)
@@ -82,7 +92,31 @@ def layer_saved_bytes(config: ModelConfig, a: ActivationSetup, first_layer: bool
         per_token += b * h
     per_token += 3 * b * i + (b * i if "down_proj" in a.saved_inputs else 0)
     per_token += b * a.lora_rank * len(a.lora_targets)
+    per_token += _dropout_saved(config, a, a.lora_targets, first_layer and not a.input_requires_grad)
     return per_token * a.tokens
+
+
+# The projections by input, in the order a layer runs them (q, k and v read the same input).
+INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def _dropout_saved(config: ModelConfig, a: ActivationSetup, targets, input_without_grad: bool = False) -> int:
+    """Per token: what the adapters among `targets` save for their dropout (see the module docstring).
+
+    `input_without_grad`: the layer's input needs no gradient (the first layer of LoRA), so an input
+    needs one (and its adapter keeps a mask) only once an earlier adapter of the layer feeds it."""
+    if not a.lora_dropout:
+        return 0
+    widths = {"o_proj": config.q_size, "down_proj": config.intermediate_size}
+    mask = a.compute_bytes if a.dropout_mask_bytes is None else a.dropout_mask_bytes
+    total, needs_grad = 0, not input_without_grad
+    for group in INPUT_GROUPS:
+        for name in group:
+            if name in a.lora_targets and name in targets:
+                width = widths.get(name, config.hidden_size)
+                total += a.compute_bytes * width + (mask * width if needs_grad else 0)
+        needs_grad = needs_grad or any(name in a.lora_targets for name in group)
+    return total
 
 
 def layer_checkpoint_bytes(config: ModelConfig, a: ActivationSetup) -> int:
@@ -97,6 +131,7 @@ def _after_attention_saved(config: ModelConfig, a: ActivationSetup) -> int:
     out += b * h if a.saved_inputs & set(MLP_INPUTS) else 0
     out += 3 * b * i + (b * i if "down_proj" in a.saved_inputs else 0)
     out += b * a.lora_rank * len(a.lora_targets & {"o_proj", "gate_proj", "up_proj", "down_proj"})
+    out += _dropout_saved(config, a, ("o_proj", "gate_proj", "up_proj", "down_proj"))
     if not a.flash_attention and "o_proj" in a.saved_inputs:
         out += b * config.q_size
     return out

@@ -82,6 +82,12 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         "--no-flash-attention", action="store_true", help="eager attention (keeps the [heads, S, S] scores)"
     )
     g.add_argument("--lora-rank", type=int, default=16)
+    g.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=0.05,
+        help="LoRA dropout (default 0.05, as slimlm train): > 0 saves each adapter's dropped-out input",
+    )
     g.add_argument("--lora-targets", default="all", help=f"comma list of {', '.join(LINEAR_NAMES)}, or all")
     g.add_argument("--qlora-group-size", type=int, default=64)
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -194,7 +200,7 @@ def build_plan(args: argparse.Namespace):
     settings = TrainingSettings(
         method=args.method, precision=args.precision, optimizer=args.optimizer, micro_batch=args.micro_batch,
         seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing,
-        flash_attention=not args.no_flash_attention, lora_rank=args.lora_rank,
+        flash_attention=not args.no_flash_attention, lora_rank=args.lora_rank, lora_dropout=args.lora_dropout,
         lora_targets=_lora_targets(args.lora_targets), qlora_group_size=args.qlora_group_size,
         grad_accumulation=args.grad_accum, zero_stage=args.zero_stage, num_devices=args.num_devices,
         offload_optimizer=args.offload_optimizer,

@@ -5,7 +5,7 @@ output dropped before the backward (as HF's Trainer does), `zero_grad(set_to_non
 clipping. Precisions: fp32; bf16 (pure: weights, gradients and torch's optimizer states in bf16); mixed
 (bf16 weights and gradients, fp32 master copies held by the optimizer; before the step every gradient is
 copied to fp32 and the bf16 one dropped, after it the bf16 weights are refreshed in place). LoRA is a
-minimal wrapper (A·x then B, dropout 0) around the frozen projections. The peak is taken over the last
+minimal wrapper (A·dropout(x) then B, as slimlm's and PEFT's) around the frozen projections. The peak is taken over the last
 of `steps` steps, so optimizer states exist (steady state), as in the plan.
 """
 
@@ -24,9 +24,10 @@ from slimlm.plan.training import TrainingSettings
 class LoRALinear(nn.Module):
     """y = base(x) + (x Aᵀ) Bᵀ · alpha / r with the base frozen."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # as slimlm.train.lora and PEFT
         base.weight.requires_grad_(False)
         w = base.weight
         self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, dtype=w.dtype) / rank)
@@ -34,16 +35,16 @@ class LoRALinear(nn.Module):
         self.scaling = (alpha or rank) / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
 
-def add_lora(model: nn.Module, rank: int, targets: tuple[str, ...]) -> None:
+def add_lora(model: nn.Module, rank: int, targets: tuple[str, ...], dropout: float = 0.0) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if name in targets and isinstance(child, nn.Linear):
-                setattr(module, name, LoRALinear(child, rank))
+                setattr(module, name, LoRALinear(child, rank, dropout=dropout))
 
 
 def make_optimizer(params: list[torch.Tensor], s: TrainingSettings) -> torch.optim.Optimizer:
@@ -92,7 +93,7 @@ def measure_training_step(
     if not s.flash_attention:
         model.set_attn_implementation("eager")
     if s.method == "lora":
-        add_lora(model, s.lora_rank, s.lora_targets)
+        add_lora(model, s.lora_rank, s.lora_targets, s.lora_dropout)
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -19,7 +19,7 @@ Estimates: activations (documented formulas in `activations`), workspaces, CUDA 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from slimlm.config import ModelConfig
 from slimlm.errors import SlimlmError
@@ -50,6 +50,7 @@ class TrainingSettings:
     flash_attention: bool = True
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = LINEAR_NAMES
+    lora_dropout: float = 0.0  # slimlm train's default is 0.05; > 0 adds each adapter's dropped-out input
     qlora_group_size: int = 64
     grad_accumulation: int = 1
     zero_stage: int = 0
@@ -81,6 +82,8 @@ class TrainingSettings:
         if self.method != "full":
             if not isinstance(self.lora_rank, int) or self.lora_rank <= 0:
                 raise SlimlmError(f"LoRA rank must be a positive integer, got {self.lora_rank!r}")
+            if not isinstance(self.lora_dropout, int | float) or not 0 <= self.lora_dropout < 1:
+                raise SlimlmError(f"LoRA dropout must be in [0, 1), got {self.lora_dropout!r}")
             unknown = [t for t in self.lora_targets if t not in LINEAR_NAMES]
             if unknown or not self.lora_targets:
                 raise SlimlmError(
@@ -195,7 +198,10 @@ def _frozen_weight_bytes(params: list[ParamShape], s: TrainingSettings) -> int:
 
 def activation_setup(config: ModelConfig, s: TrainingSettings) -> act.ActivationSetup:
     full = s.method == "full"
-    saved = frozenset(LINEAR_NAMES) if full else frozenset(s.lora_targets)
+    dropout = 0.0 if full else s.lora_dropout
+    # Without dropout the adapters' A matmuls save the projections' (shared) inputs; with it, each saves
+    # its own dropped-out copy instead (counted from lora_dropout), and the frozen bases save none.
+    saved = frozenset(LINEAR_NAMES) if full else frozenset() if dropout else frozenset(s.lora_targets)
     return act.ActivationSetup(
         micro_batch=s.micro_batch,
         seq_len=s.seq_len,
@@ -204,6 +210,7 @@ def activation_setup(config: ModelConfig, s: TrainingSettings) -> act.Activation
         saved_inputs=saved,
         lora_targets=frozenset() if full else frozenset(s.lora_targets),
         lora_rank=0 if full else s.lora_rank,
+        lora_dropout=dropout,
         norms_train=full,
         lm_head_trains=full,
         input_requires_grad=full,
@@ -232,6 +239,8 @@ def plan_training(
     states = model_states(config, s)
     per_device = shard(states, s)
     a = activation_setup(config, s)
+    if device.kind == "gpu":  # CUDA's fused dropout keeps a bool mask, the CPU's a noise tensor
+        a = replace(a, dropout_mask_bytes=1)
     on_host = s.offload_optimizer
     tables = LOOKUP_TABLE_BYTES.get(s.optimizer, 0)
     static = per_device["weights"] + (

@@ -31,6 +31,8 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 FORMAT_VERSION = 1
+# How long the run is: a resume may change them; the lr schedule is then recomputed for the new length.
+LENGTH_SETTINGS = ("epochs", "max_steps")
 
 
 @dataclass
@@ -82,6 +84,8 @@ def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
             diffs.append({"model": "the model", "data": "the training data", "eval_data": "the eval data",
                           "world_size": f"the number of processes ({saved.get(key)} vs {current.get(key)})"}[key])  # fmt: skip
     for name in new:
+        if name in LENGTH_SETTINGS:  # a run may be extended (or shortened): see Trainer._extend_schedule
+            continue
         if name not in skip and old.get(name) != new[name]:
             diffs.append(
                 f"--{name.replace('_', '-')} ({old.get(name)!r} in the checkpoint, {new[name]!r} now)"

@@ -90,6 +90,8 @@ def planned_peak(cfg: TrainConfig, model_config, precision: str, seq_len: int, w
             flash_attention=True,  # SDPA's fused kernels keep no [seq, seq] scores, on CPU too
             lora_rank=cfg.lora_rank,
             lora_targets=targets,
+            lora_dropout=cfg.lora_dropout,
+            loss_chunk_tokens=cfg.loss_chunk_tokens,  # the trainer's loss runs over chunks of this many tokens
             qlora_group_size=qlora_group or 64,
             grad_accumulation=cfg.grad_accum,
             zero_stage=3 if strategy == "fsdp" else 0,

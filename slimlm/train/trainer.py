@@ -179,6 +179,32 @@ class Trainer:
         self.scheduler.load_state_dict(resumed.scheduler)
         self.state = resumed.state
         ckpt.restore_rng(resumed.rng)
+        self._extend_schedule()
+
+    def _extend_schedule(self) -> None:
+        """A resume with another --max-steps / --epochs: the checkpoint's schedule (restored above) is
+        recomputed for the new total. Warmup keeps its length; the decay is stretched (or shrunk) to end
+        at the new last step, so the lr at the resume point is the new schedule's value there (with a
+        cosine or linear decay, higher than where a finished run ended)."""
+        step, schedule = self.state.step, self.scheduler.lr_lambdas[0]
+        if step > self.total_steps:
+            raise SlimlmError(
+                f"checkpoint {self.resume_from} is at step {step}, past this run's {self.total_steps} steps; "
+                "give a larger --max-steps (or --epochs) to extend it"
+            )
+        self.schedule_note = None
+        if schedule.total == self.total_steps:
+            return
+        old_total, before = schedule.total, self.scheduler.get_last_lr()[0]
+        schedule.total = self.total_steps
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * schedule(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.schedule_note = (
+            f"run length {old_total} -> {self.total_steps} steps: the {schedule.kind} lr schedule is recomputed for "
+            f"{self.total_steps} steps (warmup stays {schedule.warmup}); lr at step {step + 1}: "
+            f"{self.scheduler.get_last_lr()[0]:.3g} (the checkpoint's schedule had {before:.3g})"
+        )
 
     def _prepare_output_dir(self) -> None:
         if self.dist.is_main:
@@ -345,6 +371,8 @@ class Trainer:
         ]
         if self.resume_from is not None:
             lines.append(f"resumed from {self.resume_from} at step {self.state.step}")
+            if getattr(self, "schedule_note", None):
+                lines.append(self.schedule_note)
         return "\n".join(lines)
 
     def _record_eval(self, bar: TrainProgress, log) -> None:
