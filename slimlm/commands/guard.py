@@ -85,7 +85,8 @@ def _build(args) -> int:
         print(file=sys.stderr)
     print(
         f"{args.out}: {report.replies} replies, {report.rows} rows ({report.embedded} embedded, "
-        f"{report.reused} reused) with {embedder.model_id} ({embedder.dim} dims), faiss {report.index} index; "
+        f"{report.reused} reused) with {embedder.model_id} ({embedder.dim} dims), faiss {report.index} index "
+        f"({'extended' if report.index_extended else 'built'}); "
         f"embedding {report.embed_s:.2f} s, index {report.index_s:.2f} s"
     )
     return 0

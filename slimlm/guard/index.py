@@ -14,8 +14,8 @@ from slimlm.errors import SlimlmError
 from slimlm.guard.embedder import require
 
 KINDS = ("auto", "flat", "hnsw")
-# Above this many rows an exact scan costs more than HNSW's approximate search (see docs/guard.md).
-FLAT_MAX_ROWS = 50_000
+# Up to this many rows an exact scan is about as fast as HNSW, builds at once and misses nothing (docs/guard.md).
+FLAT_MAX_ROWS = 20_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
@@ -62,4 +62,16 @@ def read_index(path: Path):
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, rows), each [n, k]; missing neighbours have row -1."""
     k = max(1, min(k, index.ntotal))
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if len(queries) > 1:
+        return index.search(queries, k)
+    # one query on one thread: a parallel scan waits for every OpenMP thread to get a core, and on a
+    # busy machine (an engine decoding beside it) that wait dwarfs the search (docs/guard.md).
+    # The setting is per calling thread in OpenMP, so it is set (and restored) here.
+    faiss = require("faiss")
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(queries, k)
+    finally:
+        faiss.omp_set_num_threads(before)

@@ -3,8 +3,8 @@
 LIB/ holds library.json (format, model, dimension, index kind, counts), replies.jsonl, vectors.npy
 (one unit row per embedded text: each reply's text and its examples), owners.npy (row -> reply),
 hashes.npy (sha1 of each row's text) and index.faiss. Rebuilding over an existing LIB embeds only
-texts whose hash it has not seen with the same model; the rest are reused, so an edit costs the
-embedding of the changed lines plus rebuilding the index.
+texts whose hash it has not seen with the same model; the rest are reused. When the new rows only
+append to the old ones the old index is extended; any other edit rebuilds the index from the vectors.
 """
 
 from __future__ import annotations
@@ -43,25 +43,55 @@ class BuildReport:
     index: str
     embed_s: float
     index_s: float
+    index_extended: bool = False  # the old index was reused and only new rows added
 
 
 def _sha1(texts: list[str]) -> np.ndarray:
     return np.array([hashlib.sha1(t.encode("utf-8")).digest() for t in texts], dtype="S20")
 
 
-def _previous(out: Path, model_id: str, dim: int) -> dict[bytes, np.ndarray]:
-    """hash -> vector from an existing library built with the same model (empty otherwise)."""
+@dataclass
+class _Previous:
+    """What an existing library at --out offers for reuse (empty when built with another model)."""
+
+    vectors: dict[bytes, np.ndarray]
+    hashes: np.ndarray | None = None
+    kind: str | None = None
+
+
+def _previous(out: Path, model_id: str, dim: int) -> _Previous:
     try:
         meta = json.loads((out / META).read_text(encoding="utf-8"))
         if meta.get("model") != model_id or meta.get("dim") != dim:
-            return {}
+            return _Previous({})
         hashes = np.load(out / "hashes.npy")
         vectors = np.load(out / "vectors.npy", mmap_mode="r")
     except (OSError, ValueError):
-        return {}
+        return _Previous({})
     if len(hashes) != len(vectors):
-        return {}
-    return {bytes(h): vectors[i] for i, h in enumerate(hashes)}
+        return _Previous({})
+    return _Previous({bytes(h): vectors[i] for i, h in enumerate(hashes)}, hashes, meta.get("index"))
+
+
+def _extend_index(out: Path, prev: _Previous, hashes: np.ndarray, vectors: np.ndarray, kind: str):
+    """The old index plus the new rows, when the new rows only append to the old ones (else None)."""
+    old = prev.hashes
+    if (
+        old is None
+        or prev.kind != kind
+        or len(old) > len(hashes)
+        or not np.array_equal(old, hashes[: len(old)])
+    ):
+        return None
+    try:
+        index = vindex.read_index(out / "index.faiss")
+    except SlimlmError:
+        return None
+    if index.ntotal != len(old) or index.d != vectors.shape[1]:
+        return None
+    if len(hashes) > len(old):
+        index.add(np.ascontiguousarray(vectors[len(old) :]))
+    return index
 
 
 def build(
@@ -78,11 +108,11 @@ def build(
     if out.exists() and not out.is_dir():
         raise SlimlmError(f"--out {out} exists and is not a directory")
     hashes = _sha1(texts)
-    known = _previous(out, embedder.model_id, embedder.dim)
+    prev = _previous(out, embedder.model_id, embedder.dim)
     vectors = np.empty((len(texts), embedder.dim), dtype=np.float32)
     todo = []
     for i, h in enumerate(hashes):
-        v = known.get(bytes(h))
+        v = prev.vectors.get(bytes(h))
         if v is None:
             todo.append(i)
         else:
@@ -97,7 +127,11 @@ def build(
     embed_s = time.perf_counter() - t0
     kind = vindex.resolve_kind(kind, len(texts))
     t0 = time.perf_counter()
-    index = vindex.build_index(vectors, kind)
+    # replies only appended: add their rows to the old index (an HNSW rebuild is the slow part)
+    index = _extend_index(out, prev, hashes, vectors, kind)
+    extended = index is not None
+    if index is None:
+        index = vindex.build_index(vectors, kind)
     index_s = time.perf_counter() - t0
     # write into a fresh directory, then swap it in: a reader never sees a half-written library
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -127,7 +161,9 @@ def build(
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
-    return BuildReport(len(replies), len(texts), len(todo), len(texts) - len(todo), kind, embed_s, index_s)
+    return BuildReport(
+        len(replies), len(texts), len(todo), len(texts) - len(todo), kind, embed_s, index_s, extended
+    )
 
 
 class Library:

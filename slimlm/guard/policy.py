@@ -63,7 +63,7 @@ class Guard:
         start = time.perf_counter()
         choice = self.fallbacks.choose(stage, user)
         texts = [a if a.strip() else " " for a in answers]
-        hits = self.library.search(self.library_queries(texts), k=1)
+        hits = self.library.search(self.embedder.encode_unit(texts), k=1)
         out = [self._decide(a, h[0] if h else None, choice) for a, h in zip(answers, hits, strict=True)]
         elapsed = time.perf_counter() - start
         with self._lock:
@@ -74,9 +74,6 @@ class Guard:
 
     def decide(self, answer: str, stage: str | None = None, user: str | None = None) -> Decision:
         return self.decide_many([answer], stage, user)[0]
-
-    def library_queries(self, texts: list[str]):
-        return self.embedder.encode_unit(texts)
 
     def _decide(self, answer: str, hit, choice: FallbackChoice) -> Decision:
         fb = _fallback_fields(choice)

@@ -69,12 +69,31 @@ def test_rebuild_embeds_only_changed_texts(tmp_path, embedder):
     hit = lib.search(embedder.encode_unit(["Can I bring my dog into the shop?"]), k=1)[0][0]
     assert hit.reply.id == "pets"
     assert lib.by_id[edited["id"]].text == edited["text"]
-    # the reused vectors are the ones a fresh build computes
+    assert not second.index_extended  # a reply changed in the middle: the index is rebuilt
+    # appending replies extends the old index instead
+    with replies.open("a") as f:
+        f.write(
+            json.dumps({"id": "bikes", "text": "We rent mountain bikes by the day in our Denver store."})
+            + "\n"
+        )
+    third = build(replies, tmp_path / "lib", embedder)
+    assert third.index_extended and (third.embedded, third.replies) == (1, 53)
+    # the reused vectors and the extended index answer as a fresh build does
     fresh = build(replies, tmp_path / "fresh", embedder)
-    assert fresh.reused == 0
+    assert fresh.reused == 0 and not fresh.index_extended
     np.testing.assert_allclose(
         np.load(tmp_path / "lib" / "vectors.npy"), np.load(tmp_path / "fresh" / "vectors.npy"), atol=1e-5
     )
+    queries = embedder.encode_unit(["Can I rent a bike?", "Where is my parcel?", "Do you take PayPal?"])
+    got = [
+        [(h.reply.id, round(h.score, 4)) for h in hits]
+        for hits in Library(tmp_path / "lib").search(queries, 3)
+    ]
+    want = [
+        [(h.reply.id, round(h.score, 4)) for h in hits]
+        for hits in Library(tmp_path / "fresh").search(queries, 3)
+    ]
+    assert got == want and got[0][0][0] == "bikes"
 
 
 @pytest.mark.parametrize(
