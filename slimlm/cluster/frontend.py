@@ -7,8 +7,6 @@ an `x-slimlm-replica` header naming the replica that served it (also logged).
 
 from __future__ import annotations
 
-from ray import serve
-
 from slimlm.cluster.remote_engine import RemoteEngine, served_by
 
 REPLICA_HEADER = "x-slimlm-replica"
@@ -43,8 +41,11 @@ class ReplicaHeader:
             served_by.reset(token)
 
 
-@serve.ingress()
 class Frontend:
+    """Wrapped by `ingress_class()`; kept undecorated here so Ray pickles it by reference (a decorated
+    module attribute would make cloudpickle copy the class and the modules it uses, and the router would
+    then read another affinity table than the one this ingress fills)."""
+
     def __init__(self, engines, prompt_side, settings, block_size: int) -> None:
         self.engines = engines
         self.prompt_side = prompt_side
@@ -58,3 +59,10 @@ class Frontend:
         app = create_app(self.prompt_side, self.settings, engine=self.remote)
         app.add_middleware(ReplicaHeader)
         return app
+
+
+def ingress_class():
+    """Frontend as a Ray Serve FastAPI ingress (the app is built on the replica)."""
+    from ray import serve
+
+    return serve.ingress()(Frontend)

@@ -21,6 +21,7 @@ from slimlm.cluster import require_ray
 from slimlm.errors import SlimlmError
 
 APP_NAME = "slimlm"
+ROUTER = "slimlm.cluster.router.PrefixAffinityRouter"
 CONNECT_TIMEOUT_S = 30.0
 log = logging.getLogger("slimlm.cluster")
 
@@ -65,11 +66,14 @@ def connect(address: str | None, num_cpus: int | None, timeout: float = CONNECT_
         return False
     kwargs: dict = {"namespace": APP_NAME, "logging_level": logging.WARNING, "log_to_driver": False}
     if address is None:
+        # On this thread: Ray's daemons die with the thread that started them (PR_SET_PDEATHSIG).
         kwargs.update(num_cpus=num_cpus, include_dashboard=False)
-    else:
-        if address != "auto":
-            _check_reachable(address)
-        kwargs["address"] = address
+        try:
+            ray.init(**kwargs)
+        except Exception as e:
+            raise SlimlmError(f"cannot start a local Ray instance: {_first_line(e)}") from None
+        return True
+    kwargs["address"] = address
     failure: list[BaseException] = []
 
     def init() -> None:
@@ -81,16 +85,20 @@ def connect(address: str | None, num_cpus: int | None, timeout: float = CONNECT_
     worker = threading.Thread(target=init, name="slimlm-ray-init", daemon=True)
     worker.start()
     worker.join(timeout)
-    where = "a local Ray instance" if address is None else f"Ray at {address}"
+    where = f"Ray at {address}"
     if worker.is_alive():
         raise SlimlmError(
             f"{where} did not answer within {timeout:.0f} s; check the address and that Ray runs there"
         )
     if failure:
-        first_line = (str(failure[0]).strip().splitlines() or [type(failure[0]).__name__])[0]
+        first_line = _first_line(failure[0])
         hint = "; start one with `ray start --head` or drop --ray-address" if address == "auto" else ""
         raise SlimlmError(f"cannot connect to {where}: {first_line}{hint}")
-    return address is None
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -120,10 +128,9 @@ def build_application(args: argparse.Namespace, settings, plan: ReplicaPlan):
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    from slimlm.cluster.frontend import Frontend
+    from slimlm.cluster.frontend import ingress_class
     from slimlm.cluster.prompt_side import load_prompt_side
     from slimlm.cluster.replica import EngineReplica
-    from slimlm.cluster.router import PrefixAffinityRouter
     from slimlm.commands.common import engine_config_from_args
 
     block_size = engine_config_from_args(args).block_size  # validates the engine settings here, once
@@ -134,7 +141,8 @@ def build_application(args: argparse.Namespace, settings, plan: ReplicaPlan):
                               "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(plan.threads)}}},
         "max_ongoing_requests": max(1, args.max_concurrent_requests),
         "health_check_period_s": 5,
-        "request_router_config": RequestRouterConfig(request_router_class=PrefixAffinityRouter),
+        # By import path: a pickled class would carry its own copy of the module (and its affinity table).
+        "request_router_config": RequestRouterConfig(request_router_class=ROUTER),
     }  # fmt: skip
     if plan.autoscaling:
         replica_options["autoscaling_config"] = {
@@ -147,7 +155,7 @@ def build_application(args: argparse.Namespace, settings, plan: ReplicaPlan):
         replica_options["num_replicas"] = plan.replicas
     engines = serve.deployment(EngineReplica, **replica_options).bind(engine_args(args), plan.threads)
     frontend = serve.deployment(
-        Frontend,
+        ingress_class(),
         name="Frontend",
         num_replicas=1,
         ray_actor_options={"num_cpus": 0},
@@ -171,6 +179,8 @@ class ClusterServer:
         self.port = _free_port(args.host, args.port)
         self.num_cpus = num_cpus or self.plan.replicas * self.plan.threads
         self.started_ray = False
+        if args.ray_address not in (None, "auto"):
+            _check_reachable(args.ray_address)  # before the model is read: a wrong address fails in seconds
 
     @property
     def url(self) -> str:

@@ -13,7 +13,7 @@ import contextvars
 import dataclasses
 import logging
 
-from slimlm.cluster.router import ReplicaJob, block_hashes
+from slimlm.cluster.router import AffinityTable, ReplicaJob, block_hashes
 from slimlm.errors import SlimlmError
 from slimlm.server.async_engine import EngineFailure, EngineSnapshot
 from slimlm.server.errors import APIError
@@ -32,6 +32,7 @@ class RemoteEngine:
         self.block_size = block_size
         self.replica_snapshots: dict[str, EngineSnapshot] = {}
         self.routed: dict[str, int] = {}  # requests accepted per replica
+        self.affinity = AffinityTable()  # prompt ends -> replica: where each conversation's cache is
 
     # -- what AsyncEngine offers the server -------------------------------------------------------------
 
@@ -56,13 +57,17 @@ class RemoteEngine:
     async def submit(self, requests) -> RemoteStream:
         if not requests:
             raise SlimlmError("nothing to generate: the request holds no prompt")
-        job = ReplicaJob(requests, block_hashes(requests[0][0], self.block_size))
+        hashes = block_hashes(requests[0][0], self.block_size)
+        job = ReplicaJob(requests, hashes, self.affinity.lookup(hashes, set(self.routed)))
         for attempt in range(2):
             response = self.handle.generate.remote(job)
             try:
                 first = await response.__anext__()
             except Exception as e:  # the replica died or was never reached: nothing ran yet
                 response.cancel()
+                if job.preferred is not None:
+                    self.affinity.forget({job.preferred})  # probably dead: its cache is gone too
+                    job.preferred = None
                 if attempt == 0:
                     log.warning("replica unavailable (%s); retrying on another", type(e).__name__)
                     continue
@@ -74,6 +79,7 @@ class RemoteEngine:
             if "failure" in first:
                 raise EngineFailure(first["failure"])
             replica = first["replica"]
+            self.affinity.remember(hashes, replica)
             self.routed[replica] = self.routed.get(replica, 0) + 1
             holder = served_by.get()
             if holder is not None:
@@ -109,6 +115,7 @@ class RemoteStream:
             raise
         except Exception as e:  # the replica's actor died, or Ray lost it
             log.warning("replica %s failed mid-request: %s", self.replica, type(e).__name__)
+            self.engine.affinity.forget({self.replica})  # a restarted replica has an empty cache
             raise EngineFailure(f"replica {self.replica} failed ({type(e).__name__})") from None
         finally:
             self.finished = True

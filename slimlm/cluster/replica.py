@@ -54,9 +54,6 @@ class EngineReplica:
         finally:
             stream.abort()  # the client went away (cancelled) or the stream ended: nothing left running
 
-    def info(self) -> dict:
-        return {"replica": self.replica_id, "snapshot": self.engine.snapshot}
-
     def check_health(self) -> None:
         """Ray Serve calls this periodically; a replica whose engine thread died is replaced."""
         if not self.engine.is_running:

@@ -4,19 +4,29 @@ Modelled on Ray LLM's `PrefixCacheAffinityRouter`, with two differences that fit
 matched on *token blocks* (the ingress hashes the prompt's token ids block by block, chained, exactly the
 granularity at which a replica's prefix cache can reuse KV), and the table lives in the router itself
 rather than in a shared actor, so routing costs no remote call (one ingress replica routes everything).
+The table is kept by the ingress (`RemoteEngine`), filled with the replica that actually accepted each
+prompt (Ray calls `on_request_routed` only in its strict-max-ongoing-requests mode, and a retried request
+may land elsewhere than first chosen); the ingress looks the request up and sends its preferred replica
+along in the `ReplicaJob`, so the router itself holds no state that would have to be shared.
 
-For each request: the replica that was sent the longest run of this prompt's leading blocks wins, unless
-it already has `imbalance` more requests in flight than the least-loaded candidate; with no match (or
-that imbalance) the request goes to the least-loaded replica (Ray probes the queue lengths). Each routed
-prompt's block hashes are remembered for its replica (least recently used forgotten past `max_blocks`).
+What counts as "the same conversation": a request whose prompt *continues an earlier routed prompt*
+(the earlier prompt's last full block is one of this prompt's leading blocks, as a chat's next turn
+repeats the whole history). Matching any shared leading block instead would send every conversation
+that starts with the same system prompt to one replica; that shared part is cached on every replica
+after its first use anyway. The table holds, per served prompt, the hash of its last full block and the
+replica (least recently used forgotten past `max_prompts`). A request goes to the replica of the
+longest earlier prompt it continues, unless that replica already has `imbalance` more requests in flight
+than the least-loaded candidate; otherwise (or without a match) to the least-loaded replica (Ray probes
+the queue lengths of the candidates and takes the shortest).
 """
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 
 @dataclass
@@ -25,6 +35,7 @@ class ReplicaJob:
 
     requests: list  # [(prompt token ids, SamplingParams)]
     prefix_hashes: list[int]
+    preferred: str | None = None  # unique id of the replica that served the prompt this one continues
 
 
 def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
@@ -36,75 +47,83 @@ def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
     return out
 
 
-class PrefixAffinityRouter(RequestRouter):
-    def initialize_state(self, imbalance: int = 4, max_blocks: int = 200_000) -> None:
-        self._imbalance = imbalance
-        self._max_blocks = max_blocks
-        self._seen: dict[ReplicaID, OrderedDict[int, None]] = {}
+class AffinityTable:
+    """Hash of a served prompt's last full block -> the replica (unique id) that served it, LRU-bounded."""
 
-    # -- choosing --------------------------------------------------------------------------------------
+    def __init__(self, max_prompts: int = 100_000) -> None:
+        self.max_prompts = max_prompts
+        self._ends: OrderedDict[int, str] = OrderedDict()
+
+    def remember(self, hashes: list[int], replica: str) -> None:
+        if hashes:
+            self._ends[hashes[-1]] = replica
+            self._ends.move_to_end(hashes[-1])
+            while len(self._ends) > self.max_prompts:
+                self._ends.popitem(last=False)
+
+    def lookup(self, hashes: list[int], replicas: set[str]) -> str | None:
+        """The replica among `replicas` that served the longest earlier prompt these hashes continue."""
+        for h in reversed(hashes):
+            replica = self._ends.get(h)
+            if replica in replicas:
+                return replica
+        return None
+
+    def forget(self, replicas: set[str]) -> None:
+        if replicas:
+            for h in [h for h, r in self._ends.items() if r in replicas]:
+                del self._ends[h]
+
+    def replicas(self) -> set[str]:
+        return set(self._ends.values())
+
+
+class PrefixAffinityRouter(RequestRouter):
+    def initialize_state(self, imbalance: int = 4, patience: int = 4) -> None:
+        self._imbalance = imbalance
+        self._patience = patience
+        self._tries: dict[object, int] = {}
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        hashes = _hashes_of(pending_request)
-        best, best_len = None, 0
-        for replica in candidate_replicas:
-            length = self._match_length(replica.replica_id, hashes)
-            if length > best_len:
-                best, best_len = replica, length
-        if best is None:
-            return [candidate_replicas]  # least loaded of all (Ray compares their queue lengths)
-        loads = {r.replica_id: self._replica_queue_len_cache.get(r.replica_id) for r in candidate_replicas}
-        known = [n for n in loads.values() if n is not None]
-        mine = loads[best.replica_id]
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        chosen = _preferred(pending_request)
+        if chosen not in by_id:  # a new conversation, or its replica is gone
+            return [_shuffled(candidate_replicas)]  # least loaded of all (Ray compares their queue lengths)
+        best = by_id[chosen]
+        loads = [self._replica_queue_len_cache.get(r.replica_id) for r in candidate_replicas]
+        known = [n for n in loads if n is not None]
+        mine = self._replica_queue_len_cache.get(best.replica_id)
         if mine is not None and known and mine - min(known) > self._imbalance:
-            return [candidate_replicas]
-        others = [r for r in candidate_replicas if r is not best]
-        return [[best], others] if others else [[best]]
-
-    def _match_length(self, replica_id: ReplicaID, hashes: list[int]) -> int:
-        seen = self._seen.get(replica_id)
-        if not seen:
-            return 0
-        n = 0
-        for h in hashes:
-            if h not in seen:
-                break
-            n += 1
-        return n
-
-    # -- bookkeeping -----------------------------------------------------------------------------------
-
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
-        hashes = _hashes_of(pending_request)
-        if not hashes:
-            return
-        seen = self._seen.setdefault(replica_id, OrderedDict())
-        for h in hashes:
-            seen[h] = None
-            seen.move_to_end(h)
-        while len(seen) > self._max_blocks:
-            seen.popitem(last=False)
-
-    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
-        super().on_replica_actor_died(replica_id)
-        self._seen.pop(replica_id, None)  # its replacement starts with an empty cache
-
-    def update_replicas(self, replicas: list[RunningReplica]) -> None:
-        super().update_replicas(replicas)
-        live = {r.replica_id for r in replicas}
-        for replica_id in list(self._seen):
-            if replica_id not in live:
-                del self._seen[replica_id]
+            return [_shuffled(candidate_replicas)]
+        # Only the affine replica, a few times: its queue-length probe can miss Ray's 0.1 s deadline on a
+        # busy machine, and offering the others too would then send the conversation elsewhere. Ray
+        # retries with a doubled deadline; after `patience` tries any replica will do.
+        key = _request_key(pending_request)
+        tries = self._tries.get(key, 0) + 1
+        self._tries[key] = tries
+        if len(self._tries) > 10_000:
+            self._tries.clear()
+        if tries > self._patience:
+            return [_shuffled(candidate_replicas)]
+        return [[best]]
 
 
-def _hashes_of(pending_request: PendingRequest | None) -> list[int]:
-    if pending_request is None:
-        return []
-    for arg in pending_request.args or ():
-        if isinstance(arg, ReplicaJob):
-            return arg.prefix_hashes
-    return []
+def _shuffled(replicas: list[RunningReplica]) -> list[RunningReplica]:
+    """Ray takes the first of equally loaded candidates: shuffle so idle replicas share new conversations."""
+    return random.sample(replicas, len(replicas))
+
+
+def _request_key(pending_request: PendingRequest | None) -> object:
+    metadata = getattr(pending_request, "metadata", None)
+    return getattr(metadata, "internal_request_id", None) or id(pending_request)
+
+
+def _preferred(pending_request: PendingRequest | None) -> str | None:
+    for arg in getattr(pending_request, "args", None) or ():
+        if hasattr(arg, "preferred"):  # a ReplicaJob (duck-typed: Ray may hand over a copy of the class)
+            return arg.preferred
+    return None

@@ -25,9 +25,10 @@ STEPS, SAVE_AT = 50, 25
 
 def settings(model_dir, data, out, **extra) -> TrainConfig:
     # Full fine-tuning: the tiny model's MLP and embedding matrices are large enough for low-bit states.
-    return TrainConfig(data=[str(data)], output_dir=str(out), model=str(model_dir), method="full", lr=3e-3,
-                       batch_size=2, max_steps=STEPS, save_every=SAVE_AT, keep_checkpoints=5, warmup_steps=2,
-                       progress=False, eval_fraction=0.1, measure_memory=False, **extra)  # fmt: skip
+    base = dict(data=[str(data)], output_dir=str(out), model=str(model_dir), method="full", lr=3e-3, batch_size=2,
+                max_steps=STEPS, save_every=SAVE_AT, keep_checkpoints=5, warmup_steps=2, progress=False,
+                eval_fraction=0.1, measure_memory=False)  # fmt: skip
+    return TrainConfig(**{**base, **extra})
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -54,6 +55,11 @@ def _worker(rank: int, world: int, port: int, model_dir, data, out) -> None:
             model_dir, data, out / "resumed2", optim="factor4bit", distributed="fsdp", resume=resume
         )
         results["resumed2"] = run(cfg)
+        # torch AdamW under FSDP too (a full state dict keyed by name): a short run for the 1-process resume
+        cfg = settings(
+            model_dir, data, out / "adamw", optim="adamw", distributed="fsdp", max_steps=6, save_every=3
+        )
+        results["adamw"] = run(cfg)
         (out / f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         torch.distributed.destroy_process_group()
@@ -142,3 +148,14 @@ def test_offloaded_states_stay_on_the_cpu_and_give_the_same_steps(optim_cls):
     assert all(t.device.type == "cpu" for t in optims[1].state[params[1]].values())
     assert all(t.device.type == "cuda" for k, t in optims[0].state[params[0]].items() if k != "step")
     torch.testing.assert_close(params[1], params[0], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_two_rank_torch_adamw_checkpoint_resumes_in_one_process(runs, tiny_model_dir):
+    tmp, data, ranks, _ = runs
+    resume = str(checkpoint_path(tmp / "multi" / "adamw", 3))
+    cfg = settings(tiny_model_dir, data, tmp / "resumed1-adamw", optim="adamw", grad_accum=2, resume=resume,
+                   max_steps=6, save_every=3)  # fmt: skip
+    one = run(cfg)
+    expected = torch.tensor(ranks[0]["adamw"]["losses"][3:])
+    torch.testing.assert_close(torch.tensor(one["losses"]), expected, rtol=1e-4, atol=1e-4)
