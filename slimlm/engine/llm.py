@@ -121,10 +121,11 @@ class LLM:
             raise SlimlmError("pass either engine_config or engine keyword arguments, not both")
         engine_config = engine_config or EngineConfig(**engine_kwargs)
         if layout == "auto":
-            from slimlm.kernels.fused_decode import kernel_will_run
+            from slimlm.kernels.fused_decode import KERNEL_FAMILIES, kernel_will_run
 
             param = next(loaded.model.parameters())
             c_kernel = kernel_will_run(engine_config.decode_kernel, engine_config.kv_dtype, param)
+            c_kernel = c_kernel and loaded.config.family in KERNEL_FAMILIES
             layout = auto_weights_layout(engine_config.max_num_seqs, param.dtype, c_kernel)
         if layout is not None:
             # A tied lm_head stays plain in "packed": a packed copy of the embedding table would add 21%

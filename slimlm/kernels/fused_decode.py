@@ -70,6 +70,7 @@ def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
 
 
 MAX_HEAD_DIM = 512  # decode_cpu.c's MAX_HEAD_DIM
+KERNEL_FAMILIES = ("llama", "mistral", "qwen2")  # the layer structure decode_cpu.c implements
 
 
 def _kv_bits(cache) -> int | None:
@@ -86,7 +87,7 @@ def _why_not(model: nn.Module, cache) -> str | None:
     """None when the kernel can run this model over this cache; else the reason, for the memory report."""
     if not isinstance(model, LlamaForCausalLM):
         return f"{type(model).__name__} is not a Llama-family model"
-    if model.config.family not in ("llama", "mistral", "qwen2"):  # q/k norms, fused checkpoints, Gemma
+    if model.config.family not in KERNEL_FAMILIES:  # q/k norms, fused checkpoints, Gemma's layers
         return f"the C decode kernel runs llama, mistral and qwen2 models, not {model.config.family}"
     embed = model.model.embed_tokens
     if type(embed) is not nn.Embedding or _plain_weight(model.lm_head) is None:
