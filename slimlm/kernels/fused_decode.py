@@ -36,6 +36,9 @@ def _kernel_weight(linear: nn.Module) -> KernelLinear | torch.Tensor | None:
     return linear if isinstance(linear, KernelLinear) else _plain_weight(linear)
 
 
+KERNEL_FAMILIES = ("llama", "mistral", "qwen2")  # the layer structure decode_cpu.c implements
+
+
 def _kv_bits(cache) -> int | None:
     """16 for the bf16 paged pool, 8 / 4 for the int8 / int4 pools, None for anything else."""
     from slimlm.kv.paged import PagedKVCache
@@ -51,7 +54,7 @@ def blocker(model: nn.Module, cache) -> str | None:
     change (family, dtype, pool, device, head size); None when a layout may make it run."""
     if not isinstance(model, LlamaForCausalLM):
         return f"{type(model).__name__} is not a Llama-family model"
-    if model.config.family not in ("llama", "mistral", "qwen2"):  # q/k norms, fused checkpoints, Gemma
+    if model.config.family not in KERNEL_FAMILIES:  # q/k norms, fused checkpoints, Gemma's layers
         return f"the C decode kernel runs llama, mistral and qwen2 models, not {model.config.family}"
     dtype = model.model.norm.weight.dtype
     if dtype != torch.bfloat16:

@@ -23,7 +23,11 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every projection of every family: Phi-3 stores q/k/v and gate/up fused (qkv_proj, gate_up_proj), as
+# HF and PEFT name them. With these defaults a name the model lacks is skipped; named explicitly, it is
+# an error.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "qkv_proj", "gate_up_proj")  # fmt: skip
 
 
 @dataclass
@@ -162,6 +166,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
         p.requires_grad_(False)
     candidates = {name: m for name, m in model.named_modules() if name and _adaptable(m)}
     unmatched = [t for t in config.target_modules if not any(_matches(n, (t,)) for n in candidates)]
+    if set(config.target_modules) == set(DEFAULT_TARGETS) and len(unmatched) < len(DEFAULT_TARGETS):
+        unmatched = []  # the defaults name every family's projections; this model has some of them
     if unmatched:
         known = sorted(
             {n.rsplit(".", 1)[-1] for n in candidates if ".layers." in n or n.startswith("layers.")}

@@ -42,7 +42,8 @@ def save_peft_adapter(
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
-        "target_modules": sorted(lora.target_modules),
+        # the modules actually adapted (the defaults list every family's names; PEFT wants this model's)
+        "target_modules": sorted({k.rsplit(".", 3)[-3] for k in state} or set(lora.target_modules)),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
