@@ -156,6 +156,15 @@ def build_openapi(
                 statuses.append("401")
             for status in sorted(statuses):
                 responses[status] = _error_response(status)
+            if (method, path) in _ERRORS and path.startswith("/v1/") and method == "post":
+                responses["200"] = {
+                    "description": "The completion; with `stream: true`, server-sent events (one JSON "
+                    "chunk per `data:` line, then `data: [DONE]`)",
+                    "content": {
+                        "application/json": {"schema": {"type": "object"}},
+                        "text/event-stream": {},  # events: JSON chunks, then [DONE]
+                    },
+                }
             if path == "/metrics":
                 responses["200"] = {
                     "description": "Prometheus text exposition format 0.0.4",

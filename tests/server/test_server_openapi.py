@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from slimlm.server.validation import CHAT, COMPLETION
 from tests.server.conftest import API_KEY, MODEL
@@ -70,18 +71,31 @@ def _schemathesis() -> str:
     return str(exe) if exe.exists() else (shutil.which("schemathesis") or pytest.skip("no schemathesis CLI"))
 
 
-@pytest.mark.slow
 def test_schemathesis_finds_no_disagreement(smollm, tmp_path):
     """A bounded schemathesis run (a few examples per operation) against a live server whose context is
     short, so every generated request finishes quickly. `positive_data_acceptance` is left out: rules
     across fields (prompt + max_tokens within the context and the KV pool, min_tokens <= max_tokens,
     top_logprobs needs logprobs) cannot be written in JSON Schema, so a schema-valid body can still be
     a documented 400."""
+    transformers = pytest.importorskip("transformers")
     from slimlm.engine.llm import LLM
+    from slimlm.loading import LoadedModel
     from slimlm.server import ServerSettings, ServerThread, create_app
+    from tests.tiny_models import BASE, slimlm_from_hf
 
     cli = _schemathesis()
-    llm = LLM.from_loaded(smollm, kv_cache_tokens=1024, block_size=16, max_num_seqs=8, max_model_len=48)
+    # A tiny random model over SmolLM2's tokenizer: the server code is the same, each token is cheap,
+    # and the short context bounds every generated request.
+    hf_config = transformers.LlamaConfig(
+        **{**BASE, "vocab_size": smollm.config.vocab_size, "max_position_embeddings": 48}
+    )
+    torch.manual_seed(0)
+    model = slimlm_from_hf(transformers.LlamaForCausalLM(hf_config).eval())
+    from slimlm.config import ModelConfig
+
+    config = ModelConfig.from_hf_dict(hf_config.to_dict())
+    tiny = LoadedModel(model, config, smollm.tokenizer, {})
+    llm = LLM.from_loaded(tiny, kv_cache_tokens=1024, block_size=16, max_num_seqs=8)
     settings = ServerSettings(model_name=MODEL, api_key=API_KEY, max_body_bytes=64 * 1024)
     with ServerThread(create_app(llm, settings)) as server:
         result = subprocess.run(
