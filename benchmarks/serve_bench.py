@@ -1,4 +1,6 @@
-"""Serving benchmark: `slimlm serve` vs llama-cpp-python's OpenAI server on the same GGUF, same run.
+"""Serving benchmark: `slimlm serve` vs llama.cpp's own `llama-server` (and llama-cpp-python's server)
+on the same GGUF, in the same run, with the offline engine's single-stream rate as the yardstick for
+what the HTTP layer costs.
 
 Each server runs alone (one after the other) with the same thread count. At each concurrency level,
 that many clients stream chat completions (unique prompts, a fixed number of output tokens) and we
@@ -12,10 +14,16 @@ report, per level:
     python benchmarks/serve_bench.py                       # both servers, concurrency 1 8 32
     python benchmarks/serve_bench.py --skip-llama-cpp --concurrency 1 8 --max-tokens 32
 
-llama-cpp-python is optional (`pip install 'llama-cpp-python[server]'`); without it only slimlm runs.
-Its server handles one request at a time (`interrupt_requests` off, so they queue instead of cutting
-each other off); slimlm batches them. Output length is forced equal: slimlm gets `ignore_eos`,
-llama.cpp a logit bias that bans the end-of-turn tokens.
+Peers (each skipped with a message when missing):
+  llama-server      llama.cpp's C++ server: parallel slots (`-np` = the largest concurrency) and
+                    continuous batching, the fair peer under concurrent load. Binary from
+                    --llama-cpp-bin or $LLAMA_CPP_BIN (default /work/tools/llama-build/bin).
+  llama-cpp-python  its Python server handles one request at a time (no parallel slots); only with
+                    --with-llama-cpp-python.
+  offline           slimlm's engine without HTTP (LLM.stream, one request), in a subprocess with the
+                    same threads: server c=1 tok/s divided by this is what the server keeps.
+Output length is forced equal: slimlm and llama-server get `ignore_eos`, llama-cpp-python a logit bias
+that bans the end-of-turn tokens.
 """
 
 from __future__ import annotations
@@ -146,6 +154,64 @@ def slimlm_server(threads: int, dtype: str, max_num_seqs: int) -> Server:
     return Server("slimlm", cmd, port, {"ignore_eos": True}, "/health")
 
 
+def llama_server(binary: Path, gguf: Path, threads: int, slots: int, n_ctx_per_slot: int) -> Server:
+    port = _free_port()
+    cmd = [
+        str(binary),
+        "-m",
+        str(gguf),
+        "--alias",
+        MODEL,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "-np",
+        str(slots),
+        "-c",
+        str(slots * n_ctx_per_slot),  # the context is shared out among the slots
+        "-ngl",
+        "0",
+    ]
+    return Server("llama-server", cmd, port, {"ignore_eos": True}, "/health")
+
+
+_OFFLINE = """
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+from slimlm.engine.llm import LLM
+from slimlm.engine.params import SamplingParams
+llm = LLM(None, dtype=sys.argv[3], kv_cache_tokens=16384, max_num_seqs=int(sys.argv[4]), progress=False)
+params = SamplingParams(max_tokens=int(sys.argv[2]), temperature=0, ignore_eos=True)
+rates = []
+for i in range(4):
+    ids = llm.chat_prompt([{"role": "user", "content": f"[offline-{i}] Write a long story about cats."}])
+    times = [time.perf_counter() for _ in llm.stream(ids, params)]
+    if i:  # the first run warms up
+        rates.append((len(times) - 1) / (times[-1] - times[0]))
+print(json.dumps(sorted(rates)[len(rates) // 2]))
+"""
+
+
+def offline_rate(threads: int, max_tokens: int, dtype: str, max_num_seqs: int) -> float:
+    """Median single-stream decode tok/s of the engine alone (first token to last, as TPOT measures)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _OFFLINE, str(threads), str(max_tokens), dtype, str(max_num_seqs)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=900,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def llama_cpp_server(gguf: Path, threads: int, n_ctx: int) -> Server:
     port = _free_port()
     cmd = [
@@ -171,7 +237,7 @@ def llama_cpp_server(gguf: Path, threads: int, n_ctx: int) -> Server:
         "--verbose",
         "False",
     ]
-    return Server("llama.cpp", cmd, port, {"logit_bias": BANNED_TOKENS}, "/v1/models")
+    return Server("llama-cpp-python", cmd, port, {"logit_bias": BANNED_TOKENS}, "/v1/models")
 
 
 async def _one_request(
@@ -272,7 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-requests", type=int, default=8, help="requests per level at least (default 8)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for each server")
     p.add_argument("--dtype", default="auto", help="slimlm's compute dtype (default auto)")
-    p.add_argument("--skip-llama-cpp", action="store_true")
+    p.add_argument("--skip-llama-cpp", action="store_true", help="no llama.cpp peer at all")
+    p.add_argument(
+        "--llama-cpp-bin",
+        default=os.environ.get("LLAMA_CPP_BIN", "/work/tools/llama-build/bin"),
+        help="folder holding llama-server (default $LLAMA_CPP_BIN or /work/tools/llama-build/bin)",
+    )
+    p.add_argument(
+        "--with-llama-cpp-python",
+        action="store_true",
+        help="also run llama-cpp-python's server (one request at a time)",
+    )
+    p.add_argument("--skip-offline", action="store_true", help="skip the offline-engine yardstick")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_bench.json"))
     args = p.parse_args(argv)
 
@@ -298,25 +375,46 @@ def main(argv: list[str] | None = None) -> int:
     report["systems"]["slimlm"] = bench_server(slimlm, args.concurrency, args.max_tokens, args.min_requests)
     report["slimlm_memory_report"] = slimlm.memory_report
     print(f"slimlm: {slimlm.memory_report}")
+    if not args.skip_offline:
+        rate = offline_rate(args.threads, args.max_tokens, args.dtype, max(args.concurrency))
+        report["offline_engine_tok_s"] = rate
+        print(f"  offline engine, one stream: {rate:.1f} tok/s", flush=True)
+    binary = Path(args.llama_cpp_bin) / "llama-server"
     if args.skip_llama_cpp:
-        report["llama_cpp"] = "skipped (--skip-llama-cpp)"
+        report["llama_server"] = "skipped (--skip-llama-cpp)"
+    elif not binary.exists():
+        report["llama_server"] = f"unavailable: {binary} is missing (set --llama-cpp-bin or $LLAMA_CPP_BIN)"
+        print(f"llama-server: {report['llama_server']}")
+    else:
+        try:
+            report["systems"]["llama-server"] = bench_server(
+                llama_server(binary, gguf, args.threads, max(args.concurrency), args.max_tokens + 256),
+                args.concurrency,
+                args.max_tokens,
+                args.min_requests,
+            )
+        except (RuntimeError, httpx.HTTPError) as e:
+            report["llama_server"] = f"unavailable: {e}"
+            print(f"llama-server: {report['llama_server']}")
+    if args.skip_llama_cpp or not args.with_llama_cpp_python:
+        report["llama_cpp_python"] = "skipped (pass --with-llama-cpp-python)"
     elif importlib.util.find_spec("llama_cpp") is None:
-        report["llama_cpp"] = (
+        report["llama_cpp_python"] = (
             "unavailable: llama-cpp-python is not installed (pip install 'llama-cpp-python[server]')"
         )
-        print(f"llama.cpp: {report['llama_cpp']}")
+        print(f"llama-cpp-python: {report['llama_cpp_python']}")
     else:
         try:
             n_ctx = 4 * (args.max_tokens + 256)
-            report["systems"]["llama.cpp"] = bench_server(
+            report["systems"]["llama-cpp-python"] = bench_server(
                 llama_cpp_server(gguf, args.threads, n_ctx),
                 args.concurrency,
                 args.max_tokens,
                 args.min_requests,
             )
         except (RuntimeError, httpx.HTTPError) as e:
-            report["llama_cpp"] = f"unavailable: {e}"
-            print(f"llama.cpp: {report['llama_cpp']}")
+            report["llama_cpp_python"] = f"unavailable: {e}"
+            print(f"llama-cpp-python: {report['llama_cpp_python']}")
     report["load_average_at_end"] = os.getloadavg()
     _print_table(report)
     print(
@@ -337,10 +435,18 @@ def _print_table(report: dict) -> None:
                 f"{name:10s} {r['concurrency']:4d}  {_ms(r['ttft_s']):>18s}  {_ms(r['tpot_s']):>18s}  "
                 f"{_ms(r['itl_s']):>16s}  {r['output_tokens_per_s']:7.1f}  {r['requests_per_s']:6.2f}"
             )
-    if "slimlm" in report["systems"] and "llama.cpp" in report["systems"]:
-        for mine, theirs in zip(report["systems"]["slimlm"], report["systems"]["llama.cpp"], strict=True):
+    mine_rows = report["systems"].get("slimlm", [])
+    for peer in ("llama-server", "llama-cpp-python"):
+        for mine, theirs in zip(mine_rows, report["systems"].get(peer, []), strict=False):
             ratio = mine["output_tokens_per_s"] / theirs["output_tokens_per_s"]
-            print(f"concurrency {mine['concurrency']}: slimlm / llama.cpp throughput = {ratio:.2f}x")
+            print(f"concurrency {mine['concurrency']}: slimlm / {peer} throughput = {ratio:.2f}x")
+    offline = report.get("offline_engine_tok_s")
+    if offline and mine_rows and mine_rows[0]["concurrency"] == 1 and mine_rows[0]["tpot_s"]["p50"]:
+        served = 1 / mine_rows[0]["tpot_s"]["p50"]
+        report["served_over_offline_c1"] = served / offline
+        print(
+            f"one stream: served {served:.1f} tok/s (1 / TPOT p50) = {served / offline:.2f} of the offline engine"
+        )
 
 
 if __name__ == "__main__":

@@ -17,12 +17,17 @@ from slimlm.server.errors import APIError, install_error_handlers
 from slimlm.server.generation import ConcurrencyLimit, Generation
 from slimlm.server.metrics import Metrics
 from slimlm.server.middleware import APIKeyCheck, BodySizeLimit, RequestCounter
+from slimlm.server.openapi import install_openapi
 from slimlm.server.protocol import ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
 # No API key on these: load balancers probe /health, and the chat page is static HTML that asks for the
-# key itself (a browser cannot send an Authorization header when it opens a page).
-OPEN_PATHS = frozenset({"/health", "/", "/ui"})
+# key itself (a browser cannot send an Authorization header when it opens a page). The API description
+# (/docs, /openapi.json) holds no data, only what any copy of slimlm publishes, and clients and schema
+# tools read it before they have a key; the favicon is the page's.
+OPEN_PATHS = frozenset(
+    {"/health", "/", "/ui", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
 
 
 @dataclass
@@ -47,8 +52,12 @@ class ServerSettings:
             raise SlimlmError("the API key is empty; pass a non-empty --api-key or leave it unset")
 
 
+def _static(name: str) -> str:
+    return (resources.files("slimlm.server") / "static" / name).read_text(encoding="utf-8")
+
+
 def _chat_page() -> str:
-    return (resources.files("slimlm.server") / "static" / "index.html").read_text(encoding="utf-8")
+    return _static("index.html")
 
 
 def create_app(llm, settings: ServerSettings | None = None, engine: AsyncEngine | None = None) -> FastAPI:
@@ -65,6 +74,7 @@ def create_app(llm, settings: ServerSettings | None = None, engine: AsyncEngine 
     )
     created = int(time.time())
     page = _chat_page()
+    icon = _static("favicon.svg")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -82,6 +92,9 @@ def create_app(llm, settings: ServerSettings | None = None, engine: AsyncEngine 
     app.state.metrics = metrics
     app.state.settings = settings
     install_error_handlers(app)
+    install_openapi(
+        app, OPEN_PATHS, settings.api_key is not None, llm.engine.max_model_len, [settings.model_name]
+    )
 
     def model_card() -> dict:
         return {
@@ -118,9 +131,13 @@ def create_app(llm, settings: ServerSettings | None = None, engine: AsyncEngine 
     async def completions(req: CompletionRequest, request: Request) -> Response:
         return await generation.completion(req, request)
 
-    @app.get("/metrics", tags=["server"])
+    @app.get("/metrics", tags=["server"], response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return PlainTextResponse(metrics.render(engine.snapshot), media_type="text/plain; version=0.0.4")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(icon, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/", include_in_schema=False)
     @app.get("/ui", include_in_schema=False)

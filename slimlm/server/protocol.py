@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from slimlm.server.jsonnum import integral_floats_to_ints
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:  # 5.0 is an integer in JSON Schema
+        return integral_floats_to_ints(cls, data)
 
 
 class StreamOptions(_Strict):
