@@ -79,6 +79,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     g.add_argument(
+        "--weights",
+        default="float",
+        help="GGUF weights: float (dequantize to --dtype, default) | native (run Q4_0/Q4_1/Q8_0 blocks as "
+        "they are on the C kernel: the file's exact weights, ~3x less memory; other types are dequantized "
+        "with a note in the memory report)",
+    )
+    g.add_argument(
         "--weights-layout",
         default="auto",
         help="CPU linear weights: plain (what the C decode kernel reads; torch GEMV for one sequence) | "
@@ -182,11 +189,16 @@ def llm_from_args(args: argparse.Namespace, progress: bool = True, single_stream
         import torch
 
         torch.set_num_threads(args.threads)
+    from slimlm.loading.gguf_native import check_weights_choice
+
     engine_config = engine_config_from_args(args, single_stream)  # bad flags fail here, before loading
+    weights = getattr(args, "weights", "float")
+    check_weights_choice(weights)
     return LLM(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         engine_config=engine_config,
         progress=progress,
+        weights=weights,
     )

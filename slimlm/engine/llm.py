@@ -74,13 +74,22 @@ class LLM:
         engine_config: EngineConfig | None = None,
         progress: bool = True,
         weights_layout: str | None = None,
+        weights: str = "float",
         **engine_kwargs: Any,
     ) -> None:
+        """`weights`: "native" runs a GGUF's Q4_0/Q4_1/Q8_0 blocks as they are, "float" dequantizes
+        them to `dtype` (slimlm.loading.load)."""
         from slimlm.loading import load
 
         engine_config = _engine_config(engine_config, engine_kwargs, weights_layout, "auto")
         self.device = resolve_device(device)
-        loaded = load(model, dtype=resolve_dtype(dtype, self.device), device=self.device, progress=progress)
+        loaded = load(
+            model,
+            dtype=resolve_dtype(dtype, self.device),
+            device=self.device,
+            progress=progress,
+            weights=weights,
+        )
         self._init(loaded, engine_config)
 
     @classmethod
