@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -17,6 +18,7 @@ from slimlm.commands.common import (
 )
 from slimlm.commands.logprobs_output import logprob_records, logprob_table
 from slimlm.engine.beam import check_num_beams
+from slimlm.commands.structured_args import add_structured_args, structured_from_args
 from slimlm.errors import SlimlmError
 
 
@@ -32,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_engine_args(p)
     add_sampling_args(p)
+    add_structured_args(p)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -52,6 +55,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)  # validate flags before loading anything
     check_num_beams(params.num_beams)
+    structure = structured_from_args(args)
+    if structure is not None:
+        params = dataclasses.replace(params, structured_outputs=structure)
     prompts = _read_prompts(args)
     if args.system and not args.chat:
         raise SlimlmError("--system needs --chat")

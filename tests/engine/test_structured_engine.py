@@ -123,3 +123,16 @@ def test_bad_specs_are_user_errors(llm, prompt, spec, words):
 def test_beam_search_with_structured_output_is_refused():
     with pytest.raises(SlimlmError, match="beam search"):
         SamplingParams(num_beams=2, structured_outputs=StructuredOutputs(regex="a+"))
+
+
+def test_unpacked_bitmask_matches_the_bit_layout_llguidance_writes():
+    import torch
+
+    from slimlm.engine.constraints import unpack_bitmask
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = 1000  # not a multiple of 32: the last word is partly padding
+    words = torch.randint(-(2**31), 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32, generator=gen)
+    tokens = torch.arange(vocab)
+    expected = ((words[:, tokens // 32] >> (tokens % 32).to(torch.int32)) & 1).bool()
+    assert torch.equal(unpack_bitmask(words, vocab), expected)
