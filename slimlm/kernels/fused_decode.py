@@ -38,17 +38,23 @@ class _Layer(ctypes.Structure):
             "v_scale",
             "k_zero",
             "v_zero",
+            "k_stage",
+            "v_stage",
         )
     ]
 
 
 _DIMS = ("hidden", "inter", "heads", "kv_heads", "head_dim", "layers", "vocab")
-_CACHE_DIMS = ("block_size", "num_blocks", "window", "max_ctx", "threads", "kv_bits")
+_CACHE_DIMS = (
+    *("block_size", "num_blocks", "window", "max_ctx", "threads", "kv_bits"),
+    *("k_bits", "v_bits", "k_group", "v_group", "key_channels"),
+)
 
 
 class _Model(ctypes.Structure):
     _fields_ = [
         *[(name, ctypes.c_int64) for name in (*_DIMS, *_CACHE_DIMS)],
+        ("stage_of", _ptr),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("rotation", _ptr),
@@ -75,11 +81,11 @@ MAX_HEAD_DIM = 512  # decode_cpu.c's MAX_HEAD_DIM
 def _kv_bits(cache) -> int | None:
     """16 for the bf16 paged pool, 8 / 4 for the int8 / int4 pools, None for anything else."""
     from slimlm.kv.paged import PagedKVCache
-    from slimlm.kv.quantized import Int4PagedKVCache, Int8PagedKVCache
+    from slimlm.kv.quantized import QUANTIZED_CACHES
 
     if type(cache) is PagedKVCache:
         return 16 if cache.k.dtype == torch.bfloat16 else None
-    return {Int8PagedKVCache: 8, Int4PagedKVCache: 4}.get(type(cache))
+    return cache.v_bits if type(cache) in QUANTIZED_CACHES.values() else None
 
 
 def _why_not(model: nn.Module, cache) -> str | None:
@@ -93,7 +99,7 @@ def _why_not(model: nn.Module, cache) -> str | None:
     if dtype != torch.bfloat16:
         return f"the C decode kernel needs bf16 weights (this model is {str(dtype).removeprefix('torch.')})"
     if _kv_bits(cache) is None:
-        return "the C decode kernel reads the bf16, int8 and int4 paged KV pools only"
+        return "the C decode kernel reads the bf16, k8v4, int8 and int4 paged KV pools only"
     if cache.storage_tensors()[0].device.type != "cpu":
         return "the C decode kernel is for CPU"
     if cache.head_dim > MAX_HEAD_DIM:
@@ -139,6 +145,9 @@ class FusedDecoder:
         quantized = kv_bits != 16
         extras = (cache.k_scale, cache.v_scale, cache.k_zero, cache.v_zero) if quantized else (None,) * 4
         k_pool, v_pool = (cache.k_codes, cache.v_codes) if quantized else (cache.k, cache.v)
+        key_channels = hasattr(cache, "stage_of")  # the int4 pool: KIVI keys, staged unfinished blocks
+        staging = (cache.stage_k, cache.stage_v) if key_channels else ()
+        self._cache = cache
         layers = (_Layer * cfg.num_hidden_layers)()
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -153,6 +162,7 @@ class FusedDecoder:
                 ptr(k_pool[i]),
                 ptr(v_pool[i]),
                 *(None if t is None else ptr(t[i]) for t in extras),
+                *(ptr(t[i]) for t in staging),
             )
         self._layers = layers
         m = _Model()
@@ -166,6 +176,11 @@ class FusedDecoder:
         m.block_size, m.num_blocks = cache.block_size, cache.num_blocks
         m.window, m.max_ctx, m.threads = cfg.sliding_window or 0, max_ctx, torch.get_num_threads()
         m.eps, m.scale, m.kv_bits = cfg.rms_norm_eps, cache.scale, kv_bits
+        if quantized:
+            m.k_bits, m.v_bits = cache.k_bits, cache.v_bits
+            m.k_group, m.v_group = cache.k_group, cache.v_group
+        if key_channels:
+            m.key_channels, m.stage_of = 1, ptr(cache.stage_of)
         m.rotation = ptr(cache.rotation.float().contiguous()) if quantized else None
         m.embed, m.final_norm = ptr(model.model.embed_tokens.weight), ptr(model.model.norm.weight)
         m.lm_head = ptr(_plain_weight(model.lm_head))
@@ -205,12 +220,17 @@ class FusedDecoder:
         ids = torch.tensor(tokens)
         logits = torch.empty(batch, self.vocab, dtype=torch.float32)
         self._model.threads = torch.get_num_threads()
+        staged = hasattr(self._cache, "prepare_decode")
+        if staged:  # every token's block has its staging slot before the kernel writes there
+            self._cache.prepare_decode(positions, block_tables)
         status = self._lib.slim_decode(
             ctypes.byref(self._model), batch, ids.data_ptr(), pos.data_ptr(), cos.data_ptr(), ssin.data_ptr(),
             tables.data_ptr(), width, logits.data_ptr(),
         )  # fmt: skip
         if status != 0:
             raise ValueError(f"decode kernel refused positions {positions} (tables of {width} blocks)")
+        if staged:
+            self._cache.finish_decode(positions, block_tables)
         return logits
 
 
