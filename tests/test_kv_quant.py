@@ -14,7 +14,7 @@ from slimlm.kv import kv_cache_class, make_kv_cache
 from slimlm.kv.metadata import AttnMetadata
 from slimlm.kv.paged import PagedKVCache
 from slimlm.kv.quant_ops import check_bits, dequantize, pack_int4, quantize, rotation_matrix, unpack_int4
-from slimlm.kv.quantized import Int4PagedKVCache, Int8PagedKVCache
+from slimlm.kv.quantized import Int4PagedKVCache, Int8PagedKVCache, K8V4PagedKVCache
 
 BITS = [8, 4]
 
@@ -123,12 +123,18 @@ def test_rotation_spreads_outlier_channels():
 
 
 # ---- byte accounting ----
-@pytest.mark.parametrize("cls, codes_per_value", [(Int8PagedKVCache, 1.0), (Int4PagedKVCache, 0.5)])
-def test_bytes_per_block_is_exact_and_counts_scales(cls, codes_per_value):
+@pytest.mark.parametrize(
+    "cls, k_bytes, v_bytes",
+    # per token and head: head_dim code bytes + an fp16 scale and a uint8 zero per scale group
+    [
+        (Int8PagedKVCache, 32 + 3, 32 + 3),
+        (K8V4PagedKVCache, 32 + 3, 16 + 3),
+    ],
+)
+def test_bytes_per_block_is_exact_and_counts_scales(cls, k_bytes, v_bytes):
     config = tiny_config(head_dim=32, layers=3, kv_heads=2)
     cache = cls(config, num_blocks=5, block_size=4)
-    # K and V, per layer, block slot and head: head_dim code bytes + fp16 scale + uint8 zero.
-    expected = 2 * 3 * 4 * 2 * (int(32 * codes_per_value) + 2 + 1)
+    expected = 3 * 4 * 2 * (k_bytes + v_bytes)  # layers x block slots x heads
     assert cls.bytes_per_block(config, 4, torch.float32) == expected
     assert cache.nbytes == 5 * expected
     # every tensor the pool holds is counted, except the fixed [D, D] rotation, which is not per block
@@ -136,7 +142,7 @@ def test_bytes_per_block_is_exact_and_counts_scales(cls, codes_per_value):
     assert cache.nbytes == sum(t.numel() * t.element_size() for t in held)
 
 
-@pytest.mark.parametrize("kv_dtype, floor", [("int8", 1.9), ("int4", 3.5)])
+@pytest.mark.parametrize("kv_dtype, floor", [("int8", 1.9), ("int4", 3.2), ("k8v4", 2.45)])
 def test_smollm_capacity_ratio_over_bf16(kv_dtype, floor):
     budget = 64 * 2**20
     bf16 = budget // PagedKVCache.bytes_per_block(SMOLLM_SHAPE, 16, torch.bfloat16)
@@ -146,10 +152,11 @@ def test_smollm_capacity_ratio_over_bf16(kv_dtype, floor):
 
 def test_planner_agrees_with_the_cache_bytes():
     inference = pytest.importorskip("slimlm.plan.inference")
-    for kv_dtype in ("int8", "int4", "bf16"):
-        cls = kv_cache_class(kv_dtype)
-        per_token = cls.bytes_per_block(SMOLLM_SHAPE, 16, torch.bfloat16) // 16
-        assert inference.kv_bytes_per_token(SMOLLM_SHAPE, kv_dtype) == per_token, kv_dtype
+    for kv_dtype in ("int8", "int4", "k8v4", "bf16"):
+        for block_size in (1, 16, 32):
+            exact = kv_cache_class(kv_dtype).bytes_per_block(SMOLLM_SHAPE, block_size, torch.bfloat16)
+            assert inference.kv_block_bytes(SMOLLM_SHAPE, kv_dtype, block_size) == exact, kv_dtype
+            assert inference.kv_bytes_per_token(SMOLLM_SHAPE, kv_dtype, block_size) == exact / block_size
 
 
 # ---- attention through the pool ----
@@ -196,7 +203,7 @@ def _random_qkv(config, steps, gen):
     return qkv
 
 
-@pytest.mark.parametrize("cls, bits, tol", [(Int8PagedKVCache, 8, 0.02), (Int4PagedKVCache, 4, 0.3)])
+@pytest.mark.parametrize("cls, bits, tol", [(Int8PagedKVCache, 8, 0.02), (K8V4PagedKVCache, 4, 0.3)])
 def test_quantized_pool_attends_like_the_float_pool(cls, bits, tol):
     config = tiny_config()
     block_size, prompt_lens, decode_steps = 4, [9, 3, 14], 6
@@ -211,10 +218,13 @@ def test_quantized_pool_attends_like_the_float_pool(cls, bits, tol):
     # the same outputs: the quantized pool stores exactly that and attends with nothing else.
     rot = rotation_matrix(config.head_dim)
 
-    def roundtrip(x):
-        return dequantize(*quantize(x @ rot, bits), bits, torch.float32) @ rot.T
+    fmt = cls.format
+    k_group, v_group = fmt.groups(config.head_dim)
 
-    rounded = [(q, roundtrip(k), roundtrip(v)) for q, k, v in qkv]
+    def roundtrip(x, bits, group):
+        return dequantize(*quantize(x @ rot, bits, group), bits, torch.float32) @ rot.T
+
+    rounded = [(q, roundtrip(k, fmt.k_bits, k_group), roundtrip(v, fmt.v_bits, v_group)) for q, k, v in qkv]
     through_float = _run(PagedKVCache(config, num_blocks, block_size), rounded, config, steps)
     for got, ref, approx in zip(quant, through_float, exact, strict=True):
         assert got.shape == approx.shape

@@ -8,7 +8,7 @@ import torch
 from slimlm.engine.config import EngineConfig
 from slimlm.errors import SlimlmError
 from slimlm.plan.devices import Device, resolve_device
-from slimlm.plan.inference import kv_block_bytes, kv_bytes_per_token, weight_bytes
+from slimlm.plan.inference import kv_block_bytes, kv_bytes_per_token, kv_staging_bytes, weight_bytes
 from slimlm.plan.models import resolve_model
 from slimlm.plan.serving import InferenceSettings, plan_inference, suggest
 from slimlm.plan.units import GB
@@ -68,25 +68,29 @@ def test_kv_bytes_per_token_is_gqa_aware():
     assert kv_bytes_per_token(LLAMA2_7B, "fp16") == 2 * 32 * 32 * 128 * 2 == 524_288
     llama3 = resolve_model("llama-3-8b").config  # 8 kv heads: 4x less
     assert kv_bytes_per_token(llama3, "bf16") == 131_072
-    # int8 / int4: codes + fp16 scale + uint8 zero per token per head, for K and V
+    # int8: codes + fp16 scale + uint8 zero per token per head, for K and V; int4: a scale and zero
+    # per 16 channels; k8v4: int8 keys, int4 values
     assert kv_bytes_per_token(llama3, "int8") == 2 * 32 * 8 * (128 + 3)
-    assert kv_bytes_per_token(llama3, "int4") == 2 * 32 * 8 * (64 + 3)
+    # int4 at block 16: codes, a scale + zero per token for V, per channel per block for K, and a
+    # 4-byte staging index per block
+    assert kv_block_bytes(llama3, "int4", 16) == 32 * 8 * (16 * (64 + 64 + 3) + 3 * 128) + 4
+    assert kv_bytes_per_token(llama3, "k8v4") == 32 * 8 * (128 + 3 + 64 + 3)
     assert kv_block_bytes(llama3, "fp32", 16) == 16 * 2 * 32 * 8 * 128 * 4
     with pytest.raises(SlimlmError, match="unknown KV dtype"):
         kv_bytes_per_token(llama3, "int3")
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "fp16", "int8", "int4", "k8v4"])
 def test_kv_block_bytes_equal_what_the_engine_allocates(kv_dtype):
     from slimlm.config import ModelConfig
     from slimlm.kv import kv_cache_class, make_kv_cache
 
-    if kv_dtype in ("int8", "int4"):
+    if kv_dtype in ("int8", "int4", "k8v4"):
         pytest.importorskip("slimlm.kv.quantized")
     config = ModelConfig.from_hf_dict({**BASE, "architectures": ["LlamaForCausalLM"]})
-    cache = make_kv_cache(config, 3, 16, kv_dtype, torch.float32, "cpu")
+    cache = make_kv_cache(config, 3, 16, kv_dtype, torch.float32, "cpu", max_seqs=2)
     planned = kv_block_bytes(config, kv_dtype, 16)
-    assert cache.nbytes == 3 * planned
+    assert cache.nbytes == 3 * planned + kv_staging_bytes(config, kv_dtype, 16, 2)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         kv_dtype, torch.float32
     )

@@ -116,7 +116,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
     g.add_argument("--max-num-batched-tokens", type=int, default=4096, help="most tokens in one step")
     g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
-    g.add_argument("--kv-dtype", default=None, help="auto | bf16 | fp16 | fp32 | int8 | int4")
+    g.add_argument("--kv-dtype", default=None, help="auto | bf16 | fp16 | fp32 | int8 | int4 | k8v4")
     g.add_argument(
         "--quant-policy", type=int, default=None, help="LMDeploy style: 0, 8 (int8 KV) or 4 (int4 KV)"
     )

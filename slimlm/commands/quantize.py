@@ -80,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
     if args.calib_file:
         read_text_file(args.calib_file, "--calib-file")  # a binary file: one line, not a traceback
     text = load_text(args.calib_file) if args.calib_file else None
+    if text is not None and args.method != "rtn":
+        from slimlm.eval.overlap import warn_overlap
+        from slimlm.quant.calibration import eval_text
+
+        warn_overlap(text, eval_text(), args.calib_file, "slimlm eval's default pydoc_data.topics slice")
     progress = not args.quiet
     loaded = load(args.model, dtype="float32", progress=progress)
     if loaded.config.quantization:
@@ -109,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         quantize_embeddings=args.embeddings,
     )
     seconds = time.perf_counter() - start
+    if batches is not None:  # `slimlm eval` warns when this text overlaps what it scores
+        qconfig["calibration"] = str(Path(args.calib_file).resolve()) if args.calib_file else "default"
     with staged_output(out) as tmp:  # an interrupted quantize leaves no half-written checkpoint
         save_quantized(loaded.model, qconfig, tmp, loaded.config.to_hf_dict())
         save_tokenizer(loaded.tokenizer, tmp)

@@ -53,6 +53,7 @@ class BlockManager:
         self._hash_to_block: dict[bytes, int] = {}
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of those, tokens whose KV was reused
+        self.on_release = None  # called with a block id freed uncached (the int4 pool frees its staging)
 
     # ---- accounting ----
     @property
@@ -196,6 +197,8 @@ class BlockManager:
             else:
                 self._unregister(block)
                 self._never_used.append(block_id)
+                if self.on_release is not None:
+                    self.on_release(block_id)
         seq.block_table = []
         seq.num_cached_tokens = 0
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from slimlm.errors import SlimlmError
 
-KV_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
+KV_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "int4", "k8v4")
 QUANT_POLICY_TO_KV_DTYPE = {0: "auto", 8: "int8", 4: "int4"}
 # "auto": the whole-model C kernel for decode steps where it can run, else PyTorch;
 # "c": the same, but an error where it cannot; "torch": PyTorch ops only (slimlm.kernels.fused_decode).

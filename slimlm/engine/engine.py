@@ -81,6 +81,7 @@ class LLMEngine:
                 config.kv_dtype,
                 compute_dtype,
                 device,
+                max_seqs=config.max_num_seqs,
             ),
             self.budget,
             free_bytes,
@@ -89,6 +90,8 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.budget.num_blocks, config.block_size, config.enable_prefix_caching
         )
+        # the int4 pool keeps unfinished blocks in staging slots: a freed one gives its slot back
+        self.block_manager.on_release = getattr(self.cache, "release_block", None)
         self.eos_token_ids = list(model_config.eos_token_ids or tokenizer.eos_token_ids)
         self.scheduler = Scheduler(
             self.block_manager,

@@ -42,11 +42,11 @@ KERNEL_FAMILIES = ("llama", "mistral", "qwen2")  # the layer structure decode_cp
 def _kv_bits(cache) -> int | None:
     """16 for the bf16 paged pool, 8 / 4 for the int8 / int4 pools, None for anything else."""
     from slimlm.kv.paged import PagedKVCache
-    from slimlm.kv.quantized import Int4PagedKVCache, Int8PagedKVCache
+    from slimlm.kv.quantized import QUANTIZED_CACHES
 
     if type(cache) is PagedKVCache:
         return 16 if cache.k.dtype == torch.bfloat16 else None
-    return {Int8PagedKVCache: 8, Int4PagedKVCache: 4}.get(type(cache))
+    return cache.v_bits if type(cache) in QUANTIZED_CACHES.values() else None
 
 
 def blocker(model: nn.Module, cache) -> str | None:
@@ -60,7 +60,7 @@ def blocker(model: nn.Module, cache) -> str | None:
     if dtype != torch.bfloat16:
         return f"the C decode kernel needs bf16 weights (this model is {str(dtype).removeprefix('torch.')})"
     if _kv_bits(cache) is None:
-        return "the C decode kernel reads the bf16, int8 and int4 paged KV pools only"
+        return "the C decode kernel reads the bf16, k8v4, int8 and int4 paged KV pools only"
     if cache.storage_tensors()[0].device.type != "cpu":
         return "the C decode kernel is for CPU"
     if cache.head_dim > MAX_HEAD_DIM:
@@ -143,6 +143,9 @@ class FusedDecoder:
         quantized = kv_bits != 16
         extras = (cache.k_scale, cache.v_scale, cache.k_zero, cache.v_zero) if quantized else (None,) * 4
         k_pool, v_pool = (cache.k_codes, cache.v_codes) if quantized else (cache.k, cache.v)
+        key_channels = hasattr(cache, "stage_of")  # the int4 pool: KIVI keys, staged unfinished blocks
+        staging = (cache.stage_k, cache.stage_v) if key_channels else ()
+        self._cache = cache
         layers = (Layer * cfg.num_hidden_layers)()
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -157,6 +160,7 @@ class FusedDecoder:
                 ptr(k_pool[i]),
                 ptr(v_pool[i]),
                 *(None if t is None else ptr(t[i]) for t in extras),
+                *(ptr(t[i]) for t in staging),
             )
         self._layers = layers
         m = Model()
@@ -170,6 +174,11 @@ class FusedDecoder:
         m.block_size, m.num_blocks = cache.block_size, cache.num_blocks
         m.window, m.max_ctx, m.threads = cfg.sliding_window or 0, max_ctx, torch.get_num_threads()
         m.eps, m.scale, m.kv_bits = cfg.rms_norm_eps, cache.scale, kv_bits
+        if quantized:
+            m.k_bits, m.v_bits = cache.k_bits, cache.v_bits
+            m.k_group, m.v_group = cache.k_group, cache.v_group
+        if key_channels:
+            m.key_channels, m.stage_of = 1, ptr(cache.stage_of)
         m.rotation = ptr(cache.rotation.float().contiguous()) if quantized else None
         m.embed = weight(_embed_table(model))
         embed = model.model.embed_tokens
@@ -212,10 +221,15 @@ class FusedDecoder:
         ids = torch.tensor(tokens)
         logits = torch.empty(batch, self.vocab, dtype=torch.float32)
         self._model.threads = torch.get_num_threads()
+        staged = hasattr(self._cache, "prepare_decode")
+        if staged:  # every token's block has its staging slot before the kernel writes there
+            self._cache.prepare_decode(positions, block_tables)
         status = self._lib.slim_decode(
             ctypes.byref(self._model), batch, ids.data_ptr(), pos.data_ptr(), cos.data_ptr(), ssin.data_ptr(),
             tables.data_ptr(), width, logits.data_ptr(),
         )  # fmt: skip
         if status != 0:
             raise ValueError(f"decode kernel refused positions {positions} (tables of {width} blocks)")
+        if staged:
+            self._cache.finish_decode(positions, block_tables)
         return logits

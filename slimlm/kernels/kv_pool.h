@@ -1,5 +1,5 @@
 /* The engine's paged KV pools, read and written in place: the bf16 pool (slimlm/kv/paged.py) and the
- * int8/int4 pools (slimlm/kv/quantized.py); and one query head's attention over a sequence's blocks. */
+ * int8/int4/k8v4 pools (slimlm/kv/quantized.py); and one query head's attention over a sequence's blocks. */
 #pragma once
 #include "model.h"
 #include "numerics.h"
@@ -42,33 +42,85 @@ static inline int64_t token_head(const slim_model *m, int64_t kv_head, int64_t b
     return (block * m->block_size + offset) * m->kv_heads + kv_head;
 }
 
-/* slimlm/kv/quant_ops.quantize for one vector: asymmetric codes over [min(x, 0), max(x, 0)], an fp16
- * scale, a uint8 zero point; int4 puts element i in the low nibble, i + D/2 in the high one. */
-static void quantize_vector(const float *x, int64_t d, int bits, uint8_t *codes, uint16_t *scale, uint8_t *zero) {
-    float levels = (float)((1 << bits) - 1), lo = 0.0f, hi = 0.0f;
-    for (int64_t i = 0; i < d; i++) {
-        if (x[i] < lo) lo = x[i];
-        if (x[i] > hi) hi = x[i];
+/* slimlm/kv/quant_ops.quantize for one vector: asymmetric codes over [min(x, 0), max(x, 0)] of each group
+ * of `group` channels (0: the whole vector), an fp16 scale and a uint8 zero point per group; int4 puts
+ * element i in the low nibble, i + D/2 in the high one. */
+static void quantize_vector(const float *x, int64_t d, int bits, int64_t group, uint8_t *codes, uint16_t *scale,
+                            uint8_t *zero) {
+    float levels = (float)((1 << bits) - 1);
+    int64_t gs = group ? group : d;
+    uint8_t q[MAX_HEAD_DIM];
+    for (int64_t g0 = 0, gi = 0; g0 < d; g0 += gs, gi++) {
+        float lo = 0.0f, hi = 0.0f;
+        for (int64_t i = g0; i < g0 + gs; i++) {
+            if (x[i] < lo) lo = x[i];
+            if (x[i] > hi) hi = x[i];
+        }
+        float s = (hi - lo) / levels;
+        s = s < 5.9604644775390625e-8f ? 5.9604644775390625e-8f : (s > 65504.0f ? 65504.0f : s);
+        scale[gi] = f32_to_f16(s);
+        s = f16_to_f32(scale[gi]); /* quantize against the scale as stored */
+        float z = rintf(-lo / s);
+        z = z < 0.0f ? 0.0f : (z > levels ? levels : z);
+        zero[gi] = (uint8_t)z;
+        for (int64_t i = g0; i < g0 + gs; i++) {
+            float c = rintf(x[i] / s + z);
+            q[i] = (uint8_t)(c < 0.0f ? 0.0f : (c > levels ? levels : c));
+        }
     }
-    float s = (hi - lo) / levels;
-    s = s < 5.9604644775390625e-8f ? 5.9604644775390625e-8f : (s > 65504.0f ? 65504.0f : s);
-    *scale = f32_to_f16(s);
-    s = f16_to_f32(*scale); /* quantize against the scale as stored */
-    float z = rintf(-lo / s);
-    z = z < 0.0f ? 0.0f : (z > levels ? levels : z);
-    *zero = (uint8_t)z;
-    for (int64_t i = 0; i < d; i++) {
-        float c = rintf(x[i] / s + z);
-        uint8_t q = (uint8_t)(c < 0.0f ? 0.0f : (c > levels ? levels : c));
-        if (bits == 8) codes[i] = q;
-        else if (i < d / 2) codes[i] = q;
-        else codes[i - d / 2] |= (uint8_t)(q << 4);
-    }
+    if (bits == 8) memcpy(codes, q, (size_t)d);
+    else
+        for (int64_t i = 0; i < d / 2; i++) codes[i] = (uint8_t)(q[i] | (q[i + d / 2] << 4));
 }
 
 static inline float code_at(const uint8_t *codes, int64_t i, int64_t d, int bits) {
     if (bits == 8) return (float)codes[i];
     return (float)(i < d / 2 ? codes[i] & 0xF : codes[i - d / 2] >> 4);
+}
+
+/* Scale groups per token and head of K (or V). */
+static inline int64_t groups_of(const slim_model *m, int64_t group) { return group ? m->head_dim / group : 1; }
+
+/* The int4 pool (slimlm/kv/kivi.py): a token of an unfinished block, in its staging slot. */
+static inline bf16 *staged(const slim_model *m, bf16 *stage, int64_t block, int64_t g, int64_t offset) {
+    int64_t slot = m->stage_of[block];
+    return stage + ((slot * m->block_size + offset) * m->kv_heads + g) * m->head_dim;
+}
+
+/* The int4 pool's block `block` is full: quantize its staged tokens for KV head g. Keys get a scale and
+ * zero per channel over the block (slimlm/kv/kivi.quantize_channels), values one per token. */
+static void quantize_block(const slim_model *m, const slim_layer *l, int64_t g, int64_t block) {
+    int64_t d = m->head_dim, bs = m->block_size;
+    float x[MAX_HEAD_DIM];
+    uint8_t q[MAX_HEAD_DIM];
+    uint16_t *ks = l->k_scale + (block * m->kv_heads + g) * d;
+    uint8_t *kz = l->k_zero + (block * m->kv_heads + g) * d;
+    for (int64_t i = 0; i < d; i++) {
+        float lo = 0.0f, hi = 0.0f;
+        for (int64_t t = 0; t < bs; t++) {
+            float v = bf16_to_f32(staged(m, l->k_stage, block, g, t)[i]);
+            if (v < lo) lo = v;
+            if (v > hi) hi = v;
+        }
+        float s = (hi - lo) / 15.0f;
+        s = s < 5.9604644775390625e-8f ? 5.9604644775390625e-8f : (s > 65504.0f ? 65504.0f : s);
+        ks[i] = f32_to_f16(s);
+        s = f16_to_f32(ks[i]);
+        float z = rintf(-lo / s);
+        kz[i] = (uint8_t)(z < 0.0f ? 0.0f : (z > 15.0f ? 15.0f : z));
+    }
+    for (int64_t t = 0; t < bs; t++) {
+        const bf16 *kt = staged(m, l->k_stage, block, g, t), *vt = staged(m, l->v_stage, block, g, t);
+        int64_t th = token_head(m, g, block, t);
+        uint8_t *codes = (uint8_t *)l->k_cache + th * (d / 2);
+        for (int64_t i = 0; i < d; i++) {
+            float c = rintf(bf16_to_f32(kt[i]) / f16_to_f32(ks[i]) + (float)kz[i]);
+            q[i] = (uint8_t)(c < 0.0f ? 0.0f : (c > 15.0f ? 15.0f : c));
+        }
+        for (int64_t i = 0; i < d / 2; i++) codes[i] = (uint8_t)(q[i] | (q[i + d / 2] << 4));
+        for (int64_t i = 0; i < d; i++) x[i] = bf16_to_f32(vt[i]);
+        quantize_vector(x, d, 4, 0, (uint8_t *)l->v_cache + th * (d / 2), l->v_scale + th, l->v_zero + th);
+    }
 }
 
 /* Write one token's K and V (float32, RoPE applied, turned for quantized pools) for one KV head. */
@@ -84,23 +136,40 @@ static void kv_write(const slim_model *m, const slim_layer *l, int64_t g, int64_
         }
         return;
     }
-    int bits = (int)m->kv_bits;
-    int64_t th = token_head(m, g, block, offset), bytes = d * bits / 8;
-    quantize_vector(k, d, bits, (uint8_t *)l->k_cache + th * bytes, l->k_scale + th, l->k_zero + th);
-    quantize_vector(v, d, bits, (uint8_t *)l->v_cache + th * bytes, l->v_scale + th, l->v_zero + th);
+    if (m->key_channels) { /* staged in bf16 until the block is full, then quantized as a whole */
+        bf16 *ks = staged(m, l->k_stage, block, g, offset), *vs = staged(m, l->v_stage, block, g, offset);
+        for (int64_t i = 0; i < d; i++) {
+            ks[i] = f32_to_bf16(k[i]);
+            vs[i] = f32_to_bf16(v[i]);
+        }
+        if (offset == m->block_size - 1) quantize_block(m, l, g, block);
+        return;
+    }
+    int64_t th = token_head(m, g, block, offset), kg = groups_of(m, m->k_group), vg = groups_of(m, m->v_group);
+    quantize_vector(k, d, (int)m->k_bits, m->k_group, (uint8_t *)l->k_cache + th * (d * m->k_bits / 8),
+                    l->k_scale + th * kg, l->k_zero + th * kg);
+    quantize_vector(v, d, (int)m->v_bits, m->v_group, (uint8_t *)l->v_cache + th * (d * m->v_bits / 8),
+                    l->v_scale + th * vg, l->v_zero + th * vg);
 }
 
-/* q . k for the key at (block, offset): for quantized keys s * (sum(c q) - z * sum(q)). */
+/* q . k for the key at (block, offset): for quantized keys, per scale group, s * (sum(c q) - z * sum(q));
+ * q_sum[j] is the sum of q over group j. */
 static inline float key_dot(const slim_model *m, const slim_layer *l, int64_t g, int64_t block, int64_t offset,
-                            const float *q, float q_sum) {
+                            const float *q, const float *q_sum) {
     int64_t d = m->head_dim;
     if (m->kv_bits == 16) return dot_bf16((const bf16 *)l->k_cache + slot_offset(m, g, block, offset), q, d);
-    int bits = (int)m->kv_bits;
-    int64_t th = token_head(m, g, block, offset);
+    int bits = (int)m->k_bits;
+    int64_t th = token_head(m, g, block, offset), ng = groups_of(m, m->k_group), gs = d / ng;
     const uint8_t *c = (const uint8_t *)l->k_cache + th * (d * bits / 8);
-    float acc = 0.0f;
-    for (int64_t i = 0; i < d; i++) acc += code_at(c, i, d, bits) * q[i];
-    return f16_to_f32(l->k_scale[th]) * (acc - (float)l->k_zero[th] * q_sum);
+    const uint16_t *sc = l->k_scale + th * ng;
+    const uint8_t *zr = l->k_zero + th * ng;
+    float total = 0.0f;
+    for (int64_t j = 0; j < ng; j++) {
+        float acc = 0.0f;
+        for (int64_t i = j * gs; i < (j + 1) * gs; i++) acc += code_at(c, i, d, bits) * q[i];
+        total += f16_to_f32(sc[j]) * (acc - (float)zr[j] * q_sum[j]);
+    }
+    return total;
 }
 
 /* out += p * v for the value at (block, offset). */
@@ -112,11 +181,13 @@ static inline void value_add(const slim_model *m, const slim_layer *l, int64_t g
         for (int64_t i = 0; i < d; i++) out[i] += p * bf16_to_f32(v[i]);
         return;
     }
-    int bits = (int)m->kv_bits;
-    int64_t th = token_head(m, g, block, offset);
+    int bits = (int)m->v_bits;
+    int64_t th = token_head(m, g, block, offset), ng = groups_of(m, m->v_group), gs = d / ng;
     const uint8_t *c = (const uint8_t *)l->v_cache + th * (d * bits / 8);
-    float ps = p * f16_to_f32(l->v_scale[th]), z = (float)l->v_zero[th];
-    for (int64_t i = 0; i < d; i++) out[i] += ps * (code_at(c, i, d, bits) - z);
+    for (int64_t j = 0; j < ng; j++) {
+        float ps = p * f16_to_f32(l->v_scale[th * ng + j]), z = (float)l->v_zero[th * ng + j];
+        for (int64_t i = j * gs; i < (j + 1) * gs; i++) out[i] += ps * (code_at(c, i, d, bits) - z);
+    }
 }
 
 /* x <- x R (transpose = 0) or x R^T (transpose = 1), R [d, d] orthogonal: the quantized pools' turn. */
@@ -176,10 +247,14 @@ static inline void key_dots16(const bf16 *k, const float *q, int64_t d, float *o
 static void attend_head(const slim_model *m, const slim_layer *l, const float *q, int64_t kv_head,
                         const int64_t *table, int64_t lo, int64_t ctx, float *out) {
     int64_t d = m->head_dim, bs = m->block_size;
-    float scores[ATTN_CHUNK], top = -INFINITY, total = 0.0f, q_sum = 0.0f;
+    float scores[ATTN_CHUNK], top = -INFINITY, total = 0.0f, q_sum[MAX_HEAD_DIM];
+    int64_t gs = m->kv_bits == 16 ? d : d / groups_of(m, m->k_group); /* channels per key scale */
+    int64_t own = (ctx - 1) / bs, qs_block = -1; /* int4: the query's own block, the block qs is for */
+    float qs[MAX_HEAD_DIM], q_off = 0.0f;
     for (int64_t i = 0; i < d; i++) {
         out[i] = 0.0f;
-        q_sum += q[i];
+        if (i % gs == 0) q_sum[i / gs] = 0.0f;
+        q_sum[i / gs] += q[i];
     }
     for (int64_t start = lo; start < ctx; start += ATTN_CHUNK) {
         int64_t n = ctx - start < ATTN_CHUNK ? ctx - start : ATTN_CHUNK;
@@ -199,7 +274,29 @@ static void attend_head(const slim_model *m, const slim_layer *l, const float *q
                 continue;
             }
 #endif
-            scores[t] = key_dot(m, l, kv_head, table[p / bs], p % bs, q, q_sum) * m->scale;
+            if (m->key_channels) { /* own block exact (staged), earlier ones per-channel int4 */
+                int64_t block = table[p / bs];
+                if (p / bs == own) {
+                    scores[t] = dot_bf16(staged(m, l->k_stage, block, kv_head, p % bs), q, d) * m->scale;
+                } else {
+                    if (block != qs_block) { /* q times this block's channel scales, and the zero term */
+                        const uint16_t *ks = l->k_scale + (block * m->kv_heads + kv_head) * d;
+                        const uint8_t *kz = l->k_zero + (block * m->kv_heads + kv_head) * d;
+                        q_off = 0.0f;
+                        for (int64_t i = 0; i < d; i++) {
+                            qs[i] = q[i] * f16_to_f32(ks[i]);
+                            q_off += (float)kz[i] * qs[i];
+                        }
+                        qs_block = block;
+                    }
+                    const uint8_t *c = (const uint8_t *)l->k_cache + token_head(m, kv_head, block, p % bs) * (d / 2);
+                    float acc = 0.0f;
+                    for (int64_t i = 0; i < d / 2; i++)
+                        acc += (float)(c[i] & 0xF) * qs[i] + (float)(c[i] >> 4) * qs[i + d / 2];
+                    scores[t] = (acc - q_off) * m->scale;
+                }
+            } else
+                scores[t] = key_dot(m, l, kv_head, table[p / bs], p % bs, q, q_sum) * m->scale;
             if (scores[t] > chunk_top) chunk_top = scores[t];
             t++;
         }
@@ -212,7 +309,11 @@ static void attend_head(const slim_model *m, const slim_layer *l, const float *q
         for (int64_t t = 0; t < n; t++) {
             int64_t p = start + t;
             total += scores[t];
-            value_add(m, l, kv_head, table[p / bs], p % bs, scores[t], out);
+            if (m->key_channels && p / bs == own) {
+                const bf16 *v = staged(m, l->v_stage, table[p / bs], kv_head, p % bs);
+                for (int64_t i = 0; i < d; i++) out[i] += scores[t] * bf16_to_f32(v[i]);
+            } else
+                value_add(m, l, kv_head, table[p / bs], p % bs, scores[t], out);
         }
     }
     for (int64_t i = 0; i < d; i++) out[i] /= total;

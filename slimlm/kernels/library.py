@@ -46,13 +46,18 @@ class Layer(ctypes.Structure):
                 "v_scale",
                 "k_zero",
                 "v_zero",
+                "k_stage",
+                "v_stage",
             )
         ],
     ]
 
 
 DIMS = ("hidden", "inter", "heads", "kv_heads", "head_dim", "layers", "vocab")
-CACHE_DIMS = ("block_size", "num_blocks", "window", "max_ctx", "threads", "kv_bits")
+CACHE_DIMS = (
+    *("block_size", "num_blocks", "window", "max_ctx", "threads", "kv_bits"),
+    *("k_bits", "v_bits", "k_group", "v_group", "key_channels"),
+)
 
 
 class Model(ctypes.Structure):
@@ -60,6 +65,7 @@ class Model(ctypes.Structure):
 
     _fields_ = [
         *[(name, ctypes.c_int64) for name in (*DIMS, *CACHE_DIMS)],
+        ("stage_of", _ptr),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("rotation", _ptr),

@@ -25,16 +25,21 @@ typedef struct {
     const bf16 *post_norm; /* [hidden] */
     void *k_cache;         /* this layer's K pool: bf16 [KVH, blocks, block_size, D], or quantized codes */
     void *v_cache;         /* [blocks, block_size, KVH, D * bits / 8] (slimlm/kv/quantized.py) */
-    uint16_t *k_scale;     /* quantized pools: fp16 [blocks, block_size, KVH]; else NULL */
+    uint16_t *k_scale;     /* quantized pools: fp16 [blocks, block_size, KVH, groups]; else NULL */
     uint16_t *v_scale;
-    uint8_t *k_zero;       /* quantized pools: uint8 [blocks, block_size, KVH]; else NULL */
+    uint8_t *k_zero;       /* quantized pools: uint8 [blocks, block_size, KVH, groups]; else NULL */
     uint8_t *v_zero;
+    bf16 *k_stage;         /* the int4 pool (slimlm/kv/kivi.py): bf16 [slots, block_size, KVH, D]; else NULL */
+    bf16 *v_stage;
 } slim_layer;
 
 typedef struct {
     int64_t hidden, inter, heads, kv_heads, head_dim, layers, vocab;
     int64_t block_size, num_blocks, window, max_ctx, threads;
     int64_t kv_bits;        /* 16: the bf16 pool; 8 or 4: the quantized pools */
+    int64_t k_bits, v_bits, k_group, v_group; /* quantized pools: bits and channels per scale (0: head) */
+    int64_t key_channels;   /* 1: keys scaled per channel per block, unfinished blocks staged (int4) */
+    int32_t *stage_of;      /* key_channels: [blocks] staging slot of each unfinished block, else -1 */
     float eps, scale;
     const float *rotation;  /* quantized pools: the orthogonal [D, D] K/V are stored turned by; else NULL */
     slim_weight embed;      /* [vocab, hidden] */

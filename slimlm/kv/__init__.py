@@ -14,11 +14,13 @@ _FLOAT_KV = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float1
 def kv_cache_class(kv_dtype: str) -> type[PagedKVCache]:
     if kv_dtype in ("auto", *_FLOAT_KV):
         return PagedKVCache
-    if kv_dtype in ("int8", "int4"):
+    if kv_dtype in ("int8", "int4", "k8v4"):
         from slimlm.kv.quantized import QUANTIZED_CACHES
 
         return QUANTIZED_CACHES[kv_dtype]
-    raise SlimlmError(f"unknown KV dtype {kv_dtype!r}; choose one of auto, bf16, fp16, fp32, int8, int4")
+    raise SlimlmError(
+        f"unknown KV dtype {kv_dtype!r}; choose one of auto, bf16, fp16, fp32, int8, int4, k8v4"
+    )
 
 
 def kv_storage_dtype(kv_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
@@ -26,12 +28,31 @@ def kv_storage_dtype(kv_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
     return _FLOAT_KV.get(kv_dtype, compute_dtype)
 
 
+def staging_slots(max_seqs: int) -> int:
+    """bf16 staging slots of the int4 pool (slimlm/kv/kivi.py) for `max_seqs` running sequences."""
+    return 2 * max_seqs + 1
+
+
 def make_kv_cache(
-    config: ModelConfig, num_blocks: int, block_size: int, kv_dtype: str, compute_dtype: torch.dtype, device
+    config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    kv_dtype: str,
+    compute_dtype: torch.dtype,
+    device,
+    max_seqs: int | None = None,
 ) -> PagedKVCache:
     cls = kv_cache_class(kv_dtype)
+    extra = {}
+    if getattr(cls.__dict__.get("format"), "key_channels", False) and max_seqs is not None:
+        extra["staging_slots"] = staging_slots(max_seqs)
     cache = cls(
-        config, num_blocks, block_size, dtype=kv_storage_dtype(kv_dtype, compute_dtype), device=device
+        config,
+        num_blocks,
+        block_size,
+        dtype=kv_storage_dtype(kv_dtype, compute_dtype),
+        device=device,
+        **extra,
     )
     cache.kv_dtype = kv_dtype if kv_dtype != "auto" else {v: k for k, v in _FLOAT_KV.items()}[compute_dtype]
     return cache

@@ -35,13 +35,15 @@ _SCALE_FLOOR = 2.0**-24
 _SCALE_CEIL = torch.finfo(torch.float16).max
 
 
-def check_bits(bits: int, head_dim: int) -> None:
+def check_bits(bits: int, head_dim: int, group: int = 0) -> None:
     if bits not in SUPPORTED_BITS:
         raise SlimlmError(f"KV quantization supports 8 or 4 bits, got {bits}")
     if bits == 4 and head_dim % 2:
         raise SlimlmError(
             f"int4 KV packs two values a byte and needs an even head_dim, got {head_dim}; use int8"
         )
+    if group and (head_dim % group or (bits == 4 and group % 2)):
+        raise SlimlmError(f"a KV scale group of {group} channels does not divide head_dim {head_dim}")
 
 
 def packed_dim(head_dim: int, bits: int) -> int:
@@ -49,9 +51,9 @@ def packed_dim(head_dim: int, bits: int) -> int:
     return head_dim * bits // 8
 
 
-def bytes_per_token_head(head_dim: int, bits: int) -> int:
-    """Bytes of one token's K (or V) for one head: codes plus scale and zero point."""
-    return packed_dim(head_dim, bits) + PARAM_BYTES
+def bytes_per_token_head(head_dim: int, bits: int, group: int = 0) -> int:
+    """Bytes of one token's K (or V) for one head: codes plus a scale and zero point per group."""
+    return packed_dim(head_dim, bits) + PARAM_BYTES * groups_of(head_dim, group)
 
 
 def rotation_matrix(head_dim: int) -> torch.Tensor:
@@ -79,10 +81,18 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat((packed & 0xF, packed >> 4), dim=-1)
 
 
-def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [..., D] float -> (codes uint8 [..., D * bits / 8], scale fp16 [...], zero uint8 [...])."""
+def groups_of(head_dim: int, group: int) -> int:
+    """Scales per token and head: one per `group` channels (0 = the whole head)."""
+    return head_dim // (group or head_dim)
+
+
+def quantize(x: torch.Tensor, bits: int, group: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., D] float -> (codes uint8 [..., D * bits / 8], scale fp16 [..., G], zero uint8 [..., G]),
+    G = D / group scales per vector; group 0: one for the whole vector, scale and zero [...]."""
     levels = 2**bits - 1
-    xf = x.float()
+    d = x.shape[-1]
+    g = group or d
+    xf = x.float().reshape(*x.shape[:-1], d // g, g)
     lo = xf.amin(dim=-1).clamp(max=0)
     hi = xf.amax(dim=-1).clamp(min=0)
     scale = ((hi - lo) / levels).clamp(_SCALE_FLOOR, _SCALE_CEIL).to(SCALE_DTYPE)
@@ -90,9 +100,13 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, to
     s = scale.float()
     zero = torch.round(-lo / s).clamp(0, levels)
     codes = torch.round(xf / s.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, levels).to(torch.uint8)
+    codes = codes.reshape(*x.shape)
     if bits == 4:
         codes = pack_int4(codes)
-    return codes, scale, zero.to(ZERO_DTYPE)
+    zero = zero.to(ZERO_DTYPE)
+    if not group:  # one scale per vector: [...], as before groups existed
+        scale, zero = scale.squeeze(-1), zero.squeeze(-1)
+    return codes, scale, zero
 
 
 def dequantize(
@@ -101,5 +115,9 @@ def dequantize(
     """Inverse of `quantize`: -> [..., D] in `dtype` (q - z is an exact small integer in any float dtype)."""
     if bits == 4:
         codes = unpack_int4(codes)
-    centered = codes.to(dtype) - zero.to(dtype).unsqueeze(-1)
-    return centered * scale.to(dtype).unsqueeze(-1)
+    if scale.dim() < codes.dim():  # one scale per vector
+        scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    d, groups = codes.shape[-1], scale.shape[-1]
+    grouped = codes.reshape(*codes.shape[:-1], groups, d // groups)
+    centered = grouped.to(dtype) - zero.to(dtype).unsqueeze(-1)
+    return (centered * scale.to(dtype).unsqueeze(-1)).reshape(codes.shape)

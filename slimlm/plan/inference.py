@@ -23,7 +23,10 @@ KV cache (`kv_bytes_per_token`, `kv_block_bytes`), per token:
   int8: 2 x layers x kv_heads x (head_dim + 3): 1 byte per element plus, per token, per head, for K and for
   V, an fp16 scale and a uint8 zero point (asymmetric, LMDeploy's quant_policy=8; the layout of
   `slimlm.kv.quantized`);
-  int4: 2 x layers x kv_heads x (head_dim / 2 + 3): two elements a byte plus the same scale and zero.
+  int4: layers x kv_heads x (2 x head_dim / 2 + 3 + 3 x head_dim / block_size): two elements a byte;
+  values with a scale and zero per token and head, keys with one per channel per block (KIVI), and a
+  4-byte staging index per block; plus a fixed bf16 staging area (`kv_staging_bytes`);
+  k8v4: layers x kv_heads x (head_dim + 3 + head_dim / 2 + 3).
 """
 
 from __future__ import annotations
@@ -35,10 +38,9 @@ from slimlm.plan.shapes import model_params
 FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "w8", "w4")
 WEIGHT_BITS = {"w8": 8, "w4": 4}
-KV_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
+KV_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4", "k8v4")
 GROUP_SCALE_ZERO_BYTES = 4  # bf16 scale + bf16 zero point per group per output channel
 INT8_CHANNEL_SCALE_BYTES = 2  # per-channel symmetric int8: one bf16 scale per output channel
-KV_SCALE_ZERO_BYTES = 3  # fp16 scale + uint8 zero point per token per head, for K and for V
 _ALIASES = {
     "float32": "fp32",
     "bfloat16": "bf16",
@@ -120,26 +122,48 @@ def normalize_kv_dtype(name: str) -> str:
     return key
 
 
-def kv_bytes_per_head_token(head_dim: int, kv_dtype: str) -> int:
-    """Bytes of one K (or V) vector of one head for one token, scale and zero included."""
+def kv_bytes_per_head_token(head_dim: int, kv_dtype: str, block_size: int = 16) -> float:
+    """Bytes of one K and one V vector of one head for one token, scales and zeros included
+    (the quantized formats' table, slimlm/kv/formats.py, which the pools read too). int4 keys have
+    a scale per channel per block, so its figure is a block's bytes / block_size."""
+    from slimlm.kv.formats import KV_FORMATS
+
     kind = normalize_kv_dtype(kv_dtype)
     if kind in FLOAT_BYTES:
-        return head_dim * FLOAT_BYTES[kind]
-    if kind == "int8":
-        return head_dim + KV_SCALE_ZERO_BYTES
-    if head_dim % 2:
-        raise SlimlmError(f"int4 KV packs two values a byte and needs an even head_dim, got {head_dim}")
-    return head_dim // 2 + KV_SCALE_ZERO_BYTES
+        return 2 * head_dim * FLOAT_BYTES[kind]
+    return KV_FORMATS[kind].bytes_per_token_head(head_dim, block_size)
 
 
-def kv_bytes_per_token(config: ModelConfig, kv_dtype: str) -> int:
-    """2 x layers x kv_heads x bytes per head-vector (GQA-aware: kv_heads, not attention heads)."""
-    per_head = kv_bytes_per_head_token(config.head_dim, kv_dtype)
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * per_head
+def kv_bytes_per_token(config: ModelConfig, kv_dtype: str, block_size: int = 16) -> float:
+    """layers x kv_heads x bytes of K and V per head (GQA-aware: kv_heads, not attention heads)."""
+    return kv_block_bytes(config, kv_dtype, block_size) / block_size
 
 
 def kv_block_bytes(config: ModelConfig, kv_dtype: str, block_size: int) -> int:
-    """Bytes of one paged-KV block of `block_size` tokens across all layers, K and V."""
+    """Exact bytes of one paged-KV block of `block_size` tokens across all layers, K and V."""
+    from slimlm.kv.formats import KV_FORMATS
+
     if block_size <= 0:
         raise SlimlmError(f"block_size must be positive, got {block_size}")
-    return block_size * kv_bytes_per_token(config, kv_dtype)
+    kind = normalize_kv_dtype(kv_dtype)
+    if kind in FLOAT_BYTES:
+        return (
+            block_size
+            * 2
+            * config.num_hidden_layers
+            * config.num_key_value_heads
+            * config.head_dim
+            * FLOAT_BYTES[kind]
+        )
+    return KV_FORMATS[kind].block_bytes(config, block_size)
+
+
+def kv_staging_bytes(config: ModelConfig, kv_dtype: str, block_size: int, max_num_seqs: int) -> int:
+    """The int4 pool's bf16 staging slots (slimlm/kv/kivi.py): 2 x max_num_seqs + 1 unfinished blocks."""
+    from slimlm.kv.formats import KV_FORMATS
+
+    kind = normalize_kv_dtype(kv_dtype)
+    if kind in FLOAT_BYTES or not KV_FORMATS[kind].key_channels:
+        return 0
+    per_slot = 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * 2
+    return (2 * max_num_seqs + 1) * per_slot

@@ -20,6 +20,7 @@ from slimlm.plan.devices import Device
 from slimlm.plan.inference import (
     FLOAT_BYTES,
     kv_block_bytes,
+    kv_staging_bytes,
     normalize_float_dtype,
     normalize_kv_dtype,
     normalize_weight_format,
@@ -187,6 +188,10 @@ def plan_inference(
             "kv_cache", blocks * block_bytes, True, f"{blocks} blocks x {block_bytes} B ({s.kv_dtype})"
         ),
     ]
+    staging = kv_staging_bytes(config, s.kv_dtype, engine.block_size, engine.max_num_seqs)
+    if staging:
+        note = f"bf16 blocks not yet full, {2 * engine.max_num_seqs + 1} slots (2 x max_num_seqs + 1)"
+        components.append(Component("kv_staging", staging, True, note))
     if device.kind == "gpu" and s.runtime_overheads:
         components.append(Component("cuda_context", cuda_context, False, "CUDA context, before any tensor"))
     if runtime is not None:
@@ -200,7 +205,7 @@ def plan_inference(
         weights, cuda_context, device, components, blocks, seq_blocks, context, max_model_len, s
     )
     plan = InferencePlan(
-        config, device, s, components, block_bytes // engine.block_size, block_bytes, blocks, source,
+        config, device, s, components, round(block_bytes / engine.block_size), block_bytes, blocks, source,
         max_model_len, context, max_seqs, max_context, problems, runtime,
     )  # fmt: skip
     return plan

@@ -40,11 +40,11 @@ def calibration_text() -> str:
     return "\n\n".join(p for p in paragraphs if p.strip() and p not in evaluation)
 
 
-def load_text(path: str | Path) -> str:
+def load_text(path: str | Path, what: str = "calibration file") -> str:
     """Read a plain-text file, or a JSONL file (by suffix) whose lines hold a "text" field."""
     path = Path(path)
     if not path.is_file():
-        raise SlimlmError(f"calibration file {path} does not exist: give a .txt or .jsonl file")
+        raise SlimlmError(f"{what} {path} does not exist: give a .txt or .jsonl file")
     raw = path.read_text(encoding="utf-8")
     if path.suffix.lower() != ".jsonl":
         return raw

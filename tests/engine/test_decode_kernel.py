@@ -18,7 +18,7 @@ from slimlm.kernels.fused_decode import FusedDecoder
 from slimlm.kv.contiguous import ContiguousKVCache
 from slimlm.kv.metadata import AttnMetadata
 from slimlm.kv.paged import PagedKVCache
-from slimlm.kv.quantized import Int4PagedKVCache, Int8PagedKVCache
+from slimlm.kv.quantized import Int4PagedKVCache, Int8PagedKVCache, K8V4PagedKVCache
 from slimlm.models.prepack import prepare_linears
 from tests.tiny_models import make_hf_model, slimlm_from_hf
 
@@ -154,7 +154,7 @@ def _paged_incremental_logits(model, cache, tokens: list[int], table: list[int])
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("pool", [Int8PagedKVCache, Int4PagedKVCache])
+@pytest.mark.parametrize("pool", [Int8PagedKVCache, Int4PagedKVCache, K8V4PagedKVCache])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_kernel_on_quantized_kv_pools_is_closer_to_float32_than_pytorch_bf16(arch, pool):
     """int8 / int4 pools (codes, fp16 scale, uint8 zero, K/V turned by the Hadamard): against a float32

@@ -1,0 +1,190 @@
+"""Which int4 KV remedies help, alone and combined (issue 19): a fake-quantized attention sweep.
+
+    python benchmarks/kv_fidelity_sweep.py [--tokens 4096] [--texts tune,pydoc,gpl3] [--variants a,b,...]
+
+Each variant quantizes and dequantizes K and V exactly as a KV pool of that layout would store them
+and runs attention over what was stored, in a dense float32 forward of each 512-token window:
+
+- per token ("tok"): one asymmetric fp16 scale + uint8 zero per group of `g` channels of a head
+  (g = head_dim is what the pool stored before issue 19);
+- per channel within a block ("chan", KIVI's keys): one scale + zero per channel per block of 16
+  tokens, computed when the block is full;
+- residual ("res"): the tokens of the query's own, unfinished block are read unquantized (what a pool
+  that keeps its newest tokens in bf16 until the block fills gives a decoding sequence);
+- rotation ("rot"): K and V turned by the pool's orthogonal matrix before quantizing.
+
+Without the residual every key and value is read quantized, the token's own included, as the engine's
+prefill reads "as stored". Reference: the same model with float K/V. Metrics per text: Δppl, mean and
+p99 KL(ref || variant) of the next-token distribution, top-1 agreement.
+
+Texts: "tune" = the calibration slice of pydoc_data.topics (the variant choice is made on it);
+"pydoc" = the evaluation slice; "gpl3" = /usr/share/common-licenses/GPL-3 (Debian's copy of the GNU
+GPL v3, plain English legal prose). Writes benchmarks/results/kv_fidelity_sweep.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slimlm.eval.fidelity import FidelityStats
+from slimlm.eval.texts import named_text
+from slimlm.kv.metadata import AttnMetadata
+from slimlm.kv.quant_ops import rotation_matrix
+from slimlm.loading import load
+
+
+@dataclass(frozen=True)
+class Scheme:
+    k_bits: int = 4
+    v_bits: int = 4
+    k_group: int = 0  # channels per scale for per-token keys; 0 = the whole head
+    v_group: int = 0
+    k_channel: bool = False  # KIVI: keys per channel within a block (needs residual)
+    residual: bool = False
+    rotate: bool = True
+    block: int = 16
+
+
+VARIANTS = {
+    "int8": Scheme(8, 8),
+    "int8-norot": Scheme(8, 8, rotate=False),
+    "int4": Scheme(),
+    "int4-norot": Scheme(rotate=False),
+    "int4-g32": Scheme(k_group=32, v_group=32),
+    "int4-g16": Scheme(k_group=16, v_group=16),
+    "int4-res": Scheme(residual=True),
+    "int4-kivi-res": Scheme(k_channel=True, residual=True, rotate=False),
+    "int4-kivi-res-rot": Scheme(k_channel=True, residual=True),
+    "k8v4": Scheme(8, 4),
+    "k8v4-g32": Scheme(8, 4, v_group=32),
+    "k8v4-norot": Scheme(8, 4, rotate=False),
+    "int4-g32-res": Scheme(k_group=32, v_group=32, residual=True),
+    "int4-g16-res": Scheme(k_group=16, v_group=16, residual=True),
+    "int4-kivi-g32-res": Scheme(k_channel=True, v_group=32, residual=True, rotate=False),
+    "k8v4-g32-res": Scheme(8, 4, v_group=32, residual=True),
+}
+
+
+def fake_quant(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Asymmetric quantize-dequantize along `dim` exactly as slimlm/kv/quant_ops.quantize does."""
+    levels = 2**bits - 1
+    lo = x.amin(dim=dim, keepdim=True).clamp(max=0)
+    hi = x.amax(dim=dim, keepdim=True).clamp(min=0)
+    s = ((hi - lo) / levels).clamp(2.0**-24, 65504.0).half().float()
+    z = torch.round(-lo / s).clamp(0, levels)
+    return (torch.round(x / s + z).clamp(0, levels) - z) * s
+
+
+def per_token(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    t, h, d = x.shape
+    g = group or d
+    return fake_quant(x.reshape(t, h, d // g, g), bits, -1).reshape(t, h, d)
+
+
+def per_channel(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    t, h, d = x.shape
+    n = -(-t // block) * block
+    padded = torch.cat((x, x[-1:].expand(n - t, h, d)))  # a partial last block: never read quantized
+    return fake_quant(padded.view(n // block, block, h, d), bits, 1).reshape(n, h, d)[:t]
+
+
+class SimAttention:
+    """Dense causal attention of one window over K/V as a pool of `scheme` would store them."""
+
+    def __init__(self, config, scheme: Scheme | None) -> None:
+        self.scheme, self.scale = scheme, config.head_dim**-0.5
+        self.rot = rotation_matrix(config.head_dim)
+
+    def attend(self, layer, q, k, v, meta):
+        sc = self.scheme
+        t, h, d = q.shape
+        kvh = k.shape[1]
+        q, k, v = q.float(), k.float(), v.float()
+        if sc is not None and sc.rotate:
+            q, k, v = q @ self.rot, k @ self.rot, v @ self.rot
+        if sc is None:
+            kq, vq = k, v
+        else:
+            kq = per_channel(k, sc.k_bits, sc.block) if sc.k_channel else per_token(k, sc.k_bits, sc.k_group)
+            vq = per_token(v, sc.v_bits, sc.v_group)
+        rep = h // kvh
+        qh = q.transpose(0, 1)  # [H, T, D]
+        kq_, vq_ = (x.repeat_interleave(rep, 1).transpose(0, 1) for x in (kq, vq))
+        pos = torch.arange(t)
+        causal = pos[None, :] <= pos[:, None]
+        scores = qh @ kq_.transpose(1, 2) * self.scale
+        if sc is not None and sc.residual:
+            k_, v_ = (x.repeat_interleave(rep, 1).transpose(0, 1) for x in (k, v))
+            own = (pos[None, :] // sc.block) == (pos[:, None] // sc.block)  # own block: read exact
+            scores = torch.where(own, qh @ k_.transpose(1, 2) * self.scale, scores)
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        if sc is not None and sc.residual:
+            out = (probs * ~own) @ vq_ + (probs * own) @ v_
+        else:
+            out = probs @ vq_
+        out = out.transpose(0, 1)
+        if sc is not None and sc.rotate:
+            out = out @ self.rot.T
+        return out
+
+
+@torch.inference_mode()
+def window_logits(model, ids: torch.Tensor, attention) -> torch.Tensor:
+    s = ids.shape[0]
+    meta = AttnMetadata(query_lens=[s], context_lens=[s])
+    hidden = model(ids, torch.arange(s), attention, meta)
+    return model.compute_logits(hidden)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--texts", default="tune,pydoc,gpl3")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/kv_fidelity_sweep.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load(None, dtype="float32", progress=False)
+    model, config = loaded.model, loaded.config
+    names = args.variants.split(",")
+    results = {}
+    for text in args.texts.split(","):
+        ids = loaded.tokenizer.encode(named_text(text), add_special_tokens=False)[: args.tokens + 1]
+        stats = {n: FidelityStats() for n in names}
+        start = time.perf_counter()
+        for w in range(0, len(ids) - args.context, args.context):
+            window = torch.tensor(ids[w : w + args.context + 1])
+            ref = window_logits(model, window[:-1], SimAttention(config, None))
+            for n in names:
+                logits = window_logits(model, window[:-1], SimAttention(config, VARIANTS[n]))
+                stats[n].add(ref, logits, window[1:])
+            print(f"  {text} window {w // args.context}: {time.perf_counter() - start:.0f} s", flush=True)
+        results[text] = {n: s.summary() for n, s in stats.items()}
+        for n in names:
+            r = results[text][n]
+            print(
+                f"{text:6s} {n:20s} dppl {r['delta_ppl_pct']:+7.3f}%  KL {r['kl_mean']:.4f} "
+                f"p99 {r['kl_p99']:.4f}  top1 {r['top1_agree']:.4f}",
+                flush=True,
+            )
+    out = {
+        "tokens_per_text": args.tokens,
+        "context": args.context,
+        "variants": {n: VARIANTS[n].__dict__ for n in names},
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

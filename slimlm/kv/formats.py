@@ -1,0 +1,68 @@
+"""The quantized KV formats' layout, without torch: bits of K and V, channels per scale, bytes.
+
+One table read by the pools (slimlm/kv/quantized.py), the planner (slimlm/plan/inference.py) and the
+docs, so that the planner's bytes per token stay the pool's exact figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slimlm.errors import SlimlmError
+
+SCALE_ZERO_BYTES = 3  # fp16 scale + uint8 zero point, per group of channels, per token and head
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    k_bits: int
+    v_bits: int
+    group: int  # preferred channels per scale for 4-bit per-token vectors (0: one scale for the head)
+    key_channels: bool = False  # KIVI: keys scaled per channel within a block, staged in bf16 until full
+
+    def groups(self, head_dim: int) -> tuple[int, int]:
+        """Channels per scale of K and of V at this head_dim (0 = the whole head); 8-bit vectors keep
+        one scale per head, 4-bit ones take `group` where it divides the head into several groups."""
+        return tuple(
+            effective_group(head_dim, self.group) if bits == 4 else 0 for bits in (self.k_bits, self.v_bits)
+        )
+
+    def block_head_bytes(self, head_dim: int, block_size: int) -> int:
+        """K and V of one block of tokens for one KV head: codes plus scales and zero points."""
+        if head_dim % 2 and 4 in (self.k_bits, self.v_bits):
+            raise SlimlmError(f"int4 KV packs two values a byte and needs an even head_dim, got {head_dim}")
+        total = 0
+        for which, (bits, group) in enumerate(
+            zip((self.k_bits, self.v_bits), self.groups(head_dim), strict=True)
+        ):
+            total += block_size * head_dim * bits // 8
+            if which == 0 and self.key_channels:
+                total += SCALE_ZERO_BYTES * head_dim  # one scale and zero per channel per block
+            else:
+                total += block_size * SCALE_ZERO_BYTES * (head_dim // (group or head_dim))
+        return total
+
+    def block_bytes(self, config, block_size: int) -> int:
+        """One block over all layers and KV heads, plus the staging pools' 4-byte index per block."""
+        per_head = self.block_head_bytes(config.head_dim, block_size)
+        return config.num_hidden_layers * config.num_key_value_heads * per_head + (
+            4 if self.key_channels else 0
+        )
+
+    def bytes_per_token_head(self, head_dim: int, block_size: int = 16) -> float:
+        """Average bytes of one token's K and V for one head (a block's bytes / block_size)."""
+        return self.block_head_bytes(head_dim, block_size) / block_size
+
+
+def effective_group(head_dim: int, group: int) -> int:
+    """`group` where it splits the head into whole, even-sized groups; else 0 (the whole head)."""
+    return group if group and group < head_dim and head_dim % group == 0 and group % 2 == 0 else 0
+
+
+KV_FORMATS = {
+    "int8": KVFormat(8, 8, 0),
+    # int4: KIVI keys, whole-head values, both turned; chosen on a tuning text, reported on others
+    # (benchmarks/kv_fidelity_sweep.py, docs/kv_cache.md)
+    "int4": KVFormat(4, 4, 0, key_channels=True),
+    "k8v4": KVFormat(8, 4, 0),  # values whole-head: 8-bit keys already make it the closest (tuning text)
+}

@@ -1,0 +1,65 @@
+"""The embedded model's greedy answers to 20 short factual chat questions: unchanged by int8 KV and by
+the default int4 KV on at least 18 of 20 (issue 19). Prints the answers that changed."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimlm.engine.llm import LLM
+from slimlm.engine.params import SamplingParams
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "What is the capital of Japan?",
+    "How many days are in a week?",
+    "What color is the sky on a clear day?",
+    "What is the largest planet in the solar system?",
+    "Who wrote Romeo and Juliet?",
+    "What is the boiling point of water in Celsius?",
+    "How many legs does a spider have?",
+    "What is the chemical symbol for gold?",
+    "What is 7 times 8?",
+    "Which ocean is the largest?",
+    "What is the freezing point of water in Fahrenheit?",
+    "What language is spoken in Brazil?",
+    "What is the tallest mountain on Earth?",
+    "How many continents are there?",
+    "What gas do plants absorb from the air?",
+    "Who painted the Mona Lisa?",
+    "What is the square root of 81?",
+    "What is the currency of the United Kingdom?",
+    "How many minutes are in an hour?",
+]
+GREEDY = SamplingParams(max_tokens=16, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    from slimlm.loading import load
+
+    return load(None, dtype="bfloat16", progress=False)
+
+
+def _answers(loaded, kv_dtype: str) -> list[str]:
+    tok = loaded.tokenizer
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in QUESTIONS
+    ]
+    llm = LLM.from_loaded(loaded, kv_cache_tokens=4096, kv_dtype=kv_dtype)
+    return [o.text for o in llm.generate(prompts, GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def reference(bf16_model):
+    return _answers(bf16_model, "bf16")
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_quantized_kv_keeps_the_answers(bf16_model, reference, kv_dtype):
+    answers = _answers(bf16_model, kv_dtype)
+    changed = [(q, a, b) for q, a, b in zip(QUESTIONS, reference, answers, strict=True) if a != b]
+    for q, a, b in changed:
+        print(f"{kv_dtype} changed {q!r}: bf16 {a!r} -> {b!r}")
+    assert "Paris" in answers[0]
+    assert len(changed) <= 2, changed

@@ -1,0 +1,205 @@
+"""The int4 pool (slimlm/kv/kivi.py): KIVI keys per channel per block, the newest tokens staged in bf16
+until their block fills. Checked against a reference written from the rule itself, across ways of
+feeding the same tokens, on the C decode kernel, and through the engine (slots given back)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimlm.errors import SlimlmError
+from slimlm.kv import make_kv_cache
+from slimlm.kv.kivi import Int4KiviPagedKVCache
+from slimlm.kv.metadata import AttnMetadata
+from slimlm.kv.quant_ops import rotation_matrix
+from tests.test_kv_quant import tiny_config
+from tests.tiny_models import make_hf_model, slimlm_from_hf
+
+
+def _fake_quant(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Asymmetric 4-bit quantize-dequantize along `dim` over [min(x, 0), max(x, 0)], fp16 scale."""
+    lo = x.amin(dim=dim, keepdim=True).clamp(max=0)
+    hi = x.amax(dim=dim, keepdim=True).clamp(min=0)
+    s = ((hi - lo) / 15).clamp(2.0**-24).half().float()
+    z = torch.round(-lo / s).clamp(0, 15)
+    return (torch.round(x / s + z).clamp(0, 15) - z) * s
+
+
+def _reference(q, k, v, block: int, scale: float) -> torch.Tensor:
+    """One sequence's causal attention as the rule says: a query at t reads the blocks before its own
+    per-channel (K) / per-token (V) int4, its own block up to t in bf16; all turned by the rotation."""
+    rot = rotation_matrix(q.shape[-1])
+    q, k, v = q @ rot, (k @ rot).bfloat16().float(), (v @ rot).bfloat16().float()
+    t = q.shape[0]
+    n = t // block * block
+    kq, vq = k.clone(), v.clone()
+    kq[:n] = _fake_quant(k[:n].view(-1, block, *k.shape[1:]), 1).view(n, *k.shape[1:])
+    vq[:n] = _fake_quant(v[:n], -1)
+    pos = torch.arange(t)
+    own = (pos[None, :] // block) == (pos[:, None] // block)
+    rep = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1)
+    kh, vh, kqh, vqh = (x.repeat_interleave(rep, 1).transpose(0, 1) for x in (k, v, kq, vq))
+    scores = torch.where(own, qh @ kh.transpose(1, 2), qh @ kqh.transpose(1, 2)) * scale
+    probs = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf")).softmax(-1)
+    out = (probs * own) @ vh + (probs * ~own) @ vqh
+    return out.transpose(0, 1) @ rot.T
+
+
+@pytest.mark.parametrize("chunks", [[13], [1] * 13, [3, 6, 4]])
+def test_pool_attends_by_the_rule_however_the_tokens_come(chunks):
+    config = tiny_config()
+    gen = torch.Generator().manual_seed(0)
+    t, layers = sum(chunks), config.num_hidden_layers
+    q = torch.randn(layers, t, config.num_attention_heads, config.head_dim, generator=gen)
+    k = torch.randn(layers, t, config.num_key_value_heads, config.head_dim, generator=gen) * 2 + 0.5
+    k[..., 3] *= 8  # an outlier channel, as real keys have
+    v = torch.randn(layers, t, config.num_key_value_heads, config.head_dim, generator=gen)
+    cache = Int4KiviPagedKVCache(config, 6, 4, staging_slots=3)
+    cache.prepare_blocks(range(6))
+    table = torch.tensor([[5, 0, 3, 1]])
+    outs, start = [], 0
+    for n in chunks:
+        meta = AttnMetadata(
+            [n],
+            [start + n],
+            block_tables=table,
+            slot_mapping=table[0, torch.arange(start, start + n) // 4] * 4
+            + torch.arange(start, start + n) % 4,
+        )
+        outs.append(
+            torch.stack(
+                [
+                    cache.attend(
+                        i, q[i, start : start + n], k[i, start : start + n], v[i, start : start + n], meta
+                    )
+                    for i in range(layers)
+                ]
+            )
+        )
+        start += n
+    got = torch.cat(outs, dim=1)
+    for i in range(layers):
+        expected = _reference(q[i], k[i], v[i], 4, cache.scale)
+        torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-4)
+    # 13 tokens: blocks 5, 0, 3 full and quantized, block 1 holds one staged token
+    assert cache.stage_of.tolist().count(-1) == 5 and int(cache.stage_of[1]) >= 0
+
+
+def test_per_channel_keys_beat_per_token_keys_on_outlier_channels():
+    from slimlm.kv.kivi import dequantize_channels, quantize_channels
+    from slimlm.kv.quant_ops import dequantize, quantize
+
+    gen = torch.Generator().manual_seed(1)
+    k = torch.randn(16, 3, 64, generator=gen)
+    k[..., [5, 40]] *= 20  # fixed outlier channels
+    per_channel = dequantize_channels(*quantize_channels(k), torch.float32)
+    per_token = dequantize(*quantize(k, 4), 4, torch.float32)
+    assert (per_channel - k).norm() < 0.5 * (per_token - k).norm()
+
+
+def test_staging_slots_run_out_with_a_clear_error():
+    config = tiny_config()
+    cache = Int4KiviPagedKVCache(config, 8, 4, staging_slots=1)
+    cache.prepare_blocks(range(8))
+    cache.prepare_decode([1], [[2]])  # block 2 takes the only slot
+    with pytest.raises(SlimlmError, match="staging slots"):
+        cache.prepare_decode([1], [[4]])
+    cache.release_block(2)
+    cache.prepare_decode([1], [[4]])
+
+
+def _incremental(model, cache, tokens, table):
+    rows = []
+    with torch.inference_mode():
+        for p, tok in enumerate(tokens):
+            meta = AttnMetadata(
+                [1],
+                [p + 1],
+                block_tables=torch.tensor([table]),
+                slot_mapping=torch.tensor([table[p // 4] * 4 + p % 4]),
+            )
+            rows.append(model.compute_logits(model(torch.tensor([tok]), torch.tensor([p]), cache, meta))[0])
+    return torch.stack(rows)
+
+
+def test_c_kernel_reads_and_writes_the_int4_pool_as_pytorch_does():
+    from slimlm.kernels.fused_decode import FusedDecoder
+    from slimlm.models.prepack import prepare_linears
+
+    model = slimlm_from_hf(make_hf_model("llama"), torch.bfloat16)
+    reference = copy.deepcopy(model).float()
+    prepare_linears(model, "plain")
+    tokens = torch.randint(0, 128, (22,), generator=torch.Generator().manual_seed(1)).tolist()
+    table = [9, 2, 11, 0, 5, 7]
+
+    def pool(dtype):
+        c = make_kv_cache(model.config, 12, 4, "int4", dtype, "cpu", max_seqs=1)
+        c.prepare_blocks(range(12))
+        return c
+
+    cache = pool(torch.bfloat16)
+    decoder, why = FusedDecoder.create(model, cache, max_ctx=32)
+    assert why == "C kernel", why
+    fused = torch.cat([decoder.decode([t], [p], [table]) for p, t in enumerate(tokens[:-1])])
+    expected = _incremental(reference, pool(torch.float32), tokens, table)
+    eager = _incremental(model, pool(torch.bfloat16), tokens, table)
+    fused_err = (fused - expected[:-1]).abs().max()
+    assert fused_err < 0.02 * expected.abs().max()
+    assert fused_err <= (eager[:-1] - expected[:-1]).abs().max()
+    assert torch.equal(fused.argmax(-1), expected[:-1].argmax(-1))
+    # the PyTorch path continues from what the kernel stored (codes, channel scales, the staged block)
+    p = len(tokens) - 1
+    meta = AttnMetadata(
+        [1],
+        [p + 1],
+        block_tables=torch.tensor([table]),
+        slot_mapping=torch.tensor([table[p // 4] * 4 + p % 4]),
+    )
+    with torch.inference_mode():
+        last = model.compute_logits(model(torch.tensor([tokens[-1]]), torch.tensor([p]), cache, meta))[0]
+    torch.testing.assert_close(last, eager[-1], atol=0.05 * eager[-1].abs().max().item(), rtol=0)
+    assert cache.stage_of.tolist().count(-1) == 11  # only the last, unfinished block keeps a slot
+
+
+@pytest.fixture(scope="module")
+def smollm_bf16():
+    from slimlm.loading import load
+
+    return load(None, dtype="bfloat16", progress=False)
+
+
+def test_engine_gives_slots_back_and_preemption_keeps_the_tokens(smollm_bf16):
+    from slimlm.bench.workload import REFERENCE_PROMPTS
+    from slimlm.engine.llm import LLM
+    from slimlm.engine.params import SamplingParams
+
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    roomy = LLM.from_loaded(smollm_bf16, kv_cache_tokens=1024, block_size=8, kv_dtype="int4")
+    expected = [o.token_ids for o in roomy.generate(REFERENCE_PROMPTS, greedy)]
+    assert (roomy.engine.cache.stage_of == -1).all()  # every finished sequence gave its slot back
+    tight = LLM.from_loaded(
+        smollm_bf16, kv_cache_tokens=96, block_size=8, kv_dtype="int4", enable_prefix_caching=False
+    )
+    outs = [o.token_ids for o in tight.generate(REFERENCE_PROMPTS, greedy)]
+    assert tight.engine.stats.preemptions > 0
+    assert outs == expected  # what a token reads depends on positions only, not on recomputation
+    assert (tight.engine.cache.stage_of == -1).all()
+
+
+def test_sdpa_reference_is_plain_attention_without_quantization():
+    """Sanity of the reference itself: with quantization removed it is causal attention."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (
+        torch.randn(8, 4, 16, generator=gen),
+        torch.randn(8, 2, 16, generator=gen),
+        torch.randn(8, 2, 16, generator=gen),
+    )
+    exact = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+    ).transpose(0, 1)
+    got = _reference(q, k, v, block=16, scale=16**-0.5)  # one block: all read exact (bf16)
+    torch.testing.assert_close(got, exact, atol=0.02, rtol=0)
