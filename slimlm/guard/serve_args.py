@@ -18,6 +18,7 @@ def add_guard_arguments(p: argparse.ArgumentParser) -> None:
         "--guard-threshold",
         type=float,
         default=None,
+        metavar="T",
         help=f"cosine similarity needed to send an approved reply (default {DEFAULT_THRESHOLD}; slimlm guard calibrate)",
     )
     g.add_argument(
@@ -30,7 +31,10 @@ def add_guard_arguments(p: argparse.ArgumentParser) -> None:
         help="snap: send the closest approved reply (default); deny: LIB holds forbidden examples, block answers close to one",
     )
     g.add_argument(
-        "--embedding-model", default=None, help="sentence-transformers directory (default all-MiniLM-L6-v2)"
+        "--embedding-model",
+        default=None,
+        metavar="DIR",
+        help="sentence-transformers directory (default all-MiniLM-L6-v2)",
     )
     g.add_argument(
         "--embeddings", action="store_true", help="serve POST /v1/embeddings (on with --guard too)"
