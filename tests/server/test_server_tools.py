@@ -18,7 +18,7 @@ jsonschema = pytest.importorskip("jsonschema")
 def client(server):
     """The shared server's client with a longer timeout: a constrained request decodes dozens of tokens
     on the fp32 PyTorch path, minutes when the 2-core machine is shared by other jobs."""
-    with openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=900) as c:
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=1800) as c:
         yield c
 
 
