@@ -28,6 +28,7 @@ from slimlm.server.responses import (
     usage_chunk,
 )
 from slimlm.server.streaming import ClientGone, EventStream, sse, unless_disconnected
+from slimlm.server.tools import ToolStream, apply_to_body
 from slimlm.server.translate import Prepared, prepare_chat, prepare_completion
 from slimlm.server.validation import check_limits
 
@@ -152,6 +153,8 @@ class Generation:
         tokenizer = self.llm.tokenizer
         if kind == "chat":
             body = chat_completion(meta, choices, prepared.num_prompt_tokens, tokenizer)
+            if prepared.tools is not None:
+                body = apply_to_body(body, prepared.tools)
         else:
             body = completion(meta, choices, prepared.num_prompt_tokens, tokenizer, prepared.echo_texts)
             if prompt_parts:
@@ -201,6 +204,7 @@ class Generation:
         is_chat = meta.kind == "chat"
         choices = [ChoiceResult() for _ in range(len(prepared.prompts) * prepared.n)]
         offsets = [0] * len(choices)  # completion logprobs' text_offset
+        tool_streams = [ToolStream(prepared.tools) for _ in choices] if prepared.tools is not None else None
 
         def chunk(
             index: int, text: str | None, finish: str | None = None, logprobs: dict | None = None
@@ -231,6 +235,15 @@ class Generation:
                     else:
                         logprobs = completion_logprobs(tokenizer, [out.logprob], offsets[i])
                         offsets[i] += len(logprobs["tokens"][0])
+                if tool_streams is not None:  # chat with tools: text becomes content or tool-call deltas
+                    for delta in tool_streams[i].feed(out.text):
+                        yield sse(chat_chunk(meta, i, delta, None, None, include_usage))
+                    if out.finished:
+                        deltas, finish = tool_streams[i].finish(out.finish_reason)
+                        for delta in deltas:
+                            yield sse(chat_chunk(meta, i, delta, None, None, include_usage))
+                        yield sse(chat_chunk(meta, i, {}, finish, None, include_usage))
+                    continue
                 if out.text or logprobs:
                     yield chunk(i, out.text, None, logprobs)
                 if out.finished:

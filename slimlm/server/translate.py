@@ -5,13 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from slimlm.engine.params import SamplingParams
+from slimlm.engine.structured import StructuredOutputs
 from slimlm.errors import SlimlmError
 from slimlm.server.errors import APIError, from_slimlm_error
 from slimlm.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from slimlm.server.validation import check_kv_room, pool_tokens
+from slimlm.server.structured_request import check_structure, requested_structure
+from slimlm.server.tools import ToolPlan, conversation, plan_tools, tool_template
 
 MAX_N = 16
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 # generation_config.json keys that set the server's defaults (vLLM's "--generation-config auto")
 _DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -24,6 +27,7 @@ class Prepared:
     n: int
     requests: list[tuple[list[int], SamplingParams]] = field(default_factory=list)
     echo_texts: list[str] = field(default_factory=list)  # per prompt, when echo is asked
+    tools: ToolPlan | None = None  # chat requests with tools: how answers become tool calls
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -39,7 +43,7 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
         if role is None:
             raise APIError(
                 400,
-                f"messages[{i}].role {m.role!r} is not supported; use system, user or assistant",
+                f"messages[{i}].role {m.role!r} is not supported; use system, user, assistant or tool",
                 param=f"messages[{i}].role",
             )
         if m.content is None:
@@ -58,7 +62,12 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
                         param=f"messages[{i}].content",
                     )
             text = "".join(part.text for part in m.content)  # type: ignore[misc]
-        out.append({"role": role, "content": text})
+        message = {"role": role, "content": text}
+        if m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
     return out
 
 
@@ -67,21 +76,27 @@ def prepare_chat(llm, req: ChatCompletionRequest) -> Prepared:
     _check_common(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise APIError(
-            400,
-            f"response_format {req.response_format.type!r} is not supported; use 'text'",
-            param="response_format",
-        )
+    template = tool_template(llm.tokenizer)
+    plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, template)
+    structure, source = requested_structure(req)
+    if plan is not None and plan.forced:
+        if structure is not None:
+            raise APIError(400, f"a forced tool call cannot be combined with {source}", param=source)
+        structure, source = plan.constraint(), "tools"
+    if structure is not None:
+        check_structure(llm, structure, source)  # type: ignore[arg-type]
+    messages, tools = conversation(messages, plan, template)
     try:
-        prompt = llm.chat_prompt(messages)
+        prompt = llm.chat_prompt(messages, tools=tools)
     except SlimlmError as e:
         raise from_slimlm_error(e) from None
     except Exception as e:  # the template itself refused the conversation (jinja raise_exception)
         raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return _prepare(llm, req, [prompt], max_tokens, logprobs, "messages")
+    prepared = _prepare(llm, req, [prompt], max_tokens, logprobs, "messages", structure)
+    prepared.tools = plan
+    return prepared
 
 
 def prepare_completion(llm, req: CompletionRequest) -> Prepared:
@@ -101,8 +116,13 @@ def prepare_completion(llm, req: CompletionRequest) -> Prepared:
         prompts = [llm.encode_prompt(p) for p in raw]
     except SlimlmError as e:
         raise APIError(400, f"invalid prompt: {e}", param="prompt") from None
+    structure, source = requested_structure(req)
+    if structure is not None:
+        check_structure(llm, structure, source)  # type: ignore[arg-type]
     score_only = req.max_tokens == 0  # echo (checked in validation): the prompt's logprobs, no tokens
-    prepared = _prepare(llm, req, prompts, 1 if score_only else req.max_tokens, req.logprobs, "prompt")
+    prepared = _prepare(
+        llm, req, prompts, 1 if score_only else req.max_tokens, req.logprobs, "prompt", structure
+    )
     if score_only:
         prepared.requests = []
     if req.echo:
@@ -129,6 +149,7 @@ def _prepare(
     max_tokens: int | None,
     logprobs: int | None,
     prompt_field: str,
+    structure: StructuredOutputs | None = None,
 ) -> Prepared:
     limit = llm.engine.max_model_len
     defaults = {k: v for k, v in llm.loaded.generation_config.items() if k in _DEFAULT_KEYS}
@@ -151,7 +172,7 @@ def _prepare(
         for i in range(req.n):
             seed = None if req.seed is None else req.seed + i  # n samples from one seed must differ
             params = _sampling_params(
-                req, max_tokens if max_tokens is not None else room, logprobs, seed, defaults
+                req, max_tokens if max_tokens is not None else room, logprobs, seed, defaults, structure
             )
             prepared.requests.append((prompt, params))
     return prepared
@@ -162,7 +183,12 @@ def _pick(value, default_key: str, defaults: dict, fallback):
 
 
 def _sampling_params(
-    req: _SamplingFields, max_tokens: int, logprobs: int | None, seed: int | None, defaults: dict
+    req: _SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    seed: int | None,
+    defaults: dict,
+    structure: StructuredOutputs | None = None,
 ) -> SamplingParams:
     try:
         return SamplingParams(
@@ -183,6 +209,7 @@ def _sampling_params(
             logprobs=logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
+            structured_outputs=structure,
         )
     except SlimlmError as e:
         raise from_slimlm_error(e) from None

@@ -57,7 +57,7 @@ CASES = [
     (CHAT, chat(logit_bias={"1": 5}), 400, "logit_bias", "not supported"),
     (CHAT, chat(stream_options={"include_usage": True}), 400, "stream_options", "stream"),
     (CHAT, chat(top_logprobs=2), 400, "top_logprobs", "logprobs"),
-    (CHAT, chat(response_format={"type": "json_object"}), 400, "response_format", "json_object"),
+    (CHAT, chat(response_format={"type": "xml"}), 400, "response_format.type", "xml"),
     (CHAT, chat(max_tokens=9000), 400, "messages", "maximum context length"),
     (
         CHAT,
