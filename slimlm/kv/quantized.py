@@ -134,4 +134,3 @@ def __getattr__(name: str):
 
         return Int4KiviPagedKVCache
     raise AttributeError(name)
-
