@@ -10,7 +10,7 @@ from slimlm.errors import SlimlmError
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
-    "plan": ("slimlm.plan.cli", "will it fit? memory plan for inference and training"),
+    "plan": ("slimlm.commands.plan", "will it fit? memory plan for inference and training"),
     "generate": ("slimlm.commands.generate", "generate text for one or more prompts"),
     "chat": ("slimlm.commands.chat", "interactive streaming chat"),
     "bench": ("slimlm.commands.bench", "speed and memory against transformers and llama.cpp"),

@@ -41,7 +41,7 @@ def test_int4_kv_holds_more_tokens_at_the_same_budget(smollm):
 def test_planner_quantized_weight_bytes_equal_the_quantized_model(bits, group_size, embeddings):
     """w4/w8 as `slimlm quantize` makes them (embedding and tied lm_head quantized by default)."""
     from slimlm.loading import load
-    from slimlm.plan.cli import _weight_format
+    from slimlm.commands.plan import _weight_format
     from slimlm.quant.quantize import quantize_model, quantized_weight_bytes
 
     loaded = load(None, dtype="bfloat16", progress=False)

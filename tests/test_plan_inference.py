@@ -170,7 +170,7 @@ def test_bad_inference_settings():
 
 
 def test_embeddings_default_follows_slimlm_quantize_auto_rule():
-    from slimlm.plan.cli import _weight_format
+    from slimlm.commands.plan import _weight_format
 
     # auto: quantized for w4, float for w8 (`slimlm quantize --embeddings auto`)
     assert weight_bytes(LLAMA2_7B, "w4", 128) == weight_bytes(LLAMA2_7B, "w4", 128, quantize_embeddings=True)

@@ -6,6 +6,9 @@ import argparse
 import dataclasses
 import re
 
+from slimlm.commands.defaults import field_default
+from slimlm.engine.config import EngineConfig
+from slimlm.engine.params import SamplingParams
 from slimlm.errors import SlimlmError
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -107,14 +110,29 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cache-max-entry-count",
         type=float,
-        default=0.8,
-        help="KV pool = this fraction of the memory free after loading weights (default 0.8)",
+        default=field_default(EngineConfig, "cache_max_entry_count"),
+        help="KV pool = this fraction of the memory free after loading weights (default %(default)s)",
     )
     g.add_argument("--kv-cache-tokens", type=int, default=None, help="absolute KV budget in tokens")
     g.add_argument("--kv-cache-bytes", type=parse_size, default=None, help="absolute KV budget, e.g. 512MiB")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
-    g.add_argument("--max-num-batched-tokens", type=int, default=4096, help="most tokens in one step")
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=field_default(EngineConfig, "block_size"),
+        help="tokens per KV block (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=field_default(EngineConfig, "max_num_seqs"),
+        help="most sequences decoded together",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=field_default(EngineConfig, "max_num_batched_tokens"),
+        help="most tokens in one step",
+    )
     g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     g.add_argument("--kv-dtype", default=None, help="auto | bf16 | fp16 | fp32 | int8 | int4 | k8v4")
     g.add_argument(
@@ -125,18 +143,26 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--min-tokens", type=int, default=0)
+    g.add_argument("--max-tokens", type=int, default=field_default(SamplingParams, "max_tokens"))
+    g.add_argument("--min-tokens", type=int, default=field_default(SamplingParams, "min_tokens"))
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=field_default(SamplingParams, "top_p"))
+    g.add_argument("--top-k", type=int, default=field_default(SamplingParams, "top_k"))
+    g.add_argument("--min-p", type=float, default=field_default(SamplingParams, "min_p"))
+    g.add_argument(
+        "--repetition-penalty", type=float, default=field_default(SamplingParams, "repetition_penalty")
+    )
+    g.add_argument(
+        "--presence-penalty", type=float, default=field_default(SamplingParams, "presence_penalty")
+    )
+    g.add_argument(
+        "--frequency-penalty", type=float, default=field_default(SamplingParams, "frequency_penalty")
+    )
+    g.add_argument(
+        "--no-repeat-ngram-size", type=int, default=field_default(SamplingParams, "no_repeat_ngram_size")
+    )
+    g.add_argument("--num-beams", type=int, default=field_default(SamplingParams, "num_beams"))
+    g.add_argument("--length-penalty", type=float, default=field_default(SamplingParams, "length_penalty"))
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--stop-token-ids", type=int, nargs="*", default=[])

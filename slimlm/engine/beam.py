@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from slimlm.engine.beam_search import BeamSearch
+from slimlm.engine.outputs import RequestOutput
 from slimlm.engine.params import SamplingParams
 from slimlm.errors import SlimlmError
 from slimlm.kv.contiguous import ContiguousKVCache
@@ -46,8 +47,6 @@ def beam_search(llm, prompt_ids: list[int], params: SamplingParams):
     """HF transformers' beam search semantics (see BeamSearch); returns the best hypothesis.
 
     A progress bar over the generated tokens shows when `llm.show_progress` is set (the CLI sets it)."""
-    from slimlm.engine.llm import RequestOutput
-
     check_beam_request(llm, len(prompt_ids), params)
     model = llm.loaded.model
     config = llm.config

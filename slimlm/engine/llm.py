@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,18 +11,9 @@ from slimlm.engine.backend import KEEP_LAYOUT, auto_weights_layout  # noqa: F401
 from slimlm.engine.config import EngineConfig
 from slimlm.engine.engine import LLMEngine, StepOutput
 from slimlm.engine.memory import format_bytes
+from slimlm.engine.outputs import RequestOutput  # noqa: F401  (re-exported: callers import it from here)
 from slimlm.engine.params import SamplingParams
 from slimlm.errors import SlimlmError
-
-
-@dataclass
-class RequestOutput:
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    logprobs: list[Any] = field(default_factory=list)
-    num_cached_tokens: int = 0
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -39,7 +29,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """'auto' -> bfloat16 where the hardware has fast bf16 matmuls (measured 1.6x fp32 decode here), else float32."""
+    """'auto' -> bfloat16 where the hardware has fast bf16 matmuls (docs/measured_choices.md), else float32."""
     if dtype != "auto":
         return dtype
     if device.type == "cuda":

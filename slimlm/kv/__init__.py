@@ -15,6 +15,7 @@ def kv_cache_class(kv_dtype: str) -> type[PagedKVCache]:
     if kv_dtype in ("auto", *_FLOAT_KV):
         return PagedKVCache
     if kv_dtype in ("int8", "int4", "k8v4"):
+        import slimlm.kv.kivi  # noqa: F401  (adds "int4" to the table; kivi imports quantized, not back)
         from slimlm.kv.quantized import QUANTIZED_CACHES
 
         return QUANTIZED_CACHES[kv_dtype]

@@ -84,8 +84,7 @@ def attend_decode_batch(
     Heads-first K/V is the paged pool's own layout, so the gathered blocks feed the matmuls without a
     transpose copy (that copy was ~8% of a 16-way decode step). `mask=None` means no padding at all.
     Batches of bf16/fp16 take two matmuls; float32, and a single sequence in any dtype, take float32
-    SDPA: one row's bf16 matmuls cost more than upcasting its context (136 vs 80 us per layer at 192
-    tokens with oneDNN off, as one-token steps run: benchmarks/decode_kernels.py).
+    SDPA: one row's bf16 matmuls cost more than upcasting its context (docs/measured_choices.md).
     """
     if softcap:
         kh, vh = k.transpose(0, 1), v.transpose(0, 1)  # [B, KVH, L, D]
@@ -107,9 +106,8 @@ def _attend_decode_matmul(
 ) -> torch.Tensor:
     """One-token attention as two batched matmuls, softmax in float32.
 
-    torch 2.13's CPU flash kernel takes ~10x longer than this for bf16 decode with a padding mask
-    (2.6 ms against 0.24 ms per layer at 16 sequences x 176 tokens, benchmarks in docs/engine.md); in
-    float32 it is as fast as this, so fp32 keeps SDPA. Query heads of a KV group share one matmul.
+    torch's CPU flash kernel is much slower than this for bf16 decode with a padding mask; in float32
+    it is as fast as this, so fp32 keeps SDPA (figures: docs/measured_choices.md). Query heads of a KV group share one matmul.
     """
     b, h, d = q.shape
     kvh = k.shape[0]

@@ -14,8 +14,8 @@ from slimlm.kv.metadata import AttnMetadata
 
 
 def gather_blocks(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """pool [num_blocks, ...], blocks [..., n] -> [..., n, ...]; index_select measured ~4x faster than
-    advanced indexing for the decode gather (25 vs 107 us, 16 sequences x 12 blocks, bf16)."""
+    """pool [num_blocks, ...], blocks [..., n] -> [..., n, ...]; index_select, because it beats advanced
+    indexing for the decode gather (docs/measured_choices.md)."""
     return pool.index_select(0, blocks.reshape(-1)).view(*blocks.shape, *pool.shape[1:])
 
 
@@ -70,7 +70,7 @@ class PagedKVCache:
     def _load(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """blocks: [..., n] block ids -> K, V [KVH, ..., n * block_size, D] (heads first), compute dtype."""
         # One row per (head, block) of the flattened [KVH * blocks, block_size * D] pool: index_select
-        # over dim 0 copies whole rows (6 us), where selecting over the block dim took 18 us.
+        # over dim 0 copies whole rows, faster than selecting over the block dim (docs/measured_choices.md).
         if blocks is not self._rows_of:  # decode passes one table to every layer of a step: index it once
             self._rows_of, self._rows = blocks, (self._head_offsets + blocks.reshape(1, -1)).view(-1)
         rows = self._rows

@@ -134,6 +134,3 @@ def __getattr__(name: str):
 
         return Int4KiviPagedKVCache
     raise AttributeError(name)
-
-
-import slimlm.kv.kivi  # noqa: E402, F401  (registers QUANTIZED_CACHES["int4"])

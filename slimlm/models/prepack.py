@@ -6,8 +6,8 @@ Two kernels matter on CPU, and each wins at one end (benchmarks/decode_kernels.p
   for steps with several rows (batched decode, prefill); `F.linear` without packing reorders a bf16
   weight on every call, which costs as much as the matmul itself.
 - torch's own bf16/fp16 GEMV, on plain row-major weights, with oneDNN switched off for the step (the
-  runner does that for one-token steps). It streams weights ~1.6x faster than oneDNN at one row, and
-  is many times slower than it at two rows or more.
+  runner does that for one-token steps). It streams weights faster than oneDNN at one row, and is
+  many times slower than it at two rows or more (docs/measured_choices.md).
 
 Layouts (`weights_layout`): "packed" (oneDNN only), "plain" (plain weights, fused q/k/v and gate/up),
 "both" (the two copies: each step takes its faster kernel, at the price of the linear weights twice).

@@ -7,7 +7,7 @@ gradient poisons only its own element (as in torch's AdamW), not its whole block
 Codes come from a lookup table indexed by the top bits of each value's float32 pattern (sign, exponent
 and a few mantissa bits, as many as the table needs so that no bucket holds two decision boundaries) plus
 one comparison with the boundary inside the bucket: exact nearest rounding at the cost of two gathers,
-where a binary search (torch.searchsorted) is 10-30x slower on CPU.
+where a binary search (torch.searchsorted) is much slower on CPU (docs/measured_choices.md).
 """
 
 from __future__ import annotations

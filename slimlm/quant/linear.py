@@ -6,7 +6,7 @@ Backends, picked by `make_quant_linear` from the weight's scheme and the device:
   (`_weight_int4pack_mm`, the tinygemm kernel). Both compute W = (q - 8) * s + zf with a float zero zf,
   so our integer zero point z maps to zf = (8 - z) * s (torchao's `_quantize_affine_tinygemm` uses the
   same mid-point 8). Scales and zeros are bfloat16, activations are cast to bfloat16 for the kernel
-  (the fp32 variants of these CPU kernels measured 10-100x slower, see benchmarks/quant_kernels.py).
+  (the fp32 variants of these CPU kernels are much slower: docs/measured_choices.md).
 - `Int8Linear`: 8-bit per-channel symmetric via `_weight_int8pack_mm` (the kernel takes one scale per
   output channel and no zero point; group-wise or asymmetric 8-bit weights use the fallback).
 - `DequantLinear`: everything else; dequantizes the weight each forward and calls F.linear.
