@@ -106,8 +106,12 @@ def test_list_presets(capsys, monkeypatch):
         (["--mode", "train", "--device", "rtx4090", "--zero-stage", "5"], "ZeRO stage must be 0, 1, 2 or 3"),
         (["--mode", "train", "--device", "rtx4090", "--optimizer", "lion"], "unknown optimizer"),
         (
-            ["--mode", "train", "--device", "rtx4090", "--method", "lora", "--lora-targets", "qkv"],
+            ["--mode", "train", "--device", "rtx4090", "--method", "lora", "--lora-targets", "attn"],
             "unknown LoRA target",
+        ),
+        (  # a real projection name, but of the fused (Phi-3) layout: SmolLM2 has none, so nothing to train
+            ["--mode", "train", "--device", "rtx4090", "--method", "lora", "--lora-targets", "qkv"],
+            "none of the LoRA targets qkv_proj is a projection of this model",
         ),
         (["--device", "rtx4090", "--plot", "out.jpg"], "ending in .png"),
         (["--model", "/no/such/config.json", "--device", "rtx4090"], "unknown model"),

@@ -128,9 +128,15 @@ def lora_shapes(config: ModelConfig, s: TrainingSettings) -> list[tuple[int, ...
     """A [r, in] and B [out, r] for every adapted projection of every layer."""
     from slimlm.plan.shapes import linear_shapes
 
+    linears = linear_shapes(config)
+    if not set(s.lora_targets) & set(linears):  # e.g. qkv_proj on a model with separate q/k/v
+        raise SlimlmError(
+            f"none of the LoRA targets {', '.join(s.lora_targets)} is a projection of this model; "
+            f"choose from {', '.join(linears)}"
+        )
     shapes = []
     for _layer in range(config.num_hidden_layers):
-        for name, (out_f, in_f) in linear_shapes(config).items():
+        for name, (out_f, in_f) in linears.items():
             if name in s.lora_targets:
                 shapes += [(s.lora_rank, in_f), (out_f, s.lora_rank)]
     return shapes
