@@ -138,3 +138,21 @@ def test_c_decode_kernel_refuses_the_family_with_a_reason(arch):
 
 def test_new_families_are_listed():
     assert set(FAMILY_ARCHS) >= {"qwen3", "phi3", "gemma3"}
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gemma3"])
+def test_quantized_checkpoint_round_trips_through_load(tmp_path, arch):
+    """w4 (embedding and tied head quantized too) saved with its config.json, loaded back by `load`:
+    the family's config keys survive `to_hf_dict` and the logits are the quantized model's."""
+    from slimlm.loading import load
+    from slimlm.quant.format import save_quantized
+    from tests.test_loading import _write_tiny_tokenizer
+
+    model = slimlm_from_hf(make_hf_model(arch))
+    config = quantize_model(model, "rtn", 4, 32, None, progress=False)
+    save_quantized(model, config, tmp_path / "q")
+    _write_tiny_tokenizer(tmp_path / "q")
+    loaded = load(str(tmp_path / "q"), dtype="float32", progress=False)
+    assert loaded.config.family == arch and loaded.config.layer_types == model.config.layer_types
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.forward_dense(IDS), model.forward_dense(IDS))

@@ -102,13 +102,10 @@ class Tokenizer:
         """Ids of SentencePiece byte pieces (<0x00>..<0xFF>) that the decoder joins into characters; empty
         for byte-level vocabularies."""
         if self._byte_ids is None:
-            pieces = {f"<0x{b:02X}>" for b in range(256)}
             uses = getattr(self.backend.model, "byte_fallback", False)
-            self._byte_ids = (
-                frozenset(i for t, i in self.backend.get_vocab().items() if t in pieces)
-                if uses
-                else frozenset()
-            )
+            # 256 lookups, not get_vocab(): that builds a dict of the whole vocabulary (seconds at 262k)
+            ids = (self.backend.token_to_id(f"<0x{b:02X}>") for b in range(256)) if uses else ()
+            self._byte_ids = frozenset(i for i in ids if i is not None)
         return self._byte_ids
 
     def token_to_id(self, token: str) -> int | None:
