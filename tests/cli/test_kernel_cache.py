@@ -15,8 +15,8 @@ from slimlm.kernels import build
 
 ROOT = Path(__file__).resolve().parents[2]
 LOAD = (
-    "from slimlm.kernels.fused_decode import _library\n"
-    "lib, what = _library(require_fast=False)\n"
+    "from slimlm.kernels.library import library\n"
+    "lib, what = library(needs_bf16=True, needs_int=False, require_fast=False)\n"
     "print(what, lib is not None and hasattr(lib, 'slim_decode'))\n"
 )
 
