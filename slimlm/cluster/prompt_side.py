@@ -21,17 +21,21 @@ class PromptSide:
         self.tokenizer = tokenizer
         self.config = config
         self.loaded = SimpleNamespace(generation_config=generation_config, source=source)
-        self.engine = SimpleNamespace(max_model_len=max_model_len)
+        # kv_pool_tokens: no pool here; each replica holds at most a full context (one is checked by
+        # the replica's own engine), so the ingress bounds a request by the context alone
+        self.engine = SimpleNamespace(
+            max_model_len=max_model_len, eos_token_ids=list(config.eos_token_ids or []), kv_pool_tokens=max_model_len
+        )
 
     def encode_prompt(self, prompt):
         from slimlm.engine.llm import LLM
 
         return LLM.encode_prompt(self, prompt)  # uses only self.tokenizer and self.config
 
-    def chat_prompt(self, messages):
+    def chat_prompt(self, messages, tools=None):
         from slimlm.engine.llm import LLM
 
-        return LLM.chat_prompt(self, messages)
+        return LLM.chat_prompt(self, messages, tools=tools)
 
 
 def load_prompt_side(model: str | None, max_model_len: int | None) -> PromptSide:

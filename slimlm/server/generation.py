@@ -165,7 +165,12 @@ class Generation:
         """Per prompt, OpenAI's logprobs of the echoed prompt tokens (echo + logprobs), else None."""
         if kind != "completion" or not req.echo or req.logprobs is None:
             return None
-        model, tokenizer = self.llm.engine.model, self.llm.tokenizer
+        model, tokenizer = getattr(self.llm.engine, "model", None), self.llm.tokenizer
+        if model is None:  # Ray replicas (slimlm/cluster): the ingress has no weights to score with
+            raise APIError(
+                400, "prompt logprobs (echo with logprobs) are not served by --replicas; use one slimlm serve",
+                param="echo",
+            )
         parts = []
         for ids in prepared.prompts:
             entries = await self.engine.run(prompt_logprobs, model, ids, req.logprobs)

@@ -134,8 +134,11 @@ def check_limits(req: ChatCompletionRequest | CompletionRequest, vocab_size: int
 
 
 def pool_tokens(llm) -> int:
-    """How many tokens the whole KV cache holds (one sequence can use at most this much)."""
-    bm = llm.engine.block_manager
+    """How many tokens the whole KV cache holds (one sequence can use at most this much). Behind Ray
+    replicas (slimlm/cluster) the ingress holds no pool: the replicas' `kv_pool_tokens` stands in."""
+    bm = getattr(llm.engine, "block_manager", None)
+    if bm is None:
+        return llm.engine.kv_pool_tokens
     return bm.num_blocks * bm.block_size
 
 
