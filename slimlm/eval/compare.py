@@ -36,7 +36,7 @@ def decode_rate(loaded, prompt_len: int = 64, gen_len: int = 64, runs: int = 3) 
 
     llm = LLM.from_loaded(
         loaded,
-        weights_layout="packed",
+        weights_layout="auto",  # as the commands run it: the C kernel where it runs (quantized too)
         kv_cache_tokens=prompt_len + gen_len + 32,
         enable_prefix_caching=False,
     )
