@@ -50,6 +50,7 @@ def decode_rate(
 
     llm = LLM.from_loaded(
         loaded,
+        weights_layout="auto",  # as the commands run it: the C kernel where it runs (quantized too)
         kv_cache_tokens=prompt_len + gen_len + 32,
         enable_prefix_caching=False,
         kv_dtype=kv_dtype,

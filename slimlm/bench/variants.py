@@ -1,0 +1,151 @@
+"""Weight variants of one model measured side by side, each in its own process (so peak RSS is its own).
+
+    python -m slimlm.bench.variants VARIANT [--threads 2 ...]   -> one JSON line on stdout
+
+VARIANT: bf16 (the GGUF dequantized), native (the GGUF's own Q4_1/Q8_0 blocks on the C kernel),
+w4g32 / w4g64 / w4g128 / w8 (slimlm RTN checkpoints, made once with `slimlm quantize` under the cache
+directory), llama.cpp (llama-cpp-python on the same GGUF).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+VARIANTS = ("bf16", "native", "w4g32", "w4g64", "w4g128", "w8", "llama.cpp")
+CHECKPOINTS = {"w4g32": ("4", "32"), "w4g64": ("4", "64"), "w4g128": ("4", "128"), "w8": ("8", "-1")}
+
+
+def checkpoint(variant: str, cache: Path) -> Path:
+    """The RTN checkpoint of the embedded model for `variant`, quantized once (slimlm quantize)."""
+    bits, group = CHECKPOINTS[variant]
+    out = cache / f"smollm2-{variant}"
+    if not (out / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "slimlm.cli", "quantize", "--bits", bits, "--group-size", group,
+                        "--method", "rtn", "--out", str(out), "--quiet"], check=True)  # fmt: skip
+    return out
+
+
+def _measure_cpu(runner, prompts, single, gen_len: int, runs: int, log) -> dict:
+    """Process CPU seconds instead of wall time (for a machine shared with other jobs: on 1 thread the
+    CPU time of a step is its work, whatever the scheduler does). Same method for every system: TTFT =
+    CPU of a 2-token request; decode = (CPU of a gen_len request - TTFT) / (gen_len - 2) per token;
+    throughput = generated tokens per CPU second of all prompts together. Reported as *_tok_s = 1/CPU."""
+    import statistics
+    import time
+
+    def cpu(fn):
+        start = time.process_time()
+        fn()
+        return time.process_time() - start
+
+    runner.first_and_rate(single[:16], 4)  # warm-up
+    firsts, rates, throughputs = [], [], []
+    for i in range(runs):
+        first = cpu(lambda: runner.first_and_rate(single, 2))  # the runners need 2 tokens for a rate
+        total = cpu(lambda: runner.first_and_rate(single, gen_len))
+        batch = cpu(lambda: runner.throughput(prompts, gen_len))
+        firsts.append(first)
+        rates.append((gen_len - 2) / max(total - first, 1e-9))
+        throughputs.append(len(prompts) * gen_len / batch)
+        log(f"  run {i + 1}/{runs} (CPU time): ttft {first * 1000:.0f} ms, decode {rates[-1]:.1f} tok/s, "
+            f"{len(prompts)}-way {throughputs[-1]:.1f} tok/s")  # fmt: skip
+    return {"clock": "process CPU time", "ttft_s": statistics.median(firsts),
+            "decode_tok_s": statistics.median(rates), "throughput_tok_s": statistics.median(throughputs),
+            "runs": {"ttft_s": firsts, "decode_tok_s": rates, "throughput_tok_s": throughputs}}  # fmt: skip
+
+
+def measure(
+    variant: str,
+    cache: Path,
+    runs: int,
+    concurrency: int,
+    prompt_len: int,
+    gen_len: int,
+    cpu_time: bool = False,
+) -> dict:
+    import torch
+
+    from slimlm.bench.peers import LlamaCppRunner, SlimlmRunner
+    from slimlm.bench.run import _measure
+    from slimlm.bench.workload import make_prompts
+    from slimlm.loading import default_model_path
+    from slimlm.tokenizer import Tokenizer  # noqa: F401  (prompts come from slimlm's tokenizer)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    kv_tokens = (concurrency + 1) * (prompt_len + gen_len + 16)
+    from slimlm.engine.llm import LLM
+
+    if variant in CHECKPOINTS:
+        model, weights = str(checkpoint(variant, cache)), "float"
+    else:
+        model, weights = None, "native" if variant == "native" else "float"
+    llm = LLM(
+        model, dtype="bfloat16", device="cpu", kv_cache_tokens=kv_tokens, progress=False, weights=weights
+    )
+    prompts = make_prompts(llm.tokenizer, concurrency + 1, prompt_len)
+    result: dict = {"variant": variant}
+    if variant == "llama.cpp":
+        path = default_model_path()
+        del llm
+        runner = LlamaCppRunner(path, torch.get_num_threads(), n_ctx=prompt_len + gen_len + 64)
+        result["weights"] = "GGUF Q4_1 linears, Q8_0 embedding (llama.cpp's own kernels)"
+    else:
+        runner = SlimlmRunner(llm)
+        report = llm.memory_report()
+        result.update(weights=report["weights_format"], weights_bytes=report["weights_bytes"],
+                      decode_kernel=report["decode_kernel"], notes=report["notes"])  # fmt: skip
+    if cpu_time:
+        result.update(_measure_cpu(runner, prompts[1:], prompts[0], gen_len, runs, log))
+    else:
+        result.update(_measure(runner, prompts[1:], prompts[0], gen_len, runs, log))
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if variant != "llama.cpp":  # the read-bandwidth roofline: weight bytes streamed per token
+        from slimlm.bench.ceiling import read_bandwidth
+
+        per_token = result["weights_bytes"] - _lookup_only_bytes(llm.loaded.model)
+        bandwidth = read_bandwidth(256 * 2**20)
+        result.update(bytes_per_token=per_token, read_bandwidth_gb_s=bandwidth / 1e9,
+                      roofline_tok_s=bandwidth / per_token,
+                      roofline_fraction=result["decode_tok_s"] * per_token / bandwidth)  # fmt: skip
+    return result
+
+
+def _lookup_only_bytes(model) -> int:
+    """Bytes of an untied embedding table: a decode step reads one row of it, not the whole table."""
+    from slimlm.kernels.qlinear import KernelEmbedding
+
+    embed = model.model.embed_tokens
+    if isinstance(embed, KernelEmbedding):
+        return 0 if embed.tied else embed.table.kernel_weight().nbytes
+    head = getattr(model.lm_head, "weight", None)
+    return 0 if head is embed.weight else embed.weight.numel() * embed.weight.element_size()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("variant", choices=VARIANTS)
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "slimlm" / "bench"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--cpu-time", action="store_true", help="measure process CPU time (shared machines)")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = measure(args.variant, Path(args.cache), args.runs, args.concurrency, args.prompt_len, args.gen_len,
+                  args.cpu_time)  # fmt: skip
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
