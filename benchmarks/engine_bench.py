@@ -4,6 +4,7 @@
 
 Writes benchmarks/results/engine_bench_<dtype>.json (engine_bench_<model>_<dtype>.json with --model)
 and prints the table with ratios.
+
     python benchmarks/engine_bench.py --variants bf16,native,w4g32,w4g64,w8,llama.cpp [--runs 3]
 
 measures weight variants of the same model instead, each in its own process (slimlm/bench/variants.py:
