@@ -40,8 +40,8 @@ def test_int4_kv_holds_more_tokens_at_the_same_budget(smollm):
 @pytest.mark.parametrize("embeddings", [True, False])
 def test_planner_quantized_weight_bytes_equal_the_quantized_model(bits, group_size, embeddings):
     """w4/w8 as `slimlm quantize` makes them (embedding and tied lm_head quantized by default)."""
-    from slimlm.loading import load
     from slimlm.commands.plan import _weight_format
+    from slimlm.loading import load
     from slimlm.quant.quantize import quantize_model, quantized_weight_bytes
 
     loaded = load(None, dtype="bfloat16", progress=False)

@@ -24,7 +24,9 @@ class PromptSide:
         # kv_pool_tokens: no pool here; each replica holds at most a full context (one is checked by
         # the replica's own engine), so the ingress bounds a request by the context alone
         self.engine = SimpleNamespace(
-            max_model_len=max_model_len, eos_token_ids=list(config.eos_token_ids or []), kv_pool_tokens=max_model_len
+            max_model_len=max_model_len,
+            eos_token_ids=list(config.eos_token_ids or []),
+            kv_pool_tokens=max_model_len,
         )
 
     def encode_prompt(self, prompt):

@@ -17,8 +17,8 @@ from slimlm.commands.common import (
     sampling_params_from_args,
 )
 from slimlm.commands.logprobs_output import logprob_records, logprob_table
-from slimlm.engine.beam import check_num_beams
 from slimlm.commands.structured_args import add_structured_args, structured_from_args
+from slimlm.engine.beam import check_num_beams
 from slimlm.errors import SlimlmError
 
 

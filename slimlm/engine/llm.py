@@ -238,7 +238,7 @@ class LLM:
 
 
 def _capacity_text(r: dict[str, Any]) -> str:
-    """"max 0 sequences at 8192 tokens" read as "nothing can run": a pool smaller than one full-length
+    """ "max 0 sequences at 8192 tokens" read as "nothing can run": a pool smaller than one full-length
     sequence says how long one sequence can get instead."""
     if r["max_concurrent_seqs_at_max_len"] >= 1:
         return f"max {r['max_concurrent_seqs_at_max_len']} sequences at {r['max_model_len']} tokens"

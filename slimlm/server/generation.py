@@ -168,7 +168,8 @@ class Generation:
         model, tokenizer = getattr(self.llm.engine, "model", None), self.llm.tokenizer
         if model is None:  # Ray replicas (slimlm/cluster): the ingress has no weights to score with
             raise APIError(
-                400, "prompt logprobs (echo with logprobs) are not served by --replicas; use one slimlm serve",
+                400,
+                "prompt logprobs (echo with logprobs) are not served by --replicas; use one slimlm serve",
                 param="echo",
             )
         parts = []

@@ -9,9 +9,9 @@ from slimlm.engine.structured import StructuredOutputs
 from slimlm.errors import SlimlmError
 from slimlm.server.errors import APIError, from_slimlm_error
 from slimlm.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
-from slimlm.server.validation import check_kv_room, pool_tokens
 from slimlm.server.structured_request import check_structure, requested_structure
 from slimlm.server.tools import ToolPlan, conversation, plan_tools, tool_template
+from slimlm.server.validation import check_kv_room, pool_tokens
 
 MAX_N = 16
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
