@@ -5,16 +5,20 @@ from __future__ import annotations
 import pytest
 
 from slimlm.engine.llm import LLM
-from slimlm.plan.inference import kv_block_bytes, weight_bytes
+from slimlm.plan.inference import kv_block_bytes, kv_staging_bytes, weight_bytes
 
 
 @pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "fp16", "int8", "int4"])
 def test_planner_kv_bytes_equal_the_engine_pool(smollm, kv_dtype):
     if kv_dtype in ("int8", "int4"):
         pytest.importorskip("slimlm.kv.quantized")
-    llm = LLM.from_loaded(smollm, kv_cache_tokens=4096, block_size=16, kv_dtype=kv_dtype)
+    llm = LLM.from_loaded(smollm, kv_cache_tokens=4096, block_size=16, kv_dtype=kv_dtype, max_num_seqs=8)
     report = llm.memory_report()
-    assert report["kv_pool_bytes"] == report["kv_blocks"] * kv_block_bytes(smollm.config, kv_dtype, 16)
+    staging = kv_staging_bytes(smollm.config, kv_dtype, 16, 8)  # int4's bf16 slots for unfinished blocks
+    assert (kv_dtype == "int4") == (staging > 0)
+    assert (
+        report["kv_pool_bytes"] == report["kv_blocks"] * kv_block_bytes(smollm.config, kv_dtype, 16) + staging
+    )
 
 
 def test_planner_weight_bytes_equal_the_loaded_model(smollm):
@@ -29,11 +33,14 @@ def test_int4_kv_holds_more_tokens_at_the_same_budget(smollm):
     pytest.importorskip("slimlm.kv.quantized")
     budget = 64 * 2**20
     tokens = {
-        d: LLM.from_loaded(smollm, kv_cache_bytes=budget, kv_dtype=d).memory_report()["kv_tokens"]
+        d: LLM.from_loaded(smollm, kv_cache_bytes=budget, kv_dtype=d, max_num_seqs=8).memory_report()[
+            "kv_tokens"
+        ]
         for d in ("bf16", "int8", "int4")
     }
     assert tokens["int8"] >= 1.9 * tokens["bf16"]
-    assert tokens["int4"] >= 3.5 * tokens["bf16"]
+    # int4 (KIVI) blocks hold 3.24x bf16's tokens; its bf16 staging for 8 sequences comes out of the budget
+    assert tokens["int4"] >= 2.85 * tokens["bf16"]  # 2.93x here
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (8, -1)])

@@ -69,7 +69,7 @@ class LLMEngine:
             free_bytes=free_bytes,
             cache_max_entry_count=config.cache_max_entry_count,
             kv_cache_tokens=config.kv_cache_tokens,
-            kv_cache_bytes=config.kv_cache_bytes,
+            kv_cache_bytes=_blocks_share_of(config, model_config),
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
         )
@@ -205,3 +205,20 @@ class LLMEngine:
         self.sampler.forget(seq_id)
         self.constraints.forget(seq_id)
         self.stop_checkers.pop(seq_id, None)
+
+
+def _blocks_share_of(config: EngineConfig, model_config) -> int | None:
+    """--kv-cache-bytes less the int4 pool's bf16 staging slots (slimlm/kv/kivi.py), so the whole pool,
+    staging included, stays within the bytes the user gave."""
+    from slimlm.plan.inference import kv_staging_bytes
+
+    if config.kv_cache_bytes is None:
+        return None
+    staging = kv_staging_bytes(model_config, config.kv_dtype, config.block_size, config.max_num_seqs)
+    if staging and staging >= config.kv_cache_bytes:
+        raise SlimlmError(
+            f"--kv-cache-bytes {config.kv_cache_bytes}: the int4 KV pool's bf16 staging for "
+            f"{config.max_num_seqs} sequences alone needs {staging} bytes; raise --kv-cache-bytes or lower "
+            "--max-num-seqs"
+        )
+    return config.kv_cache_bytes - staging
