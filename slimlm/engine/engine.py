@@ -214,6 +214,8 @@ def _blocks_share_of(config: EngineConfig, model_config) -> int | None:
 
     if config.kv_cache_bytes is None:
         return None
+    if config.kv_dtype in ("auto", "bf16", "fp16", "fp32", "int8", "k8v4"):  # pools without staging
+        return config.kv_cache_bytes
     staging = kv_staging_bytes(model_config, config.kv_dtype, config.block_size, config.max_num_seqs)
     if staging and staging >= config.kv_cache_bytes:
         raise SlimlmError(
