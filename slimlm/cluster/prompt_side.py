@@ -48,15 +48,12 @@ def load_prompt_side(model: str | None, max_model_len: int | None) -> PromptSide
 
     path = resolve_model_path(model)
     if path.is_file():
-        from slimlm.loading.gguf_file import GGUFFile, config_from_gguf
+        from slimlm.loading.gguf_file import GGUFFile, config_and_tokenizer
 
         if path.suffix.lower() != ".gguf":
             raise SlimlmError(f"{path} is not a .gguf file; pass a GGUF file or an HF model directory")
         with GGUFFile(path) as file:
-            meta = file.metadata
-            vocab = len(meta.get("tokenizer.ggml.tokens") or []) or None
-            config = config_from_gguf(meta, {t.name for t in file.tensors}, vocab)
-            tokenizer = Tokenizer.from_gguf(meta)
+            config, tokenizer = config_and_tokenizer(file)
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_ids}
     elif path.is_dir() and (path / "config.json").is_file():
         from slimlm.loading.safetensors_dir import read_generation_config

@@ -100,16 +100,11 @@ def load_config(model: str | None) -> ModelConfig:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device, progress: bool) -> LoadedModel:
-    from slimlm.loading.gguf_file import GGUFFile, config_from_gguf, gguf_weights
-    from slimlm.tokenizer import Tokenizer
+    from slimlm.loading.gguf_file import GGUFFile, config_and_tokenizer, gguf_weights
 
     with GGUFFile(path) as file:
-        meta = file.metadata
-        vocab = len(meta.get("tokenizer.ggml.tokens") or []) or None
-        config = config_from_gguf(meta, {t.name for t in file.tensors}, vocab)
+        config, tokenizer = config_and_tokenizer(file)
         config.torch_dtype = str(dtype).removeprefix("torch.")
-        tokenizer = Tokenizer.from_gguf(meta)
-        del meta
         file.drop_metadata()  # the vocabulary and merges as Python strings: not needed for the weights
         model = build_model(config, dtype, device)  # empty storage in `dtype`, filled block by block below
         with _one_torch_thread():

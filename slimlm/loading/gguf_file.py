@@ -339,3 +339,12 @@ def gguf_weights(file: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, GGU
         elif unpermute and name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = config.num_key_value_heads
         yield name, GGUFTensor(file, info, heads)
+
+
+def config_and_tokenizer(file: GGUFFile):
+    """(ModelConfig, Tokenizer) from an open GGUF file's metadata; the loaders and the Ray ingress share it."""
+    from slimlm.tokenizer import Tokenizer
+
+    meta = file.metadata
+    vocab = len(meta.get("tokenizer.ggml.tokens") or []) or None
+    return config_from_gguf(meta, {t.name for t in file.tensors}, vocab), Tokenizer.from_gguf(meta)

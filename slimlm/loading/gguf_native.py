@@ -63,12 +63,11 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
     from slimlm.kernels.qlinear import KernelEmbedding, KernelLinear
     from slimlm.kernels.qweights import concat, pack
     from slimlm.loading import LoadedModel, _one_torch_thread
-    from slimlm.loading.gguf_file import GGUFFile, config_from_gguf, gguf_weights
+    from slimlm.loading.gguf_file import GGUFFile, config_and_tokenizer, gguf_weights
     from slimlm.loading.weights import fill_weights
     from slimlm.models import MODEL_CLASSES
     from slimlm.models.prepack import FUSIONS
     from slimlm.models.rope import RotaryEmbedding
-    from slimlm.tokenizer import Tokenizer
 
     if torch.device(device).type != "cpu":
         raise SlimlmError("--weights native runs on the CPU (the C kernel); use --weights float on a GPU")
@@ -78,12 +77,8 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
                           "use --weights float")  # fmt: skip
     notes: list[str] = []
     with GGUFFile(path) as file:
-        meta = file.metadata
-        vocab = len(meta.get("tokenizer.ggml.tokens") or []) or None
-        config = config_from_gguf(meta, {t.name for t in file.tensors}, vocab)
+        config, tokenizer = config_and_tokenizer(file)
         config.torch_dtype = str(dtype).removeprefix("torch.")
-        tokenizer = Tokenizer.from_gguf(meta)
-        del meta
         file.drop_metadata()
         with torch.device("meta"):
             model = MODEL_CLASSES[config.family](config)
