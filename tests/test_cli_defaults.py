@@ -35,11 +35,23 @@ def _train_config():
     return pytest.importorskip("slimlm.train.config").TrainConfig
 
 
+def _resolve(cls):
+    if cls == "TrainConfig":
+        return _train_config()
+    if cls == "TrainingSettings":
+        from slimlm.plan.training import TrainingSettings
+
+        return TrainingSettings
+    return cls
+
+
 # Defaults that differ on purpose, with the reason.
 DELIBERATE = {
     # The CLI decodes greedily unless asked; the library and the server keep OpenAI's temperature 1.0.
     ("generate", "temperature"),
     ("chat", "temperature"),
+    # The planner plans what `slimlm train` would do: its LoRA dropout is the trainer's (checked below).
+    ("plan", "lora_dropout"),
 }
 
 # command -> the dataclasses its flags feed (fields matched by dest name)
@@ -48,7 +60,7 @@ FEEDS = {
     "chat": (SamplingParams, EngineConfig),
     "serve": (EngineConfig,),
     "bench": (EngineConfig,),
-    "plan": (EngineConfig,),
+    "plan": (EngineConfig, "TrainingSettings"),
     "train": ("TrainConfig",),
 }
 
@@ -58,7 +70,7 @@ def test_cli_defaults_are_the_dataclass_defaults(command):
     assert command in COMMANDS
     defaults: dict[str, object] = {}
     for cls in FEEDS[command]:
-        defaults.update(_field_defaults(_train_config() if cls == "TrainConfig" else cls))
+        defaults.update(_field_defaults(_resolve(cls)))
     sub = _subparser(command)
     compared, differ = 0, []
     for action in sub._actions:
@@ -78,3 +90,24 @@ def test_cli_defaults_are_the_dataclass_defaults(command):
             )
     assert differ == [], f"slimlm {command}: defaults written twice and different"
     assert compared > 0, f"slimlm {command}: no flag matched a dataclass field (is FEEDS right?)"
+
+
+def test_plan_training_flags_are_the_trainers():
+    """`slimlm plan --mode training` spells the knobs as `slimlm train` does; the old spellings still parse."""
+    TrainConfig = _train_config()
+    plan, train = _subparser("plan"), _subparser("train")
+    train_flags = {s for a in train._actions for s in a.option_strings}
+    for flag in ("--optim", "--batch-size", "--max-seq-len", "--grad-accum", "--lora-rank", "--lora-dropout",
+                 "--method", "--precision", "--gradient-checkpointing", "--offload-optimizer"):  # fmt: skip
+        assert flag in train_flags
+        assert any(flag in a.option_strings for a in plan._actions), flag
+    dropout = next(a for a in plan._actions if a.dest == "lora_dropout")
+    assert dropout.default == _field_defaults(TrainConfig)["lora_dropout"]
+    new = plan.parse_args(["--optim", "factor4bit", "--batch-size", "3", "--max-seq-len", "64"])
+    old = plan.parse_args(["--optimizer", "adamw4bit-factor", "--micro-batch", "3", "--seq-len", "64"])
+    for ns in (new, old):
+        assert (ns.micro_batch, ns.seq_len) == (3, 64)
+    from slimlm.plan.training import TrainingSettings
+    from slimlm.settings import from_args
+
+    assert from_args(TrainingSettings, new) == from_args(TrainingSettings, old)

@@ -14,7 +14,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("server", "bench", "cluster"),  # applications over the engine (cluster replicas serve through server)
     ("engine", "train", "eval", "plan", "guard", "generation"),  # what the commands drive
     ("models", "kv", "quant", "kernels", "loading", "tokenizer", "optim"),  # the building blocks
-    ("config", "errors", "progress", "output_dir", "quant_policy", ""),  # "" is slimlm/__init__.py
+    # the vocabulary every layer speaks: "" is slimlm/__init__.py
+    ("config", "errors", "progress", "output_dir", "quant_policy", "settings", "formats", ""),
 ]
 LAYER = {top: len(LAYERS) - i for i, names in enumerate(LAYERS) for top in names}
 

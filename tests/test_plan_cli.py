@@ -38,7 +38,7 @@ def test_inference_json_schema(capsys):
 
 def test_training_json_and_table(capsys):
     doc = run_json(capsys, "--mode", "train", "--model", "qwen2.5-7b", "--device-memory", "80GB",
-                   "--method", "qlora", "--gradient-checkpointing", "--seq-len", "1024")  # fmt: skip
+                   "--method", "qlora", "--gradient-checkpointing", "--max-seq-len", "1024")  # fmt: skip
     assert doc["mode"] == "training" and doc["device"]["total_bytes"] == 80 * GB
     assert doc["training"]["peak_phase"] in doc["training"]["phases"]
     assert doc["training"]["trainable_parameters"] < doc["model"]["parameters"] / 100
@@ -67,7 +67,7 @@ def test_default_model_and_plot(capsys, tmp_path):
                 "train",
                 "--device",
                 "rtx3090",
-                "--seq-len",
+                "--max-seq-len",
                 "256",
                 "--plot",
                 str(train_png),
@@ -102,9 +102,9 @@ def test_list_presets(capsys, monkeypatch):
         (["--device", "rtx4090", "--batch", "-2"], "--batch must be positive"),
         (["--device", "rtx4090", "--context", "0"], "--context must be positive"),
         (["--device", "rtx4090", "--weights", "w3"], "unknown weight format"),
-        (["--mode", "train", "--device", "rtx4090", "--micro-batch", "0"], "--micro-batch must be positive"),
+        (["--mode", "train", "--device", "rtx4090", "--batch-size", "0"], "--batch-size must be positive"),
         (["--mode", "train", "--device", "rtx4090", "--zero-stage", "5"], "ZeRO stage must be 0, 1, 2 or 3"),
-        (["--mode", "train", "--device", "rtx4090", "--optimizer", "lion"], "unknown optimizer"),
+        (["--mode", "train", "--device", "rtx4090", "--optim", "lion"], "unknown optimizer"),
         (
             ["--mode", "train", "--device", "rtx4090", "--method", "lora", "--lora-targets", "attn"],
             "unknown LoRA target",

@@ -6,7 +6,6 @@ import argparse
 import json
 
 from slimlm.errors import SlimlmError
-from slimlm.plan.shapes import LINEAR_NAMES
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,53 +63,15 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_engine_args(p)
 
-    g = p.add_argument_group("training")
-    g.add_argument("--method", choices=("full", "lora", "qlora"), default="full")
-    g.add_argument(
-        "--precision",
-        choices=("fp32", "mixed", "bf16"),
-        default="mixed",
-        help="fp32 | mixed (bf16 compute, fp32 master weights) | bf16 (pure)",
-    )
-    g.add_argument(
-        "--optimizer", default="adamw", help="adamw | adamw8bit | adamw4bit | adamw4bit-factor | sgd"
-    )
-    g.add_argument("--micro-batch", type=int, default=1)
-    g.add_argument("--seq-len", type=int, default=2048)
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument(
-        "--no-flash-attention", action="store_true", help="eager attention (keeps the [heads, S, S] scores)"
-    )
-    g.add_argument("--lora-rank", type=int, default=16)
-    g.add_argument(
-        "--lora-dropout",
-        type=float,
-        default=0.05,
-        help="LoRA dropout (default 0.05, as slimlm train): > 0 saves each adapter's dropped-out input",
-    )
-    g.add_argument("--lora-targets", default="all", help=f"comma list of {', '.join(LINEAR_NAMES)}, or all")
-    g.add_argument("--qlora-group-size", type=int, default=64)
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument(
-        "--zero-stage", type=int, default=0, help="ZeRO stage 0-3 (3 = FSDP full shard) over --num-devices"
-    )
-    g.add_argument("--num-devices", type=int, default=1)
-    g.add_argument(
-        "--offload-optimizer", action="store_true", help="optimizer states and master weights in CPU RAM"
-    )
-    g.add_argument(
-        "--loss-chunk",
-        type=int,
-        default=None,
-        metavar="TOKENS",
-        help="loss over chunks of TOKENS recomputed in the backward (slimlm train: 1024); default: one loss",
-    )
-    g.add_argument(
-        "--no-foreach",
-        action="store_true",
-        help="torch optimizer without the multi-tensor path (for-loop or fused): no list-sized temporaries; "
-        "the default follows torch (multi-tensor on GPUs)",
-    )
+    # The trainer's flags and optimizer names (slimlm train --optim/--batch-size/--max-seq-len); the planner's
+    # old spellings stay accepted with a note. The LoRA dropout defaults to the trainer's.
+    from slimlm.commands.defaults import field_default
+    from slimlm.plan.training import TrainingSettings
+    from slimlm.settings import add_fields
+    from slimlm.train.config import TrainConfig
+
+    add_fields(p.add_argument_group("training"), TrainingSettings,
+               lora_dropout=field_default(TrainConfig, "lora_dropout"))  # fmt: skip
 
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the plan as JSON (schema slimlm.plan/1)")
@@ -167,13 +128,6 @@ def _default_device() -> str:
         return "cpu"
 
 
-def _lora_targets(text: str) -> tuple[str, ...]:
-    if text.strip().lower() in ("all", "all-linear"):
-        return LINEAR_NAMES
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    return tuple(n if n.endswith("_proj") else f"{n}_proj" for n in names)
-
-
 def build_plan(args: argparse.Namespace):
     """(planned model, plan, suggestions) from parsed flags."""
     from slimlm.plan.devices import resolve_device
@@ -196,17 +150,9 @@ def build_plan(args: argparse.Namespace):
         plan = plan_inference(pm.config, device, settings)
         return pm, plan, suggest(plan)
     from slimlm.plan.training import TrainingSettings, plan_training, suggest_training
+    from slimlm.settings import from_args
 
-    settings = TrainingSettings(
-        method=args.method, precision=args.precision, optimizer=args.optimizer, micro_batch=args.micro_batch,
-        seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing,
-        flash_attention=not args.no_flash_attention, lora_rank=args.lora_rank, lora_dropout=args.lora_dropout,
-        lora_targets=_lora_targets(args.lora_targets), qlora_group_size=args.qlora_group_size,
-        grad_accumulation=args.grad_accum, zero_stage=args.zero_stage, num_devices=args.num_devices,
-        offload_optimizer=args.offload_optimizer,
-        foreach=False if args.no_foreach else None,
-        loss_chunk_tokens=args.loss_chunk,
-    )  # fmt: skip
+    settings = from_args(TrainingSettings, args)
     plan = plan_training(pm.config, device, settings)
     return pm, plan, suggest_training(plan)
 
@@ -246,10 +192,12 @@ def run_plan(args: argparse.Namespace) -> int:
         return 0
     if args.mode == "train":
         args.mode = "training"
-    for name in ("batch", "micro_batch", "seq_len", "num_devices", "grad_accum"):
+    flags = {"batch": "--batch", "micro_batch": "--batch-size", "seq_len": "--max-seq-len",
+             "num_devices": "--num-devices", "grad_accumulation": "--grad-accum"}  # fmt: skip
+    for name, flag in flags.items():
         value = getattr(args, name)
         if value is not None and value <= 0:
-            raise SlimlmError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise SlimlmError(f"{flag} must be positive, got {value}")
     if args.context is not None and args.context <= 0:
         raise SlimlmError(f"--context must be positive, got {args.context}")
     from slimlm.plan.report import plan_to_json, render_table

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimlm.errors import SlimlmError
+from slimlm.formats.sizes import parse_size
+from slimlm.settings import arg
 
 KV_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "int4", "k8v4")
 QUANT_POLICY_TO_KV_DTYPE = {0: "auto", 8: "int8", 4: "int4"}
@@ -24,17 +26,35 @@ class EngineConfig:
     the fraction of the memory free after the weights are loaded (LMDeploy's semantics).
     """
 
-    cache_max_entry_count: float = 0.8
-    kv_cache_tokens: int | None = None
-    kv_cache_bytes: int | None = None
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    kv_dtype: str = "auto"
-    decode_kernel: str = "auto"
-    weights_layout: str = "auto"
+    cache_max_entry_count: float = arg(
+        0.8, help="KV pool = this fraction of the memory free after loading weights (default %(default)s)"
+    )
+    kv_cache_tokens: int | None = arg(None, help="absolute KV budget in tokens")
+    kv_cache_bytes: int | None = arg(None, type=parse_size, help="absolute KV budget, e.g. 512MiB")
+    block_size: int = arg(16, help="tokens per KV block (default %(default)s)")
+    max_num_seqs: int = arg(64, help="most sequences decoded together")
+    max_num_batched_tokens: int = arg(4096, help="most tokens in one step")
+    max_model_len: int | None = arg(None, help="context limit (default: the model's)")
+    enable_prefix_caching: bool = arg(
+        True,
+        names=("--no-prefix-caching",),
+        action="store_false",
+        help="disable reuse of cached prompt blocks",
+    )
+    # None on the command line: not given, so --quant-policy may set it
+    kv_dtype: str = arg("auto", cli_default=None, help="auto | bf16 | fp16 | fp32 | int8 | int4 | k8v4")
+    decode_kernel: str = arg(
+        "auto",
+        help="decode steps: c (slimlm's whole-model C kernel: CPU, bf16 plain weights, bf16/int8/int4 "
+        "KV; an error where it cannot run) | torch (PyTorch ops) | auto (c where it runs with "
+        "AVX512-BF16, default)",
+    )
+    weights_layout: str = arg(
+        "auto",
+        help="CPU linear weights: plain (what the C decode kernel reads; torch GEMV for one sequence) | "
+        "packed (oneDNN, PyTorch's fastest batched) | both (linear weights held twice) | auto (plain "
+        "where the C decode kernel runs or for one stream, else packed)",
+    )
     single_stream: bool = False  # the caller decodes one sequence at a time: "auto" lays out for one row
 
     def __post_init__(self) -> None:

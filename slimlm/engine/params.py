@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from slimlm.engine.structured import StructuredOutputs
 from slimlm.errors import SlimlmError
+from slimlm.settings import arg
 
 MAX_LOGPROBS = 20
 # torch.Generator.manual_seed's range; anything outside it fails only when the request is added
@@ -40,23 +41,23 @@ class SamplingParams:
     HF transformers' semantics (`length_penalty`, `early_stopping` True/False/"never").
     """
 
-    max_tokens: int = 256
-    min_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    no_repeat_ngram_size: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    num_beams: int = 1
-    length_penalty: float = 1.0
+    max_tokens: int = arg(256)
+    min_tokens: int = arg(0)
+    temperature: float = arg(1.0, help="0 = greedy (default: %(default)s)")
+    top_p: float = arg(1.0)
+    top_k: int = arg(0)
+    min_p: float = arg(0.0)
+    repetition_penalty: float = arg(1.0)
+    presence_penalty: float = arg(0.0)
+    frequency_penalty: float = arg(0.0)
+    no_repeat_ngram_size: int = arg(0)
+    seed: int | None = arg(None)
+    stop: list[str] = arg(default_factory=list, action="append", help="stop string (repeatable)")
+    stop_token_ids: list[int] = arg(default_factory=list, type=int, nargs="*")
+    ignore_eos: bool = arg(False)
+    logprobs: int | None = arg(None, help="return the top-N log-probabilities per token")
+    num_beams: int = arg(1)
+    length_penalty: float = arg(1.0)
     early_stopping: bool | str = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True

@@ -21,7 +21,7 @@ from slimlm.errors import SlimlmError
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "adamw4bit-factor", "sgd")
 _ALIASES = {"adam": "adamw", "adamw32bit": "adamw", "adamw-8bit": "adamw8bit", "adamw-4bit": "adamw4bit",
-            "adamw4bit_factor": "adamw4bit-factor", "factor": "adamw4bit-factor", "adamwfactor4bit": "adamw4bit-factor",
+            "adamw4bit_factor": "adamw4bit-factor", "factor": "adamw4bit-factor", "factor4bit": "adamw4bit-factor", "adamwfactor4bit": "adamw4bit-factor",
             "sgd-momentum": "sgd"}  # fmt: skip
 FP32_STATE_MAX_NUMEL = 4096
 BLOCK_8BIT = 256

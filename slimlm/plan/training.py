@@ -34,34 +34,66 @@ from slimlm.plan.optimizers import (
     step_workspace_bytes,
 )
 from slimlm.plan.shapes import LINEAR_NAMES, ParamShape, model_params
+from slimlm.settings import arg
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("fp32", "mixed", "bf16")  # mixed: bf16 compute and weights, fp32 master weights and states
 
 
+def lora_targets(text: str) -> tuple[str, ...]:
+    """--lora-targets: 'all', or a comma list of projection names (with or without '_proj')."""
+    if text.strip().lower() in ("all", "all-linear"):
+        return LINEAR_NAMES
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    return tuple(n if n.endswith("_proj") else f"{n}_proj" for n in names)
+
+
 @dataclass
 class TrainingSettings:
-    method: str = "full"
-    precision: str = "mixed"
-    optimizer: str = "adamw"
-    micro_batch: int = 1
-    seq_len: int = 2048
-    gradient_checkpointing: bool = False
-    flash_attention: bool = True
-    lora_rank: int = 16
-    lora_targets: tuple[str, ...] = LINEAR_NAMES
-    lora_dropout: float = 0.0  # slimlm train's default is 0.05; > 0 adds each adapter's dropped-out input
-    qlora_group_size: int = 64
-    grad_accumulation: int = 1
-    zero_stage: int = 0
-    num_devices: int = 1
-    offload_optimizer: bool = False
-    foreach: bool | None = None  # torch optimizers' multi-tensor path; None: torch's default (on for GPUs)
-    loss_chunk_tokens: int | None = None  # None: one loss over the batch (HF); N: chunks of N, recomputed
+    method: str = arg("full", choices=METHODS)
+    precision: str = arg(
+        "mixed", choices=(*PRECISIONS, "bf16-mixed"),
+        help="fp32 | mixed (bf16 compute, fp32 master weights; slimlm train's bf16-mixed) | bf16 (pure)",
+    )  # fmt: skip
+    optimizer: str = arg(
+        "adamw", names=("--optim",), aliases=("--optimizer",),
+        help="adamw | adamw8bit | adamw4bit | factor4bit | sgd (as slimlm train --optim)",
+    )  # fmt: skip
+    micro_batch: int = arg(
+        1, names=("--batch-size",), aliases=("--micro-batch",), help="sequences per micro-batch and device"
+    )
+    seq_len: int = arg(2048, names=("--max-seq-len",), aliases=("--seq-len",), help="tokens per sequence")
+    gradient_checkpointing: bool = arg(False)
+    flash_attention: bool = arg(
+        True, names=("--no-flash-attention",), action="store_false",
+        help="eager attention (keeps the [heads, S, S] scores)",
+    )  # fmt: skip
+    lora_rank: int = arg(16)
+    lora_targets: tuple[str, ...] = arg(
+        LINEAR_NAMES, type=lora_targets, help=f"comma list of {', '.join(LINEAR_NAMES)}, or all (default)"
+    )
+    lora_dropout: float = arg(  # slimlm train's default is 0.05; > 0 adds each adapter's dropped-out input
+        0.0, help="LoRA dropout (default %(default)s): > 0 saves each adapter's dropped-out input"
+    )
+    qlora_group_size: int = arg(64)
+    grad_accumulation: int = arg(1, names=("--grad-accum",), help="micro-batches per optimizer step")
+    zero_stage: int = arg(0, help="ZeRO stage 0-3 (3 = FSDP full shard) over --num-devices")
+    num_devices: int = arg(1)
+    offload_optimizer: bool = arg(False, help="optimizer states and master weights in CPU RAM")
+    foreach: bool | None = arg(  # torch optimizers' multi-tensor path; None: torch's default (on for GPUs)
+        None, names=("--no-foreach",), action="store_const", const=False,
+        help="torch optimizer without the multi-tensor path (for-loop or fused): no list-sized temporaries; "
+        "the default follows torch (multi-tensor on GPUs)",
+    )  # fmt: skip
+    loss_chunk_tokens: int | None = arg(  # None: one loss over the batch (HF); N: chunks of N, recomputed
+        None, names=("--loss-chunk",), metavar="TOKENS",
+        help="loss over chunks of TOKENS recomputed in the backward (slimlm train: 1024); default: one loss",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise SlimlmError(f"unknown training method {self.method!r}; use one of {', '.join(METHODS)}")
+        self.precision = {"bf16-mixed": "mixed"}.get(self.precision, self.precision)  # slimlm train's name
         if self.precision not in PRECISIONS:
             raise SlimlmError(
                 f"unknown precision {self.precision!r}; use fp32, mixed (bf16 with fp32 master weights) or bf16 (pure)"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from slimlm.errors import SlimlmError
+from slimlm.settings import arg
 from slimlm.train.batching import BATCHING
 from slimlm.train.lora import DEFAULT_TARGETS, LoraConfig
 
@@ -14,6 +15,11 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "factor4bit")
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
 
 # Settings that change the loss trajectory: a resume must find them unchanged.
 TRAJECTORY_FIELDS = (
@@ -28,45 +34,73 @@ TRAJECTORY_FIELDS = (
 class TrainConfig:
     """A training run. `data`: files (.jsonl / .json records or plain text); `output_dir`: where results go."""
 
-    data: list[str]
-    output_dir: str
-    model: str | None = None
-    eval_data: list[str] = field(default_factory=list)
-    eval_fraction: float = 0.05  # held out of `data` when no eval_data is given
-    method: str = "lora"
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
-    qlora_group_size: int | None = None  # None: the largest of 128/64/32 dividing every projection
-    optim: str = "adamw"
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int | None = None  # None: warmup_ratio of the total
-    warmup_ratio: float = 0.03
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_seq_len: int = 512
-    epochs: int = 1
-    max_steps: int | None = None
-    batching: str = "bucket"
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    max_grad_norm: float | None = 1.0
-    eval_every: int | None = None  # also evaluated before the first and after the last step
-    save_every: int | None = None  # a checkpoint is always saved after the last step
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    seed: int = 0
-    device: str = "auto"
-    distributed: str = "auto"
-    offload_optimizer: bool = False  # optimizer states in CPU memory (FSDP: CPUOffloadPolicy) on a GPU
-    overwrite: bool = False
-    resume: str | bool = False  # True: the newest checkpoint in output_dir; str: a checkpoint directory
-    progress: bool = True
-    measure_memory: bool = True
+    data: list[str] = arg(nargs="+", help=".jsonl/.json conversations (XTuner or OpenAI style) or text files")
+    output_dir: str = arg(
+        names=("--output", "-o"), help="output directory (must be empty unless --overwrite / --resume)"
+    )
+    model: str | None = arg(
+        None,
+        names=("--model", "-m"),
+        help="HF directory, .gguf file, or alias (default: the embedded smollm2-135m)",
+    )
+    eval_data: list[str] = arg(
+        default_factory=list, nargs="+", help="held-out files (default: hold out --eval-fraction of --data)"
+    )
+    eval_fraction: float = arg(0.05, help="share of --data held out for eval (default %(default)s)")
+    method: str = arg("lora", choices=METHODS, help="lora (default), qlora (4-bit base) or full")
+    lora_rank: int = arg(16)
+    lora_alpha: float = arg(32.0)
+    lora_dropout: float = arg(0.05)
+    lora_targets: tuple[str, ...] = arg(
+        DEFAULT_TARGETS, type=_csv, help="comma-separated module names (default: all projections)"
+    )
+    qlora_group_size: int | None = arg(  # None: the largest of 128/64/32 dividing every projection
+        None, help="4-bit group size: 32, 64 or 128 (default: the largest that fits)"
+    )
+    optim: str = arg(
+        "adamw", choices=OPTIMIZERS, help="AdamW with 32-bit, 8-bit, 4-bit or 4-bit factored states"
+    )
+    lr: float = arg(2e-4)
+    weight_decay: float = arg(0.0)
+    warmup_steps: int | None = arg(None)  # None: warmup_ratio of the total
+    warmup_ratio: float = arg(0.03)
+    schedule: str = arg("cosine", choices=SCHEDULES)
+    min_lr_ratio: float = arg(0.0)
+    batch_size: int = arg(4, help="sequences per micro-batch and process")
+    grad_accum: int = arg(1, help="micro-batches per optimizer step")
+    max_seq_len: int = arg(512)
+    epochs: int = arg(1)
+    max_steps: int | None = arg(None, help="stop after this many optimizer steps")
+    batching: str = arg("bucket", choices=BATCHING, help="length bucketing (default) or packing")
+    precision: str = arg("auto", choices=PRECISIONS, help="auto: bf16-mixed on GPUs with bf16, fp32 on CPU")
+    gradient_checkpointing: bool = arg(False, help="recompute layer activations in the backward")
+    max_grad_norm: float | None = arg(1.0, help="gradient clipping (0 disables)")
+    eval_every: int | None = arg(  # also evaluated before the first and after the last step
+        None, help="evaluate every N steps (always before and after)"
+    )
+    save_every: int | None = arg(  # a checkpoint is always saved after the last step
+        None, help="checkpoint every N steps (always after the last)"
+    )
+    keep_checkpoints: int = arg(2)
+    log_every: int = arg(1)
+    seed: int = arg(0)
+    device: str = arg("auto", help="cpu | cuda | cuda:N | auto")
+    distributed: str = arg("auto", choices=STRATEGIES, help="under torchrun: ddp (auto) or fsdp")
+    offload_optimizer: bool = arg(  # optimizer states in CPU memory (FSDP: CPUOffloadPolicy) on a GPU
+        False, help="keep optimizer states in CPU memory when training on a GPU (FSDP: CPUOffloadPolicy)"
+    )
+    overwrite: bool = arg(False, help="write into a non-empty output directory")
+    resume: str | bool = arg(  # True: the newest checkpoint in output_dir; str: a checkpoint directory
+        False, nargs="?", const=True, metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in --output, or from the given checkpoint directory",
+    )  # fmt: skip
+    progress: bool = arg(
+        True, names=("--quiet", "-q"), action="store_false", help="no progress bar or reports"
+    )
+    measure_memory: bool = arg(
+        True, names=("--no-memory-tracking",), action="store_false",
+        help="skip the exact tensor-memory measurement of the first steps",
+    )  # fmt: skip
     loss_chunk_tokens: int = 1024  # logits are computed for at most this many tokens at a time
 
     def __post_init__(self) -> None:

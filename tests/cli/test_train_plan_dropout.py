@@ -29,8 +29,8 @@ def test_planned_peak_near_the_measured_one_with_dropout(tiny_model_dir, tmp_pat
 
 
 def test_plan_cli_takes_the_dropout(capsys):
-    args = ["plan", "--model", "smollm2-135m", "--mode", "training", "--method", "lora", "--seq-len", "256",
-            "--micro-batch", "2", "--precision", "fp32", "--json"]  # fmt: skip
+    args = ["plan", "--model", "smollm2-135m", "--mode", "training", "--method", "lora", "--max-seq-len", "256",
+            "--batch-size", "2", "--precision", "fp32", "--json"]  # fmt: skip
     peaks = {}
     for dropout in ("0", "0.05"):
         assert main([*args, "--lora-dropout", dropout]) == 0
