@@ -9,7 +9,8 @@ from slimlm.errors import SlimlmError
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    from slimlm.commands.common import add_engine_args, parse_size
+    from slimlm.commands.common import add_engine_args
+    from slimlm.formats.sizes import parse_size
 
     g = p.add_argument_group("what and where")
     g.add_argument(
