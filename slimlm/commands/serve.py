@@ -9,8 +9,8 @@ from pathlib import Path
 
 from slimlm.commands.cluster_args import add_cluster_args, wants_cluster
 from slimlm.commands.common import add_engine_args, add_model_args, llm_from_args
-from slimlm.formats.sizes import parse_size
 from slimlm.errors import SlimlmError
+from slimlm.formats.sizes import parse_size
 from slimlm.guard.serve_args import add_guard_arguments
 
 API_KEY_ENV = "SLIMLM_API_KEY"
