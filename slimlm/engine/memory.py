@@ -9,6 +9,7 @@ from typing import TypeVar
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.formats.sizes import format_bytes
 
 T = TypeVar("T")
 
@@ -97,8 +98,3 @@ def allocate_kv_pool(allocate: Callable[[], T], budget: KVBudget, free_bytes: in
         ) from None
 
 
-def format_bytes(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"

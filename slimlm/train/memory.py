@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from slimlm.formats.sizes import format_bytes
 from slimlm.train.config import TrainConfig
 from slimlm.train.optimization import PLANNER_NAMES
 
@@ -109,12 +110,7 @@ def model_tensors(model: nn.Module, extra: list[torch.Tensor]) -> list[torch.Ten
 
 
 def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
+    return format_bytes(n, digits=1)
 
 
 __all__ = ["StepMemory", "current_rss_bytes", "fmt_bytes", "peak_rss_bytes", "planned_peak"]
