@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--text", required=True, action="append", help="a model answer to look up (repeatable)")
     t.add_argument("--top", type=int, default=5, help="replies shown per text (default 5)")
     t.add_argument(
+        "--stage", default=None, help="search as in this dialogue stage (its replies and stage-less ones)"
+    )
+    t.add_argument(
         "--threshold", type=float, default=None, help="also say what a guard with this threshold would do"
     )
     _embedding_arg(t)
@@ -100,7 +103,7 @@ def _test(args) -> int:
     lib = Library(args.library)
     embedder = _embedder(args)
     lib.check_embedder(embedder)
-    hits = lib.search(embedder.encode_unit(args.text), k=args.top)
+    hits = lib.search(embedder.encode_unit(args.text), k=args.top, stage=args.stage)
     for text, found in zip(args.text, hits, strict=True):
         print(f"text: {text}")
         for rank, h in enumerate(found, 1):

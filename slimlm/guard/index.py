@@ -59,12 +59,37 @@ def read_index(path: Path):
     return index
 
 
-def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, rows), each [n, k]; missing neighbours have row -1."""
+class _Selector:
+    """A faiss IDSelectorBatch with the id array it points into kept alive beside it."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        faiss = require("faiss")
+        self.rows = np.ascontiguousarray(rows, dtype=np.int64)
+        self.sel = faiss.IDSelectorBatch(len(self.rows), faiss.swig_ptr(self.rows))
+
+
+def selector(rows: np.ndarray) -> _Selector:
+    """Restrict a search to these rows (exact for the flat index; HNSW walks the whole graph and
+    keeps only these rows as results)."""
+    return _Selector(rows)
+
+
+def _params(index, sel: _Selector | None):
+    if sel is None:
+        return None
+    faiss = require("faiss")
+    if hasattr(index, "hnsw"):
+        return faiss.SearchParametersHNSW(sel=sel.sel, efSearch=index.hnsw.efSearch)
+    return faiss.SearchParameters(sel=sel.sel)
+
+
+def search(index, queries: np.ndarray, k: int, sel: _Selector | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows), each [n, k]; missing neighbours have row -1. `sel`: only these rows."""
     k = max(1, min(k, index.ntotal))
     queries = np.ascontiguousarray(queries, dtype=np.float32)
+    params = _params(index, sel)
     if len(queries) > 1:
-        return index.search(queries, k)
+        return index.search(queries, k, params=params)
     # one query on one thread: a parallel scan waits for every OpenMP thread to get a core, and on a
     # busy machine (an engine decoding beside it) that wait dwarfs the search (docs/guard.md).
     # The setting is per calling thread in OpenMP, so it is set (and restored) here.
@@ -72,6 +97,6 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        return index.search(queries, k)
+        return index.search(queries, k, params=params)
     finally:
         faiss.omp_set_num_threads(before)

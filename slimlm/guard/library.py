@@ -208,6 +208,23 @@ class Library:
         ):
             raise SlimlmError(f"the library {path} is inconsistent (index rows vs replies); rebuild it")
         self.by_id = {r.id: r for r in self.replies}
+        # a reply with a stage matches only in that stage; replies without one match in every stage
+        self.stages = sorted({r.stage for r in self.replies if r.stage is not None})
+        self._row_stage = [self.replies[o].stage for o in self.owners.tolist()]
+        self._selectors: dict[str, object] = {}
+
+    def rows_for_stage(self, stage: str) -> np.ndarray:
+        """Index rows that may match in `stage`: rows of replies with that stage or with none."""
+        return np.array([i for i, s in enumerate(self._row_stage) if s is None or s == stage], dtype=np.int64)
+
+    def _selector(self, stage: str | None):
+        """None (every row) when no reply's stage excludes anything, else a faiss id selector."""
+        if stage is None or not self.stages:
+            return None
+        if stage not in self._selectors:  # built once per stage; requests only read them
+            rows = self.rows_for_stage(stage)
+            self._selectors[stage] = vindex.selector(rows) if len(rows) < len(self.owners) else None
+        return self._selectors[stage]
 
     def check_embedder(self, embedder) -> None:
         """The query vectors must come from the model the library was built with."""
@@ -223,9 +240,11 @@ class Library:
                 "pass the same --embedding-model or rebuild the library with this one"
             )
 
-    def search(self, queries: np.ndarray, k: int = 5) -> list[list[Hit]]:
-        """The best `k` distinct replies per query, best first (a reply's score: its best row)."""
-        scores, rows = vindex.search(self.index, queries, max(4 * k, 16))
+    def search(self, queries: np.ndarray, k: int = 5, stage: str | None = None) -> list[list[Hit]]:
+        """The best `k` distinct replies per query, best first (a reply's score: its best row).
+        With `stage`, only replies of that stage and replies without a stage can match; without it
+        (a request that names no stage) every reply can."""
+        scores, rows = vindex.search(self.index, queries, max(4 * k, 16), self._selector(stage))
         out = []
         for qs, qr in zip(scores, rows, strict=True):
             best: dict[int, Hit] = {}

@@ -63,7 +63,7 @@ class Guard:
         start = time.perf_counter()
         choice = self.fallbacks.choose(stage, user)
         texts = [a if a.strip() else " " for a in answers]
-        hits = self.library.search(self.embedder.encode_unit(texts), k=1)
+        hits = self.library.search(self.embedder.encode_query(texts), k=1, stage=stage)
         out = [self._decide(a, h[0] if h else None, choice) for a, h in zip(answers, hits, strict=True)]
         elapsed = time.perf_counter() - start
         with self._lock:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from slimlm.errors import SlimlmError
-from tests.guard.conftest import SHOP
+from tests.guard.conftest import QUERY_SCORE_TOL, SHOP
 
 
 def _expected_arm(user: str, arms: int) -> int:
@@ -74,7 +74,9 @@ def test_snap_decisions_match_sentence_transformers_cosine(shop_lib, embedder, s
     a, r = st_model.encode([answer, reply.text], normalize_embeddings=True)
     assert d.text == reply.text
     assert d.record["action"] == "matched" and d.record["id"] == "refund-time"
-    assert d.record["score"] == pytest.approx(float(a @ r), abs=1e-5)
+    # the guard embeds answers in bf16 where the CPU has it (vectors within cosine 0.9999 of encode's:
+    # test_guard_query_fast.py), so scores agree to a few 1e-4
+    assert d.record["score"] == pytest.approx(float(a @ r), abs=QUERY_SCORE_TOL)
     assert (d.record["stage"], d.record["arm"]) == ("after_sale", _expected_arm("carol", 2))
 
     off = guard.decide("The mitochondria is the powerhouse of the cell.", "greeting", "dave")
@@ -120,7 +122,7 @@ def test_deny_mode_blocks_answers_close_to_forbidden_examples(tmp_path, embedder
     assert b.text == "I can't help with that." and b.record["action"] == "blocked"
     assert b.record["id"] == rows[int(np.argmax(sims[0]))]["id"]
     assert p.text == fine and p.record["action"] == "passed"
-    assert p.record["best_score"] == pytest.approx(float(sims[1].max()), abs=1e-5)
+    assert p.record["best_score"] == pytest.approx(float(sims[1].max()), abs=QUERY_SCORE_TOL)
 
 
 def test_guard_rejects_bad_settings(shop_lib, embedder):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from slimlm.cli import main
-from tests.guard.conftest import API_KEY, SHOP, THRESHOLD
+from tests.guard.conftest import API_KEY, QUERY_SCORE_TOL, SHOP, THRESHOLD
 
 MAX_TOKENS = 40
 SYSTEM = (
@@ -27,6 +27,8 @@ SHOP_QUESTIONS = [
     "How much does shipping cost?",
     "Which payment methods do you accept?",
 ]
+# the dialogue stage each question is asked in: a reply with a stage matches only in that stage
+SHOP_STAGES = ["after_sale", "checkout", "checkout"]
 FALLBACKS = json.loads((SHOP / "fallbacks.json").read_text())
 
 
@@ -50,10 +52,12 @@ def reference_answers(smollm):
     return [o.text for o in outs]
 
 
-def _reference_snap(st_model, answer: str) -> tuple[str | None, float]:
+def _reference_snap(st_model, answer: str, stage: str | None = None) -> tuple[str | None, float]:
     texts, owners = [], []
     for line in (SHOP / "replies.jsonl").read_text().splitlines():
         r = json.loads(line)
+        if stage is not None and r.get("stage") not in (None, stage):
+            continue
         for t in [r["text"], *r.get("examples", [])]:
             texts.append(t)
             owners.append(r["id"])
@@ -72,36 +76,35 @@ def _replies() -> dict[str, str]:
 def test_answers_snap_to_the_approved_reply_the_reference_picks(client, reference_answers, st_model):
     replies = _replies()
     matched = 0
-    for question, raw in zip(SHOP_QUESTIONS, reference_answers, strict=False):
+    for question, stage, raw in zip(SHOP_QUESTIONS, SHOP_STAGES, reference_answers, strict=False):
         resp = client.chat.completions.create(
             model="smollm2-135m",
             messages=_messages(question),
             max_tokens=MAX_TOKENS,
             temperature=0,
             user="alice",
-            extra_body={"stage": "after_sale"},
+            extra_body={"stage": stage},
         )
         choice = resp.choices[0]
         record = choice.model_extra["guard"]
-        want_id, want_score = _reference_snap(st_model, raw)
+        want_id, want_score = _reference_snap(st_model, raw, stage)
         assert choice.message.content != raw  # the raw answer never reaches the client
-        assert (record["stage"], record["arm"]) == ("after_sale", _arm("alice"))
+        assert (record["stage"], record["arm"]) == (stage, _arm("alice"))
         if want_id is None:
             assert (
-                record["action"] == "fallback"
-                and choice.message.content == FALLBACKS["after_sale"][_arm("alice")]
+                record["action"] == "fallback" and choice.message.content == FALLBACKS[stage][_arm("alice")]
             )
-            assert record["best_score"] == pytest.approx(want_score, abs=1e-4)
+            assert record["best_score"] == pytest.approx(want_score, abs=QUERY_SCORE_TOL)
         else:
             matched += 1
             assert record["action"] == "matched" and record["id"] == want_id
             assert choice.message.content == replies[want_id]
-            assert record["score"] == pytest.approx(want_score, abs=1e-4)
+            assert record["score"] == pytest.approx(want_score, abs=QUERY_SCORE_TOL)
     assert matched >= 2, "the shop questions should mostly snap to approved replies"
 
 
 def test_off_topic_question_gets_the_stage_fallback(client, reference_answers, st_model):
-    assert _reference_snap(st_model, reference_answers[-1])[0] is None
+    assert _reference_snap(st_model, reference_answers[-1], "checkout")[0] is None
     for user in ("bob", "zoe", "carl"):
         resp = client.chat.completions.create(
             model="smollm2-135m",
