@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from slimlm.config import ModelConfig
 from slimlm.errors import SlimlmError
+from slimlm.formats import kv as _formats
 from slimlm.kv.paged import PagedKVCache
+
+# The KV formats' table moved to slimlm.formats.kv (torch-free, with the other formats); the old path still imports.
+sys.modules.setdefault("slimlm.kv.formats", _formats)
 
 _FLOAT_KV = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

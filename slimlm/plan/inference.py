@@ -126,7 +126,7 @@ def kv_bytes_per_head_token(head_dim: int, kv_dtype: str, block_size: int = 16) 
     """Bytes of one K and one V vector of one head for one token, scales and zeros included
     (the quantized formats' table, slimlm/kv/formats.py, which the pools read too). int4 keys have
     a scale per channel per block, so its figure is a block's bytes / block_size."""
-    from slimlm.kv.formats import KV_FORMATS
+    from slimlm.formats.kv import KV_FORMATS
 
     kind = normalize_kv_dtype(kv_dtype)
     if kind in FLOAT_BYTES:
@@ -141,7 +141,7 @@ def kv_bytes_per_token(config: ModelConfig, kv_dtype: str, block_size: int = 16)
 
 def kv_block_bytes(config: ModelConfig, kv_dtype: str, block_size: int) -> int:
     """Exact bytes of one paged-KV block of `block_size` tokens across all layers, K and V."""
-    from slimlm.kv.formats import KV_FORMATS
+    from slimlm.formats.kv import KV_FORMATS
 
     if block_size <= 0:
         raise SlimlmError(f"block_size must be positive, got {block_size}")
@@ -160,7 +160,7 @@ def kv_block_bytes(config: ModelConfig, kv_dtype: str, block_size: int) -> int:
 
 def kv_staging_bytes(config: ModelConfig, kv_dtype: str, block_size: int, max_num_seqs: int) -> int:
     """The int4 pool's bf16 staging slots (slimlm/kv/kivi.py): 2 x max_num_seqs + 1 unfinished blocks."""
-    from slimlm.kv.formats import KV_FORMATS
+    from slimlm.formats.kv import KV_FORMATS
 
     kind = normalize_kv_dtype(kv_dtype)
     if kind in FLOAT_BYTES or not KV_FORMATS[kind].key_channels:
