@@ -13,8 +13,7 @@ import json
 import sys
 
 from slimlm.errors import SlimlmError
-
-EVAL_KV_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4", "k8v4")
+from slimlm.formats.dtypes import KV_DTYPES, kv_dtype_name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ppl.add_argument(
         "--kv-dtype",
         default="auto",
-        choices=EVAL_KV_DTYPES,
+        choices=KV_DTYPES,
         help="run each window through a paged KV pool of this format (auto: the model's dtype)",
     )
     ppl.add_argument(
@@ -48,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--kv-dtypes",
         nargs="*",
         default=None,
-        help=f"KV format of each variant, one per model ({', '.join(EVAL_KV_DTYPES)}; default auto)",
+        help=f"KV format of each variant, one per model ({', '.join(KV_DTYPES)}; default auto)",
     )
     cmp.add_argument(
         "--ref-logits",
@@ -176,11 +175,7 @@ def run(args: argparse.Namespace) -> int:
     kv_dtypes = args.kv_dtypes or ["auto"] * len(models)
     if len(kv_dtypes) != len(models):
         raise SlimlmError(f"got {len(models)} models but {len(kv_dtypes)} --kv-dtypes")
-    for kv in kv_dtypes:
-        if kv not in EVAL_KV_DTYPES:
-            raise SlimlmError(
-                f"unknown KV dtype {kv!r} in --kv-dtypes; choose from {', '.join(EVAL_KV_DTYPES)}"
-            )
+    kv_dtypes = [kv_dtype_name(kv) for kv in kv_dtypes]  # the one check of a KV dtype
     for m in models:
         _check_calibration(args, text, text_name, load_config(m).quantization)
     results = compare_variants(

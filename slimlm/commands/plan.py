@@ -107,7 +107,7 @@ def _weight_format(
     `embeddings` is --embeddings (auto: quantized for w4, float for w8, as `slimlm quantize`); a bool is
     the old keep-float flag."""
     from slimlm.plan.inference import normalize_weight_format
-    from slimlm.quant_policy import quantize_embeddings_for
+    from slimlm.formats.weights import quantize_embeddings_for
 
     if isinstance(embeddings, bool):
         embeddings = "float" if embeddings else "auto"

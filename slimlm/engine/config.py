@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimlm.errors import SlimlmError
+from slimlm.formats.dtypes import KV_DTYPES, kv_dtype_name
 from slimlm.formats.sizes import parse_size
 from slimlm.settings import arg
 
-KV_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "int4", "k8v4")
 QUANT_POLICY_TO_KV_DTYPE = {0: "auto", 8: "int8", 4: "int4"}
 # "auto": the whole-model C kernel for decode steps where it can run, else PyTorch;
 # "c": the same, but an error where it cannot; "torch": PyTorch ops only (slimlm.kernels.fused_decode).
@@ -42,7 +42,7 @@ class EngineConfig:
         help="disable reuse of cached prompt blocks",
     )
     # None on the command line: not given, so --quant-policy may set it
-    kv_dtype: str = arg("auto", cli_default=None, help="auto | bf16 | fp16 | fp32 | int8 | int4 | k8v4")
+    kv_dtype: str = arg("auto", cli_default=None, help=" | ".join(KV_DTYPES))
     decode_kernel: str = arg(
         "auto",
         help="decode steps: c (slimlm's whole-model C kernel: CPU, bf16 plain weights, bf16/int8/int4 "
@@ -75,8 +75,7 @@ class EngineConfig:
                 raise SlimlmError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise SlimlmError(f"max_model_len must be positive, got {self.max_model_len}")
-        if self.kv_dtype not in KV_DTYPES:
-            raise SlimlmError(f"unknown KV dtype {self.kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+        self.kv_dtype = kv_dtype_name(self.kv_dtype)  # the one check of --kv-dtype
         if self.decode_kernel not in DECODE_KERNELS:
             raise SlimlmError(
                 f"unknown decode kernel {self.decode_kernel!r}; choose one of {', '.join(DECODE_KERNELS)}"

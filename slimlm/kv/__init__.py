@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from slimlm.config import ModelConfig
-from slimlm.errors import SlimlmError
+from slimlm.formats import kv as _formats
+from slimlm.formats.dtypes import FLOAT_BYTES, TORCH_NAMES, kv_dtype_name
 from slimlm.kv.paged import PagedKVCache
 
-_FLOAT_KV = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The KV formats' table moved to slimlm.formats.kv (torch-free, with the other formats); the old path still imports.
+sys.modules.setdefault("slimlm.kv.formats", _formats)
+
+_FLOAT_KV = {name: getattr(torch, TORCH_NAMES[name]) for name in FLOAT_BYTES}
 
 
 def kv_cache_class(kv_dtype: str) -> type[PagedKVCache]:
+    kv_dtype = kv_dtype_name(kv_dtype)  # the one check (EngineConfig's); library callers come here directly
     if kv_dtype in ("auto", *_FLOAT_KV):
         return PagedKVCache
-    if kv_dtype in ("int8", "int4", "k8v4"):
-        import slimlm.kv.kivi  # noqa: F401  (adds "int4" to the table; kivi imports quantized, not back)
-        from slimlm.kv.quantized import QUANTIZED_CACHES
+    import slimlm.kv.kivi  # noqa: F401  (adds "int4" to the table; kivi imports quantized, not back)
+    from slimlm.kv.quantized import QUANTIZED_CACHES
 
-        return QUANTIZED_CACHES[kv_dtype]
-    raise SlimlmError(
-        f"unknown KV dtype {kv_dtype!r}; choose one of auto, bf16, fp16, fp32, int8, int4, k8v4"
-    )
+    return QUANTIZED_CACHES[kv_dtype]
 
 
 def kv_storage_dtype(kv_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from slimlm.config import ModelConfig
 from slimlm.errors import SlimlmError
-from slimlm.kv.formats import KV_FORMATS
+from slimlm.formats.kv import KV_FORMATS
 from slimlm.kv.metadata import AttnMetadata
 from slimlm.kv.paged import gather_blocks
 from slimlm.kv.quant_ops import SCALE_DTYPE, ZERO_DTYPE, dequantize, pack_int4, quantize, unpack_int4

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from slimlm.config import ModelConfig
-from slimlm.kv.formats import KV_FORMATS, KVFormat
+from slimlm.formats.kv import KV_FORMATS, KVFormat
 from slimlm.kv.metadata import AttnMetadata
 from slimlm.kv.paged import PagedKVCache, gather_blocks
 from slimlm.kv.quant_ops import (

@@ -33,53 +33,17 @@ from __future__ import annotations
 
 from slimlm.config import ModelConfig
 from slimlm.errors import SlimlmError
+from slimlm.formats.dtypes import FLOAT_BYTES, float_dtype_name, kv_dtype_name
+from slimlm.formats.weights import WEIGHT_BITS, WEIGHT_FORMATS, quantized_linear_bytes, weight_format_name
 from slimlm.plan.shapes import model_params
 
-FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "w8", "w4")
-WEIGHT_BITS = {"w8": 8, "w4": 4}
-KV_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4", "k8v4")
-GROUP_SCALE_ZERO_BYTES = 4  # bf16 scale + bf16 zero point per group per output channel
-INT8_CHANNEL_SCALE_BYTES = 2  # per-channel symmetric int8: one bf16 scale per output channel
-_ALIASES = {
-    "float32": "fp32",
-    "bfloat16": "bf16",
-    "float16": "fp16",
-    "half": "fp16",
-    "int8": "w8",
-    "int4": "w4",
-}
+__all__ = ["FLOAT_BYTES", "WEIGHT_FORMATS", "quantized_linear_bytes", "normalize_float_dtype",
+           "normalize_weight_format", "normalize_kv_dtype", "weight_bytes", "kv_bytes_per_token",
+           "kv_block_bytes", "kv_staging_bytes", "kv_bytes_per_head_token"]  # fmt: skip
 
-
-def normalize_float_dtype(name: str) -> str:
-    """'float32' / 'torch.bfloat16' / 'fp16' -> 'fp32' / 'bf16' / 'fp16'."""
-    key = str(name).removeprefix("torch.").lower()
-    key = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}.get(
-        key, key
-    )
-    if key not in FLOAT_BYTES:
-        raise SlimlmError(f"unknown dtype {name!r}; use fp32, bf16 or fp16")
-    return key
-
-
-def normalize_weight_format(name: str) -> str:
-    key = str(name).removeprefix("torch.").lower()
-    key = _ALIASES.get(key, key)
-    if key not in WEIGHT_FORMATS:
-        raise SlimlmError(f"unknown weight format {name!r}; use one of {', '.join(WEIGHT_FORMATS)}")
-    return key
-
-
-def quantized_linear_bytes(out_features: int, in_features: int, bits: int, group_size: int | None) -> int:
-    """Packed integer weights + a scale and a zero point per group per output channel."""
-    if bits not in (4, 8):
-        raise SlimlmError(f"quantized weights have 8 or 4 bits, got {bits}")
-    packed_row = -(-in_features * bits // 8)
-    if not group_size or group_size <= 0:
-        per_row = INT8_CHANNEL_SCALE_BYTES if bits == 8 else GROUP_SCALE_ZERO_BYTES
-        return out_features * (packed_row + per_row)
-    groups_per_row = -(-in_features // group_size)
-    return out_features * (packed_row + groups_per_row * GROUP_SCALE_ZERO_BYTES)
+# The formats' names and layouts live in slimlm.formats; the planner computes with them.
+normalize_float_dtype = float_dtype_name
+normalize_weight_format = weight_format_name
 
 
 def weight_bytes(
@@ -115,18 +79,15 @@ def weight_bytes(
 
 
 def normalize_kv_dtype(name: str) -> str:
-    key = str(name).removeprefix("torch.").lower()
-    key = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(key, key)
-    if key not in KV_DTYPES:
-        raise SlimlmError(f"unknown KV dtype {name!r}; use one of {', '.join(KV_DTYPES)}")
-    return key
+    """A stored KV dtype (not "auto": the planner resolves it to the compute dtype first)."""
+    return kv_dtype_name(name, allow_auto=False)
 
 
 def kv_bytes_per_head_token(head_dim: int, kv_dtype: str, block_size: int = 16) -> float:
     """Bytes of one K and one V vector of one head for one token, scales and zeros included
-    (the quantized formats' table, slimlm/kv/formats.py, which the pools read too). int4 keys have
+    (the quantized formats' table, slimlm/formats/kv.py, which the pools read too). int4 keys have
     a scale per channel per block, so its figure is a block's bytes / block_size."""
-    from slimlm.kv.formats import KV_FORMATS
+    from slimlm.formats.kv import KV_FORMATS
 
     kind = normalize_kv_dtype(kv_dtype)
     if kind in FLOAT_BYTES:
@@ -141,7 +102,7 @@ def kv_bytes_per_token(config: ModelConfig, kv_dtype: str, block_size: int = 16)
 
 def kv_block_bytes(config: ModelConfig, kv_dtype: str, block_size: int) -> int:
     """Exact bytes of one paged-KV block of `block_size` tokens across all layers, K and V."""
-    from slimlm.kv.formats import KV_FORMATS
+    from slimlm.formats.kv import KV_FORMATS
 
     if block_size <= 0:
         raise SlimlmError(f"block_size must be positive, got {block_size}")
@@ -160,7 +121,7 @@ def kv_block_bytes(config: ModelConfig, kv_dtype: str, block_size: int) -> int:
 
 def kv_staging_bytes(config: ModelConfig, kv_dtype: str, block_size: int, max_num_seqs: int) -> int:
     """The int4 pool's bf16 staging slots (slimlm/kv/kivi.py): 2 x max_num_seqs + 1 unfinished blocks."""
-    from slimlm.kv.formats import KV_FORMATS
+    from slimlm.formats.kv import KV_FORMATS
 
     kind = normalize_kv_dtype(kv_dtype)
     if kind in FLOAT_BYTES or not KV_FORMATS[kind].key_channels:

@@ -31,7 +31,7 @@ from slimlm.quant.linear import QuantLinear, make_quant_linear
 from slimlm.quant.rtn import rtn_quantize
 from slimlm.quant.scheme import SUPPORTED_GROUP_SIZES, QuantizedWeight, check_scheme
 from slimlm.quant.stats import InputStats
-from slimlm.quant_policy import quantize_embeddings_for
+from slimlm.formats.weights import quantize_embeddings_for
 
 METHODS = ("rtn", "awq", "gptq")
 FORMAT_VERSION = 1
@@ -118,7 +118,7 @@ def quantize_model(
     quantize_embeddings: bool | str | None = None,
 ) -> dict:
     """Quantize every nn.Linear inside the decoder layers in place, then, if `quantize_embeddings` says so
-    (True/"quantize", False/"float", None/"auto": 4 bits only, see slimlm/quant_policy.py), the token
+    (True/"quantize", False/"float", None/"auto": 4 bits only, see slimlm/formats/weights.py), the token
     embedding and lm_head: one shared table when tied; the head with the same method (see quant/head.py).
 
     `sym` defaults to symmetric for 8 bits (the int8 kernel has no zero point) and asymmetric for 4.
