@@ -53,3 +53,19 @@ def test_sizes_parse_once():
     with pytest.raises(SizeError, match="a unit is required"):
         parse_bytes("24")
     assert format_bytes(3 * 2**29) == "1.50 GiB" and format_bytes(None) == "n/a"
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "adamw4bit", "factor4bit"])
+def test_the_optimizers_allocate_the_layouts_the_planner_counts(name):
+    torch = pytest.importorskip("torch")
+    from slimlm.formats.optimizers import moment_layouts
+    from slimlm.train.optimization import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(96, 80), torch.nn.Linear(80, 3000, bias=False))
+    opt = build_optimizer(model, name, lr=1e-3, weight_decay=0.0)
+    model(torch.randn(2, 96)).sum().backward()
+    opt.step()
+    for p in model.parameters():
+        state = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                 for k, v in opt.state[p].items() if k != "step"}  # fmt: skip
+        assert state == moment_layouts(name, tuple(p.shape)), (name, tuple(p.shape))

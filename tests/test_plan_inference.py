@@ -7,7 +7,7 @@ import torch
 
 from slimlm.engine.config import EngineConfig
 from slimlm.errors import SlimlmError
-from slimlm.plan.devices import Device, resolve_device
+from slimlm.plan.devices import Device, describe_device
 from slimlm.plan.inference import kv_block_bytes, kv_bytes_per_token, kv_staging_bytes, weight_bytes
 from slimlm.plan.models import resolve_model
 from slimlm.plan.serving import InferenceSettings, plan_inference, suggest
@@ -100,7 +100,7 @@ def test_kv_block_bytes_equal_what_the_engine_allocates(kv_dtype):
 def test_classic_7b_fp16_on_24gb_with_cache_fraction_0_8():
     """The classic arithmetic: 7B fp16 = 14 GB of weights, 0.8 x the remaining 10 GB for KV -> ~22 GB.
     It simplifies by ignoring the CUDA context and workspaces and by rounding 6.74 B parameters to 7 B."""
-    device = resolve_device(None, "24GB", cuda_context_bytes=0)
+    device = describe_device(None, "24GB", cuda_context_bytes=0)
     plan = plan_inference(LLAMA2_7B, device, InferenceSettings(weight_format="fp16", runtime_overheads=False))
     weights = 2 * 6_738_415_616
     block = kv_block_bytes(LLAMA2_7B, "fp16", 16)
@@ -108,7 +108,7 @@ def test_classic_7b_fp16_on_24gb_with_cache_fraction_0_8():
     assert plan.kv_blocks == int((24 * GB - weights) * 0.8) // block
     assert abs(plan.total_bytes - 22 * GB) < 0.2 * GB  # 21.89 GB
     # with the CUDA context and runtime overheads counted it still fits under 24 GB
-    full = plan_inference(LLAMA2_7B, resolve_device(None, "24GB"), InferenceSettings(weight_format="fp16"))
+    full = plan_inference(LLAMA2_7B, describe_device(None, "24GB"), InferenceSettings(weight_format="fp16"))
     assert full.fits and full.total_bytes <= 24 * GB
     assert full.kv_blocks < plan.kv_blocks  # the context comes out of the free memory first
 

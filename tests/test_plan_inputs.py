@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from slimlm.errors import SlimlmError
-from slimlm.plan.devices import read_meminfo, resolve_device
+from slimlm.plan.devices import describe_device, read_meminfo
 from slimlm.plan.models import model_presets, resolve_model
 from slimlm.plan.units import GB, GiB, MiB, parse_bytes
 
@@ -150,18 +150,18 @@ def test_memory_units_are_explicit():
 
 
 def test_devices():
-    d = resolve_device("rtx4090")
+    d = describe_device("rtx4090")
     assert d.total_bytes == 24564 * MiB and d.kind == "gpu" and d.cuda_context_bytes > 0
-    assert resolve_device("a100-80g").total_bytes == 81920 * MiB
-    sized = resolve_device(None, "24GB", cuda_context_bytes=0)
+    assert describe_device("a100-80g").total_bytes == 81920 * MiB
+    sized = describe_device(None, "24GB", cuda_context_bytes=0)
     assert sized.total_bytes == sized.usable_bytes == 24 * GB and sized.cuda_context_bytes == 0
-    assert resolve_device("rtx3090", "20GiB").total_bytes == 20 * GiB
+    assert describe_device("rtx3090", "20GiB").total_bytes == 20 * GiB
     with pytest.raises(SlimlmError, match="did you mean rtx4090"):
-        resolve_device("rtx490")
+        describe_device("rtx490")
     with pytest.raises(SlimlmError, match="give a device"):
-        resolve_device(None, None)
+        describe_device(None, None)
     with pytest.raises(SlimlmError, match=">= 0"):
-        resolve_device("rtx4090", cuda_context_bytes=-1)
+        describe_device("rtx4090", cuda_context_bytes=-1)
 
 
 def test_cpu_device_reads_meminfo(tmp_path):
@@ -175,7 +175,7 @@ def test_cpu_device_reads_meminfo(tmp_path):
         "MemAvailable": 614400,
         "HugePages_Total": 0,
     }
-    cpu = resolve_device("cpu")
+    cpu = describe_device("cpu")
     real = read_meminfo()
     assert cpu.kind == "cpu" and cpu.cuda_context_bytes == 0
     assert cpu.total_bytes == real["MemTotal"] and 0 < cpu.usable_bytes <= cpu.total_bytes

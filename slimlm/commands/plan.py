@@ -106,8 +106,8 @@ def _weight_format(
 
     `embeddings` is --embeddings (auto: quantized for w4, float for w8, as `slimlm quantize`); a bool is
     the old keep-float flag."""
-    from slimlm.plan.inference import normalize_weight_format
     from slimlm.formats.weights import quantize_embeddings_for
+    from slimlm.plan.inference import normalize_weight_format
 
     if isinstance(embeddings, bool):
         embeddings = "float" if embeddings else "auto"
@@ -131,12 +131,12 @@ def _default_device() -> str:
 
 def build_plan(args: argparse.Namespace):
     """(planned model, plan, suggestions) from parsed flags."""
-    from slimlm.plan.devices import resolve_device
+    from slimlm.plan.devices import describe_device
     from slimlm.plan.models import resolve_model
 
     pm = resolve_model(args.model)
     device_name = args.device if (args.device or args.device_memory) else _default_device()
-    device = resolve_device(device_name, args.device_memory, args.cuda_context)
+    device = describe_device(device_name, args.device_memory, args.cuda_context)
     dtype = _compute_dtype(args.dtype, device.kind)
     if args.mode == "inference":
         from slimlm.commands.common import engine_config_from_args

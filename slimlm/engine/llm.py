@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from slimlm.devices import torch_device
 from slimlm.engine.backend import KEEP_LAYOUT, auto_weights_layout  # noqa: F401  (re-exported)
 from slimlm.engine.config import EngineConfig
 from slimlm.engine.engine import LLMEngine, StepOutput
@@ -14,18 +15,6 @@ from slimlm.engine.memory import format_bytes
 from slimlm.engine.outputs import RequestOutput  # noqa: F401  (re-exported: callers import it from here)
 from slimlm.engine.params import SamplingParams
 from slimlm.errors import SlimlmError
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise SlimlmError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SlimlmError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -72,7 +61,7 @@ class LLM:
         from slimlm.loading import load
 
         engine_config = _engine_config(engine_config, engine_kwargs, weights_layout, "auto")
-        self.device = resolve_device(device)
+        self.device = torch_device(device)
         loaded = load(
             model,
             dtype=resolve_dtype(dtype, self.device),

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.formats.optimizers import BLOCK_4BIT, FP32_STATE_MAX_NUMEL
 from slimlm.optim.codecs import Layout, MomentCodec
 from slimlm.optim.sharding import local_tensor
 
@@ -30,7 +31,7 @@ class LowBitAdamW(torch.optim.Optimizer):
     (see slimlm.optim.sharding), and `moment_codecs` decides by the global shape, the same on every rank.
     """
 
-    default_block_size = 128
+    default_block_size = BLOCK_4BIT
 
     def __init__(
         self,
@@ -47,7 +48,7 @@ class LowBitAdamW(torch.optim.Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         block_size: int | None = None,
-        fp32_state_max_numel: int = 4096,
+        fp32_state_max_numel: int = FP32_STATE_MAX_NUMEL,
         state_device: str | torch.device | None = None,
     ) -> None:
         name = type(self).__name__

@@ -10,18 +10,29 @@ from __future__ import annotations
 
 import torch
 
+from slimlm.formats.optimizers import (
+    StateLayout,
+    blockwise_layout,
+    factored_layout,
+    float32_layout,
+    rank1_layout,
+)
 from slimlm.optim.quantize import (
     TINY,
     CodeTable,
     blockwise_decode,
     blockwise_encode,
-    padded_length,
     rank1_decode,
     rank1_encode,
 )
 from slimlm.optim.sharding import ShardSpec, sum_over_shards
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def _torch(layout: StateLayout) -> Layout:
+    """slimlm.formats.optimizers' layouts (which the planner counts) with torch dtypes."""
+    return {key: (shape, getattr(torch, dtype)) for key, (shape, dtype) in layout.items()}
 
 
 class MomentCodec:
@@ -53,7 +64,7 @@ class Float32Codec(MomentCodec):
     """The moment as a float32 tensor shaped like the parameter (small tensors; updated in place)."""
 
     def layout(self, p: torch.Tensor) -> Layout:
-        return {self.prefix: (tuple(p.shape), torch.float32)}
+        return _torch(float32_layout(self.prefix, tuple(p.shape)))
 
     def decode(self, state: dict, p: torch.Tensor) -> torch.Tensor:
         return state[self.prefix]
@@ -78,11 +89,7 @@ class BlockwiseCodec(MomentCodec):
         self.nonnegative = bool(table.values[0] >= 0)
 
     def layout(self, p: torch.Tensor) -> Layout:
-        padded = padded_length(p.numel(), self.block_size)
-        return {
-            f"{self.prefix}_codes": ((padded // 2 if self.packed else padded,), torch.uint8),
-            f"{self.prefix}_absmax": ((padded // self.block_size,), torch.float32),
-        }
+        return _torch(blockwise_layout(self.prefix, p.numel(), self.block_size, self.packed))
 
     def decode(self, state: dict, p: torch.Tensor) -> torch.Tensor:
         codes, absmax = state[f"{self.prefix}_codes"], state[f"{self.prefix}_absmax"]
@@ -109,10 +116,7 @@ class Rank1Codec(MomentCodec):
         self.table = table
 
     def layout(self, p: torch.Tensor) -> Layout:
-        out: Layout = {f"{self.prefix}_codes": ((padded_length(p.numel(), 2) // 2,), torch.uint8)}
-        for d, size in enumerate(p.shape):
-            out[f"{self.prefix}_max{d}"] = ((size,), torch.float32)
-        return out
+        return _torch(rank1_layout(self.prefix, tuple(p.shape)))
 
     def decode(self, state: dict, p: torch.Tensor) -> torch.Tensor:
         maxima = [state[f"{self.prefix}_max{d}"] for d in range(p.ndim)]
@@ -142,11 +146,7 @@ class FactoredSecondMoment(MomentCodec):
         self.shard = shard if shard is not None and shard.sharded and len(shard.global_shape) == 2 else None
 
     def layout(self, p: torch.Tensor) -> Layout:
-        shape = tuple(p.shape)
-        return {
-            f"{self.prefix}_row": (shape[:-1], torch.float32),
-            f"{self.prefix}_col": (shape[:-2] + shape[-1:], torch.float32),
-        }
+        return _torch(factored_layout(self.prefix, tuple(p.shape)))
 
     def ema_square(self, state: dict, p: torch.Tensor, grad: torch.Tensor, beta2: float) -> torch.Tensor:
         row, col = state[f"{self.prefix}_row"], state[f"{self.prefix}_col"]

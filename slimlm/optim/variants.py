@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from slimlm.formats.optimizers import BLOCK_4BIT, BLOCK_8BIT
 from slimlm.optim.adamw import LowBitAdamW
 from slimlm.optim.codecs import (
     BlockwiseCodec,
@@ -47,7 +48,7 @@ class AdamW8bit(LowBitAdamW):
     Same arguments as torch.optim.AdamW plus `block_size` and `fp32_state_max_numel`.
     """
 
-    default_block_size = 256
+    default_block_size = BLOCK_8BIT
 
     def moment_codecs(self, p: torch.Tensor) -> tuple[MomentCodec, MomentCodec]:
         if self.keeps_fp32_state(p):
@@ -67,7 +68,7 @@ class AdamW4bit(LowBitAdamW):
     Same arguments as torch.optim.AdamW plus `block_size` and `fp32_state_max_numel`.
     """
 
-    default_block_size = 128
+    default_block_size = BLOCK_4BIT
 
     def moment_codecs(self, p: torch.Tensor) -> tuple[MomentCodec, MomentCodec]:
         if self.keeps_fp32_state(p):
@@ -88,7 +89,7 @@ class AdamWFactor4bit(LowBitAdamW):
     Same arguments as torch.optim.AdamW plus `block_size` and `fp32_state_max_numel`.
     """
 
-    default_block_size = 128
+    default_block_size = BLOCK_4BIT
 
     def moment_codecs(self, p: torch.Tensor) -> tuple[MomentCodec, MomentCodec]:
         if self.keeps_fp32_state(p):

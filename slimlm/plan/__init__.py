@@ -3,7 +3,7 @@
 Only the exact byte arithmetic the engine shares is imported here, so importing it stays cheap:
 `weight_bytes`, `kv_bytes_per_token`, `kv_block_bytes`. Plans: `slimlm.plan.serving.plan_inference`,
 `slimlm.plan.training.plan_training`; inputs: `slimlm.plan.models.resolve_model`,
-`slimlm.plan.devices.resolve_device`.
+`slimlm.plan.devices.describe_device`.
 """
 
 from slimlm.plan.inference import kv_block_bytes, kv_bytes_per_token, weight_bytes

@@ -78,7 +78,7 @@ def local_cuda_device() -> Device:
     return Device(name, total, free, "gpu", 0, "torch.cuda.mem_get_info (context already paid)")
 
 
-def resolve_device(
+def describe_device(
     spec: str | None = None, memory: str | int | None = None, cuda_context_bytes: int | None = None
 ) -> Device:
     """`spec`: a GPU preset name, 'cpu', 'cuda' (the local GPU) or None; `memory`: '24GiB' / '24GB' / bytes.

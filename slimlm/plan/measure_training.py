@@ -58,7 +58,7 @@ def make_optimizer(params: list[torch.Tensor], s: TrainingSettings) -> torch.opt
     cls = {
         "adamw8bit": variants.AdamW8bit,
         "adamw4bit": variants.AdamW4bit,
-        "adamw4bit-factor": variants.AdamWFactor4bit,
+        "factor4bit": variants.AdamWFactor4bit,
     }
     return cls[s.optimizer](params, lr=1e-4)
 

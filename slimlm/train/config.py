@@ -6,12 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from slimlm.errors import SlimlmError
+from slimlm.formats.optimizers import ALIASES as OPTIMIZER_ALIASES
+from slimlm.formats.optimizers import OPTIMIZERS
 from slimlm.settings import arg
 from slimlm.train.batching import BATCHING
 from slimlm.train.lora import DEFAULT_TARGETS, LoraConfig
 
 METHODS = ("lora", "qlora", "full")
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "factor4bit")
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -109,7 +110,7 @@ class TrainConfig:
             str(p) for p in ([self.eval_data] if isinstance(self.eval_data, str) else self.eval_data)
         ]
         self.lora_targets = tuple(self.lora_targets)
-        self.optim = {"factor": "factor4bit", "adamwfactor4bit": "factor4bit"}.get(self.optim, self.optim)
+        self.optim = OPTIMIZER_ALIASES.get(self.optim, self.optim)  # old spellings (adamw4bit-factor)
         if not self.data:
             raise SlimlmError(
                 "no training data: pass --data FILE (.jsonl / .json conversations or plain text)"

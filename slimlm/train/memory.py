@@ -19,7 +19,6 @@ from torch import nn
 
 from slimlm.formats.sizes import format_bytes
 from slimlm.train.config import TrainConfig
-from slimlm.train.optimization import PLANNER_NAMES
 
 TRACKED_STEPS = 2
 
@@ -84,7 +83,7 @@ def planned_peak(cfg: TrainConfig, model_config, precision: str, seq_len: int, w
         settings = TrainingSettings(
             method=cfg.method,
             precision="fp32" if precision == "fp32" else "mixed",
-            optimizer=PLANNER_NAMES[cfg.optim],
+            optimizer=cfg.optim,  # the planner speaks slimlm train's names
             micro_batch=cfg.batch_size,
             seq_len=seq_len,
             gradient_checkpointing=cfg.gradient_checkpointing,

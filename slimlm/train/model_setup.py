@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from slimlm.devices import torch_device
 from slimlm.errors import SlimlmError
 from slimlm.train.config import TrainConfig
 from slimlm.train.lora import LoraConfig, apply_lora, is_quantized
@@ -39,16 +40,10 @@ class PreparedModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SlimlmError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+def rank_device(name: str, local_rank: int = 0) -> torch.device:
+    """--device read as everywhere (slimlm.devices), then a bare 'cuda' is this process's rank's GPU."""
+    device = torch_device(name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SlimlmError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     elif device.type != "cpu":
@@ -156,6 +151,6 @@ __all__ = [
     "load_base",
     "prepare_model",
     "qlora_group_size",
-    "resolve_device",
+    "rank_device",
     "resolve_precision",
 ]

@@ -7,14 +7,6 @@ import math
 import torch
 from torch import nn
 
-# --optim name -> the planner's name for the same state layout
-PLANNER_NAMES = {
-    "adamw": "adamw",
-    "adamw8bit": "adamw8bit",
-    "adamw4bit": "adamw4bit",
-    "factor4bit": "adamw4bit-factor",
-}
-
 
 def build_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float, state_device: str | None = None
@@ -65,4 +57,4 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(warmup, total_steps, kind, min_ratio))
 
 
-__all__ = ["PLANNER_NAMES", "WarmupDecay", "build_optimizer", "build_scheduler"]
+__all__ = ["WarmupDecay", "build_optimizer", "build_scheduler"]

@@ -34,7 +34,7 @@ from slimlm.train.model_setup import (
     load_base,
     prepare_model,
     qlora_group_size,
-    resolve_device,
+    rank_device,
     resolve_precision,
 )
 from slimlm.train.optimization import build_optimizer, build_scheduler
@@ -71,7 +71,7 @@ class Trainer:
 
     def _setup(self, loaded) -> None:
         cfg = self.cfg
-        self.device = resolve_device(cfg.device, self.dist.local_rank)
+        self.device = rank_device(cfg.device, self.dist.local_rank)
         self.out = Path(cfg.output_dir)
         self.resume_from = self._check_output_dir()
         self.precision = resolve_precision(cfg.precision, self.device)
