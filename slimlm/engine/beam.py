@@ -1,15 +1,13 @@
-"""Beam search through the model: beams live in rows of a contiguous cache that is reordered each step."""
+"""Beam search for `LLM.generate`: the request's checks against the engine's limits, then the reference
+decoder's beam loop (slimlm.generation.beam_search_tokens) over the model."""
 
 from __future__ import annotations
-
-import torch
 
 from slimlm.engine.beam_search import BeamSearch
 from slimlm.engine.outputs import RequestOutput
 from slimlm.engine.params import SamplingParams
 from slimlm.errors import SlimlmError
-from slimlm.kv.contiguous import ContiguousKVCache
-from slimlm.kv.metadata import AttnMetadata
+from slimlm.generation import beam_search_tokens
 from slimlm.progress import progress_bar
 
 # Each step runs num_beams rows and keeps 2 x num_beams candidates: beyond this the search is all cost
@@ -42,46 +40,15 @@ def check_beam_request(llm, prompt_len: int, params: SamplingParams) -> None:
         )
 
 
-@torch.inference_mode()
 def beam_search(llm, prompt_ids: list[int], params: SamplingParams):
     """HF transformers' beam search semantics (see BeamSearch); returns the best hypothesis.
 
     A progress bar over the generated tokens shows when `llm.show_progress` is set (the CLI sets it)."""
     check_beam_request(llm, len(prompt_ids), params)
-    model = llm.loaded.model
-    config = llm.config
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype  # the compute dtype (the embedding may be quantized)
     search = BeamSearch.from_params(params, llm.engine.eos_token_ids)
-    n = params.num_beams
-    cache = ContiguousKVCache(config, n, len(prompt_ids) + params.max_tokens, dtype=dtype, device=device)
-    prompt = torch.tensor(prompt_ids, device=device)
-    hidden = model(
-        prompt,
-        torch.arange(len(prompt_ids), device=device),
-        cache,
-        AttnMetadata.single(len(prompt_ids), len(prompt_ids)),
-    )
-    logits = model.compute_logits(hidden[-1:])
-    context = len(prompt_ids)
-    with progress_bar(
-        f"beam search ({n} beams)", params.max_tokens, getattr(llm, "show_progress", False)
-    ) as step:
-        while not search.done:
-            picks = search.step(torch.log_softmax(logits, dim=-1)[: len(search.beams)])
-            step()
-            if not picks:
-                break
-            parents = torch.tensor([p for p, _ in picks], device=device)
-            tokens = torch.tensor([t for _, t in picks], device=device)
-            rows = len(picks)
-            # Each surviving beam continues from its parent's cache row.
-            cache.k[:, :rows] = cache.k[:, parents]
-            cache.v[:, :rows] = cache.v[:, parents]
-            context += 1
-            meta = AttnMetadata(query_lens=[1] * rows, context_lens=[context] * rows, slots=list(range(rows)))
-            positions = torch.full((rows,), context - 1, device=device)
-            logits = model.compute_logits(model(tokens, positions, cache, meta))
+    show = getattr(llm, "show_progress", False)
+    with progress_bar(f"beam search ({params.num_beams} beams)", params.max_tokens, show) as step:
+        beam_search_tokens(llm.loaded.model, prompt_ids, search, params.max_tokens, step)
     best = search.results()[0]
     ids = list(best.token_ids)
     eos = set(llm.engine.eos_token_ids)
