@@ -1,5 +1,8 @@
-/* Decode steps of a Llama-family model (Llama, Mistral, Qwen2) on CPU: one new token for each of the
- * step's sequences, the whole model in one call.
+/* Decode steps of a Llama-family model (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3) on CPU: one new
+ * token for each of the step's sequences, the whole model in one call. What the families change (q/k
+ * norms, Gemma's extra norms, GeGLU, per-layer windows and RoPE bases, scaled embeddings, final-logit
+ * soft-capping) are fields of slim_layer / slim_model that slimlm/kernels/family.py fills from the
+ * config, so this file holds one step with no family names in it.
  *
  * Why: eager PyTorch spends ~9 ms of a ~20 ms SmolLM2 token on ~1,600 small ops (norms, rotary,
  * cache writes, attention, residuals) and their Python dispatch. Here every layer is plain loops
@@ -23,6 +26,7 @@
  * cores: 22 -> 14 ms per token), and each thread still streams long runs of rows in address order,
  * which "dynamic" chunks broke (12 against 9 ms per token).
  */
+#include "family.h"
 #include "gemm.h"
 #include "gemm_q.h"
 #include "kv_pool.h"
@@ -91,7 +95,7 @@ void slim_embed(const slim_weight *w, const int64_t *ids, int64_t n, const float
 }
 
 /* One new token for each of `batch` sequences (the cache holds each one's earlier positions).
- * tokens/positions [batch]; cos/ssin [batch, head_dim]; tables [batch, n_table] (each sequence's block
+ * tokens/positions [batch]; cos/ssin [m->ropes, batch, head_dim] (layer l reads pair l->rope); tables [batch, n_table] (each sequence's block
  * table, padded); logits [batch, vocab]. The float32
  * activations are rounded to bf16 at each weight GEMM's input, as PyTorch's bf16 path does.
  * Returns 0, or 1 when a position is outside the scratch or its table. */
@@ -112,12 +116,16 @@ int slim_decode(const slim_model *m, int64_t batch, const int64_t *tokens, const
     float *gate_up = attn + batch * h * d;
     slim_input in = inputs_in(m, gate_up + batch * 2 * inter, batch);
 
-    for (int64_t b = 0; b < batch; b++) embed_row(&m->embed, tokens[b], m->embed_div, x + b * hid);
+    for (int64_t b = 0; b < batch; b++) {
+        embed_row(&m->embed, tokens[b], m->embed_div, x + b * hid);
+        if (m->embed_scale != 1.0f)
+            for (int64_t i = b * hid; i < (b + 1) * hid; i++) x[i] *= m->embed_scale;
+    }
     for (int64_t li = 0; li < m->layers; li++) {
         const slim_layer *l = &m->layer[li];
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t b = 0; b < batch; b++) {
-            rms_norm(x + b * hid, l->in_norm, hn + b * hid, hid, m->eps);
+            rms_norm_f(x + b * hid, l->in_norm, hn + b * hid, hid, m->eps);
             prep_row(&l->qkv_w, hn + b * hid, &in, b);
         }
         linear(&l->qkv_w, &in, qkv, nqkv, batch, threads);
@@ -126,7 +134,12 @@ int slim_decode(const slim_model *m, int64_t batch, const int64_t *tokens, const
             float *row = qkv + b * nqkv;
             if (l->qkv_b)
                 for (int64_t i = 0; i < nqkv; i++) row[i] += bf16_to_f32(l->qkv_b[i]);
-            for (int64_t j = 0; j < h + kvh; j++) rotate(row + j * d, cos + b * d, ssin + b * d, d);
+            if (l->q_norm)
+                for (int64_t j = 0; j < h; j++) rms_norm_f(row + j * d, l->q_norm, row + j * d, d, m->eps);
+            if (l->k_norm)
+                for (int64_t j = h; j < h + kvh; j++) rms_norm_f(row + j * d, l->k_norm, row + j * d, d, m->eps);
+            const float *c = cos + (l->rope * batch + b) * d, *s = ssin + (l->rope * batch + b) * d;
+            for (int64_t j = 0; j < h + kvh; j++) rotate(row + j * d, c, s, d);
             if (m->rotation) /* quantized pools hold K and V turned: q turns with them, out turns back */
                 for (int64_t j = 0; j < h + 2 * kvh; j++) turn(row + j * d, m->rotation, d, 0);
             int64_t pos = positions[b], block = tables[b * n_table + pos / m->block_size];
@@ -136,7 +149,7 @@ int slim_decode(const slim_model *m, int64_t batch, const int64_t *tokens, const
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
         for (int64_t bj = 0; bj < batch * h; bj++) {
             int64_t b = bj / h, j = bj % h, ctx = positions[b] + 1;
-            int64_t lo = (m->window > 0 && ctx > m->window) ? ctx - m->window : 0;
+            int64_t lo = (l->window > 0 && ctx > l->window) ? ctx - l->window : 0;
             attend_head(m, l, qkv + b * nqkv + j * d, j / (h / kvh), tables + b * n_table, lo, ctx,
                         attn + b * h * d + j * d);
             if (m->rotation) turn(attn + b * h * d + j * d, m->rotation, d, 1);
@@ -145,28 +158,38 @@ int slim_decode(const slim_model *m, int64_t batch, const int64_t *tokens, const
         linear(&l->o_w, &in, hn, hid, batch, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t b = 0; b < batch; b++) {
+            if (l->attn_out_norm) rms_norm_f(hn + b * hid, l->attn_out_norm, hn + b * hid, hid, m->eps);
             for (int64_t i = b * hid; i < (b + 1) * hid; i++) x[i] += hn[i];
-            rms_norm(x + b * hid, l->post_norm, hn + b * hid, hid, m->eps);
+            rms_norm_f(x + b * hid, l->post_norm, hn + b * hid, hid, m->eps);
             prep_row(&l->gate_up_w, hn + b * hid, &in, b);
         }
         linear(&l->gate_up_w, &in, gate_up, 2 * inter, batch, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t b = 0; b < batch; b++) {
             float *gate = gate_up + b * 2 * inter;
-            if (l->down_w.bits == 16) {
+            if (l->down_w.bits == 16 && m->act == 0) {
                 swiglu_bf16(gate, gate + inter, in.xb + b * inter, inter);
+            } else if (l->down_w.bits == 16) {
+                geglu_bf16(gate, gate + inter, in.xb + b * inter, inter);
             } else {
-                swiglu_f32(gate, gate + inter, gate, inter);
+                if (m->act == 0) swiglu_f32(gate, gate + inter, gate, inter);
+                else geglu_f32(gate, gate + inter, gate, inter);
                 prep_row(&l->down_w, gate, &in, b);
             }
         }
         linear(&l->down_w, &in, hn, hid, batch, threads);
+        if (l->mlp_out_norm)
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (int64_t b = 0; b < batch; b++) rms_norm_f(hn + b * hid, l->mlp_out_norm, hn + b * hid, hid, m->eps);
         for (int64_t i = 0; i < batch * hid; i++) x[i] += hn[i];
     }
     for (int64_t b = 0; b < batch; b++) {
-        rms_norm(x + b * hid, m->final_norm, hn + b * hid, hid, m->eps);
+        rms_norm_f(x + b * hid, m->final_norm, hn + b * hid, hid, m->eps);
         prep_row(&m->lm_head, hn + b * hid, &in, b);
     }
     linear(&m->lm_head, &in, logits, m->vocab, batch, threads);
+    if (m->final_softcap > 0.0f)
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t b = 0; b < batch; b++) soft_cap(logits + b * m->vocab, m->vocab, m->final_softcap);
     return 0;
 }

@@ -1,8 +1,9 @@
 """The engine's decode step as one C call for the whole model (kernels/decode_cpu.c).
 
 `FusedDecoder.create` checks the model and the KV pool fit the kernel (CPU, bf16 plain rows or int4/int8
-weights in the kernel's layout (kernels/qlinear.py), the bf16, int8 or int4 paged pool, Llama-family
-layers with fused q/k/v and gate/up) and otherwise says why not, so the engine keeps its PyTorch path.
+weights in the kernel's layout (kernels/qlinear.py), the bf16, int8 or int4 paged pool, a family
+kernels/family.py describes, with fused q/k/v and gate/up) and otherwise says why not, so the engine
+keeps its PyTorch path.
 The kernel reads the model's and the pool's own tensors (no copies): the decoder keeps references to
 them. slimlm/engine/backend.py lays the weights out and builds it.
 """
@@ -14,6 +15,7 @@ import ctypes
 import torch
 from torch import nn
 
+from slimlm.kernels.family import family_params, unsupported
 from slimlm.kernels.library import DIMS, Layer, Model, Weight, bf16_weight, library
 from slimlm.kernels.qlinear import KernelEmbedding, KernelLinear
 from slimlm.models.llama import LlamaForCausalLM
@@ -36,9 +38,6 @@ def _kernel_weight(linear: nn.Module) -> KernelLinear | torch.Tensor | None:
     return linear if isinstance(linear, KernelLinear) else _plain_weight(linear)
 
 
-KERNEL_FAMILIES = ("llama", "mistral", "qwen2")  # the layer structure decode_cpu.c implements
-
-
 def _kv_bits(cache) -> int | None:
     """16 for the bf16 paged pool, 8 / 4 for the int8 / int4 pools, None for anything else."""
     from slimlm.kv.paged import PagedKVCache
@@ -54,8 +53,9 @@ def blocker(model: nn.Module, cache) -> str | None:
     change (family, dtype, pool, device, head size); None when a layout may make it run."""
     if not isinstance(model, LlamaForCausalLM):
         return f"{type(model).__name__} is not a Llama-family model"
-    if model.config.family not in KERNEL_FAMILIES:  # q/k norms, fused checkpoints, Gemma's layers
-        return f"the C decode kernel runs llama, mistral and qwen2 models, not {model.config.family}"
+    reason = unsupported(model.config)
+    if reason is not None:
+        return reason
     dtype = model.model.norm.weight.dtype
     if dtype != torch.bfloat16:
         return f"the C decode kernel needs bf16 weights (this model is {str(dtype).removeprefix('torch.')})"
@@ -82,7 +82,7 @@ def _why_not(model: nn.Module, cache) -> str | None:
         return reason
     if _embed_table(model) is None or _kernel_weight(model.lm_head) is None:
         return "the embedding or lm_head is quantized in a layout the C decode kernel cannot read"
-    tensors = [model.model.norm.weight]
+    tensors = []  # the norms are copied to float32 (kernels/family.py)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.qkv_proj is None or mlp.gate_up_proj is None:
@@ -94,7 +94,6 @@ def _why_not(model: nn.Module, cache) -> str | None:
         if any(lin.bias is not None for lin in linears[1:]):
             return "only q/k/v may have a bias"
         tensors += [w for w in weights if isinstance(w, torch.Tensor)]
-        tensors += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         if attn.qkv_proj.bias is not None:
             tensors.append(attn.qkv_proj.bias)
     tensors += [
@@ -126,7 +125,6 @@ class FusedDecoder:
     ) -> None:
         cfg = model.config
         self._lib = lib
-        self._rotary = model.model.rotary_emb
         self._keep: list[object] = []  # every tensor and module the C structs point into stays alive
 
         def ptr(t: torch.Tensor | None) -> int | None:
@@ -146,21 +144,26 @@ class FusedDecoder:
         key_channels = hasattr(cache, "stage_of")  # the int4 pool: KIVI keys, staged unfinished blocks
         staging = (cache.stage_k, cache.stage_v) if key_channels else ()
         self._cache = cache
+        fam = family_params(model)
+        self._rotaries = fam.rotaries
         layers = (Layer * cfg.num_hidden_layers)()
         for i, layer in enumerate(model.model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
+            attn, mlp, p = layer.self_attn, layer.mlp, fam.layers[i]
             layers[i] = Layer(
                 weight(_kernel_weight(attn.qkv_proj)),
                 ptr(attn.qkv_proj.bias),
                 weight(_kernel_weight(attn.o_proj)),
                 weight(_kernel_weight(mlp.gate_up_proj)),
                 weight(_kernel_weight(mlp.down_proj)),
-                ptr(layer.input_layernorm.weight),
-                ptr(layer.post_attention_layernorm.weight),
+                ptr(p.in_norm),
+                ptr(p.post_norm),
                 ptr(k_pool[i]),
                 ptr(v_pool[i]),
                 *(None if t is None else ptr(t[i]) for t in extras),
-                *(ptr(t[i]) for t in staging),
+                *(ptr(t[i]) for t in staging) if staging else (None, None),
+                *(ptr(t) for t in (p.q_norm, p.k_norm, p.attn_out_norm, p.mlp_out_norm)),
+                p.window,
+                p.rope,
             )
         self._layers = layers
         m = Model()
@@ -172,7 +175,13 @@ class FusedDecoder:
         ):  # fmt: skip
             setattr(m, name, value)
         m.block_size, m.num_blocks = cache.block_size, cache.num_blocks
-        m.window, m.max_ctx, m.threads = cfg.sliding_window or 0, max_ctx, torch.get_num_threads()
+        m.max_ctx, m.threads = max_ctx, torch.get_num_threads()
+        m.act, m.ropes, m.embed_scale, m.final_softcap = (
+            fam.act,
+            len(fam.rotaries),
+            fam.embed_scale,
+            fam.final_softcap,
+        )
         m.eps, m.scale, m.kv_bits = cfg.rms_norm_eps, cache.scale, kv_bits
         if quantized:
             m.k_bits, m.v_bits = cache.k_bits, cache.v_bits
@@ -183,7 +192,7 @@ class FusedDecoder:
         m.embed = weight(_embed_table(model))
         embed = model.model.embed_tokens
         m.embed_div = ptr(embed.lookup_scale) if isinstance(embed, KernelEmbedding) else None
-        m.final_norm = ptr(model.model.norm.weight)
+        m.final_norm = ptr(fam.final_norm)
         m.lm_head = weight(_kernel_weight(model.lm_head))
         m.layer = layers
         self.max_batch = max_batch
@@ -215,7 +224,9 @@ class FusedDecoder:
         if not 0 < batch <= self.max_batch:
             raise ValueError(f"decode kernel holds scratch for {self.max_batch} sequences, got {batch}")
         pos = torch.tensor(positions)
-        cos, ssin = self._rotary(pos, torch.float32)
+        pairs = [rotary(pos, torch.float32) for rotary in self._rotaries]  # [ropes, batch, head_dim] each
+        cos = torch.stack([c for c, _ in pairs]).contiguous()
+        ssin = torch.stack([s for _, s in pairs]).contiguous()
         width = max(len(t) for t in block_tables)
         tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables])
         ids = torch.tensor(tokens)

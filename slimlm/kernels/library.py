@@ -48,14 +48,20 @@ class Layer(ctypes.Structure):
                 "v_zero",
                 "k_stage",
                 "v_stage",
+                "q_norm",
+                "k_norm",
+                "attn_out_norm",
+                "mlp_out_norm",
             )
         ],
+        ("window", ctypes.c_int64),
+        ("rope", ctypes.c_int64),
     ]
 
 
 DIMS = ("hidden", "inter", "heads", "kv_heads", "head_dim", "layers", "vocab")
 CACHE_DIMS = (
-    *("block_size", "num_blocks", "window", "max_ctx", "threads", "kv_bits"),
+    *("block_size", "num_blocks", "max_ctx", "threads", "kv_bits"),
     *("k_bits", "v_bits", "k_group", "v_group", "key_channels"),
 )
 
@@ -68,6 +74,10 @@ class Model(ctypes.Structure):
         ("stage_of", _ptr),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
+        ("act", ctypes.c_int64),
+        ("ropes", ctypes.c_int64),
+        ("embed_scale", ctypes.c_float),
+        ("final_softcap", ctypes.c_float),
         ("rotation", _ptr),
         ("embed", Weight),
         ("embed_div", _ptr),

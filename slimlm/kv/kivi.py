@@ -195,8 +195,8 @@ class Int4KiviPagedKVCache(QuantizedPagedKVCache):
         kq = torch.arange(quant_len, device=q.device)[None, :]
         ke = torch.arange(lo, ctx, device=q.device)[None, :]
         mask = torch.cat(((kq < own).expand(t, -1), (ke >= own) & (ke <= qpos)), dim=1)
-        if self.sliding_window is not None:
-            window = self.sliding_window
+        window = self.windows[layer]  # per layer: Gemma 3's global layers have none
+        if window is not None:
             mask &= torch.cat(((kq > qpos - window).expand(t, -1), ke > qpos - window), dim=1)
         qh, kh, vh = q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
         out = F.scaled_dot_product_attention(
