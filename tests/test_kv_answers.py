@@ -76,3 +76,21 @@ def test_quantized_kv_keeps_the_answers(bf16_model, reference, kv_dtype):
         print(f"{kv_dtype} changed {q!r}: bf16 {a!r} -> {b!r}")
     assert "Paris" in answers[0]
     assert len(changed) <= 2, changed
+
+
+def test_recommended_w4_keeps_the_answers(bf16_model, reference):
+    """The recommended 4-bit recipe (docs/quantization.md: RTN, group 32, float zero points, 8-bit
+    embedding table) changes at most 4 of the 20 answers of the bf16 model with a bf16 pool."""
+    import copy
+
+    from slimlm.quant.quantize import quantize_model
+
+    quantized = copy.copy(bf16_model)
+    quantized.model = copy.deepcopy(bf16_model.model)
+    quantize_model(quantized.model, "rtn", 4, 32, progress=False, float_zero=True, embedding_bits=8)
+    answers = _answers(quantized, "bf16")
+    changed = [(q, a, b) for q, a, b in zip(QUESTIONS, reference, answers, strict=True) if a != b]
+    for q, a, b in changed:
+        print(f"w4 changed {q!r}: bf16 {a!r} -> {b!r}")
+    assert "Paris" in answers[0]
+    assert len(changed) <= 4, changed

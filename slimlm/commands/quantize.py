@@ -47,6 +47,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         const="float",
         help="alias of --embeddings float",
     )
+    p.add_argument(
+        "--embedding-bits",
+        type=int,
+        choices=(4, 8),
+        default=None,
+        help="bits of the quantized embedding/lm_head table (default: --bits); 8 beside 4-bit weights is "
+        "the recommended w4 recipe (docs/quantization.md)",
+    )
+    p.add_argument(
+        "--zero",
+        choices=("int", "float"),
+        default="int",
+        help="4-bit zero points: int (w = s*(q - z), z an integer) or float (w = s*q + min per group, "
+        "as GGUF Q4_1 stores it)",
+    )
+    p.add_argument(
+        "--group-sizes",
+        type=_group_sizes,
+        default=None,
+        metavar="NAME=G,...",
+        help="per-linear group sizes, e.g. self_attn.v_proj=32,mlp.down_proj=32 (every layer) or "
+        "3.mlp.down_proj=32 (layer 3 only); the rest use --group-size",
+    )
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--quiet", "-q", action="store_true")
 
@@ -60,6 +83,21 @@ def _group_size(text: str) -> int | None:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a group size; use 128, 64, 32, -1 or auto"
         ) from None
+
+
+def _group_sizes(text: str) -> dict[str, int]:
+    sizes = {}
+    for item in filter(None, text.split(",")):
+        name, sep, value = item.partition("=")
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not NAME=GROUP; write e.g. self_attn.v_proj=32,mlp.down_proj=32"
+            ) from None
+    return sizes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
         progress,
         act_order=args.act_order,
         quantize_embeddings=args.embeddings,
+        float_zero=args.zero == "float",
+        embedding_bits=args.embedding_bits,
+        group_sizes=args.group_sizes,
     )
     seconds = time.perf_counter() - start
     if batches is not None:  # `slimlm eval` warns when this text overlaps what it scores

@@ -44,6 +44,7 @@ def awq_search_scale(
     group_size: int,
     sym: bool = False,
     grid: int = 20,
+    float_zero: bool = False,
 ) -> torch.Tensor:
     """Best per-input-channel scale [in] for the weights [out_i, in] that all read the input of `stats`."""
     w = torch.cat([w.float() for w in weights], dim=0)  # [sum out, in]
@@ -51,7 +52,7 @@ def awq_search_scale(
     for step in range(grid):
         scale = stats.abs_mean.pow(step / grid).clamp(min=1e-4)
         scale = scale / (scale.max() * scale.min()).sqrt()
-        w_q = fake_quantize(w * scale, bits, group_size, sym) / scale
+        w_q = fake_quantize(w * scale, bits, group_size, sym, float_zero) / scale
         loss = _output_error(w_q - w, stats.gram)
         if loss < best_loss:
             best_loss, best_scale = loss, scale
@@ -67,6 +68,7 @@ def awq_search_clip(
     sym: bool = False,
     grid: int = 20,
     max_shrink: float = 0.5,
+    float_zero: bool = False,
 ) -> torch.Tensor:
     """Per (row, group) clipping threshold [out, groups] that minimises that group's output error."""
     out, n_in = weight.shape
@@ -82,7 +84,10 @@ def awq_search_clip(
         max_val = original_max * (1 - step / grid)
         clipped = torch.maximum(torch.minimum(w, max_val.unsqueeze(-1)), -max_val.unsqueeze(-1))
         delta = (
-            fake_quantize(clipped.view(out, n_in), bits, group_size, sym).view(out, n_groups, group_size) - w
+            fake_quantize(clipped.view(out, n_in), bits, group_size, sym, float_zero).view(
+                out, n_groups, group_size
+            )
+            - w
         )
         err = torch.einsum("ogk,gkl,ogl->og", delta, gram_blocks, delta)  # [out, groups]
         better = err < best_err
@@ -116,6 +121,7 @@ def awq_quantize_layer(
     sym: bool = False,
     grid: int = 20,
     clip: bool = True,
+    float_zero: bool = False,
 ) -> dict[str, QuantizedWeight]:
     """Search and fold the scales of one decoder layer, then quantize each of its linears.
 
@@ -134,7 +140,9 @@ def awq_quantize_layer(
         if isinstance(producer, nn.Linear) and producer.weight.shape != consumers[0].weight.shape:
             continue  # GQA v_proj -> o_proj: not foldable channel for channel
         shared = stats[consumer_names[0]]
-        scale = awq_search_scale(shared, [c.weight for c in consumers], bits, group_size, sym, grid)
+        scale = awq_search_scale(
+            shared, [c.weight for c in consumers], bits, group_size, sym, grid, float_zero=float_zero
+        )
         fold_scale(producer, consumers, scale)
         for unique in {id(stats[n]): stats[n] for n in consumer_names}.values():
             unique.divide_inputs(scale)
@@ -143,9 +151,11 @@ def awq_quantize_layer(
     for name, input_stats in stats.items():
         linear = modules[name]
         if clip and not name.endswith(NO_CLIP):
-            max_val = awq_search_clip(linear.weight, input_stats, bits, group_size, sym, grid)
+            max_val = awq_search_clip(
+                linear.weight, input_stats, bits, group_size, sym, grid, float_zero=float_zero
+            )
             _clamp_groups(linear.weight, max_val.to(linear.weight.dtype), group_size)
-        result[name] = rtn_quantize(linear.weight.detach(), bits, group_size, sym)
+        result[name] = rtn_quantize(linear.weight.detach(), bits, group_size, sym, float_zero)
     return result
 
 

@@ -32,6 +32,7 @@ from slimlm.quant.linear import (
     _nibbles_at,
     _periodic_layout,
     make_quant_linear,
+    portable_zeros,
 )
 from slimlm.quant.rtn import rtn_quantize
 from slimlm.quant.scheme import QuantizedWeight, check_scheme, unpack_nibbles
@@ -83,7 +84,7 @@ class QuantEmbedding(nn.Module):
             )
         if isinstance(table, DequantLinear):
             codes = unpack_nibbles(table.codes[ids]) if table.bits == 4 else table.codes[ids]
-            return QuantizedWeight(codes, table.scales[ids], table.zeros[ids].to(torch.int32), table.bits,
+            return QuantizedWeight(codes, table.scales[ids], portable_zeros(table.zeros[ids]), table.bits,
                                    table.group_size)  # fmt: skip
         plan = self._row_plan() if isinstance(table, Int4TinyGemmLinear) else None
         if plan is None:
@@ -91,7 +92,8 @@ class QuantEmbedding(nn.Module):
         codes = _gather_int4(table.packed, *plan, ids)
         sz = table.scale_and_zero.view(torch.bfloat16)[:, ids].transpose(0, 1)  # [T, groups, 2]
         scales = sz[..., 0]
-        zeros = torch.round(8 - sz[..., 1].float() / scales.float()).to(torch.int32)  # as quantized_weight()
+        zeros = 8 - sz[..., 1].float() / scales.float()  # as quantized_weight()
+        zeros = zeros if getattr(table, "float_zero", False) else torch.round(zeros).to(torch.int32)
         return QuantizedWeight(codes, scales, zeros, 4, table.group_size)
 
     def _row_plan(self):
@@ -150,7 +152,9 @@ def check_embeddings(model: nn.Module, bits: int, group_size: int) -> nn.Embeddi
 
 
 @torch.no_grad()
-def quantize_embeddings(model: nn.Module, bits: int, group_size: int, sym: bool) -> None:
+def quantize_embeddings(
+    model: nn.Module, bits: int, group_size: int, sym: bool, float_zero: bool = False
+) -> None:
     """RTN-quantize model.model.embed_tokens and lm_head in place (one shared table when tied)."""
     embed = check_embeddings(model, bits, group_size)
     group_size, sym = embedding_scheme(bits, group_size, sym)
@@ -159,11 +163,12 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int, sym: bool)
     tied = head is not None and head.weight is embed.weight
     if head is not None and not tied:
         check_scheme(bits, group_size, head.in_features, "lm_head")
-    qweight = rtn_quantize(embed.weight.detach(), bits, group_size, sym)
+    float_zero = float_zero and not sym
+    qweight = rtn_quantize(embed.weight.detach(), bits, group_size, sym, float_zero)
     install_embedding(model, qweight, embed.weight.dtype, head.bias if tied else None)
     if head is not None and not tied:
         model.lm_head = make_quant_linear(
-            rtn_quantize(head.weight.detach(), bits, group_size, sym), head.bias
+            rtn_quantize(head.weight.detach(), bits, group_size, sym, float_zero), head.bias
         )
 
 

@@ -4,7 +4,8 @@ slimlm layout (quant_method "slimlm"), per quantized linear `P` (and for model.e
 table a tied lm_head shares: then no lm_head.* is written; see embedding.py):
     P.qweight  uint8 [out, in/2] for 4 bits (two codes a byte, even column in the low nibble),
                uint8 [out, in] for 8 bits
-    P.scales   float [out, groups]         P.zeros  uint8 (int16 if a zero exceeds 255) [out, groups]
+    P.scales   float [out, groups]         P.zeros  uint8 (int16 if a zero exceeds 255) [out, groups],
+                                           or float32 for float zero points (quantize --zero float)
     P.perm     int64 [in], act-order only  P.bias   float [out], if the layer has one
     model.embed_tokens.lookup_scale  float [in], AWQ on a tied head only: lookups divide rows by it
   with W[:, perm] = (q - z) * s group-wise (see scheme.py). Everything else is a plain float tensor.
@@ -29,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.quant.linear import QuantLinear, make_quant_linear
+from slimlm.quant.linear import QuantLinear, make_quant_linear, portable_zeros, storage_zeros
 from slimlm.quant.scheme import QuantizedWeight, pack_nibbles, perm_from_g_idx, unpack_nibbles
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds column AWQ_ORDER[j] of its 8
@@ -74,7 +75,7 @@ def _write_quantized(state: dict[str, torch.Tensor], name: str, module: QuantLin
     qweight = module.quantized_weight() if qweight is None else qweight
     state[f"{name}.qweight"] = pack_nibbles(qweight.codes) if qweight.bits == 4 else qweight.codes
     state[f"{name}.scales"] = qweight.scales
-    state[f"{name}.zeros"] = qweight.zeros.to(torch.uint8 if qweight.zeros.max() < 256 else torch.int16)
+    state[f"{name}.zeros"] = storage_zeros(qweight.zeros)
     if qweight.perm is not None:
         state[f"{name}.perm"] = qweight.perm.to(torch.int64)
     if module.bias is not None:
@@ -258,6 +259,8 @@ def _bits_and_group(
 def _read_slimlm(tensors: dict[str, torch.Tensor], quant_config: dict, prefix: str) -> QuantizedWeight:
     qweight, scales, zeros = _need(tensors, ("qweight", "scales", "zeros"), prefix)
     bits = int(quant_config.get("bits", 0))
+    if prefix in ("model.embed_tokens", "lm_head"):  # the table may have its own bits (--embedding-bits)
+        bits = int(quant_config.get("embedding_bits", bits))
     if bits not in (4, 8):
         raise SlimlmError(f"slimlm checkpoint config has bits={bits}; expected 4 or 8")
     codes = unpack_nibbles(qweight) if bits == 4 else qweight
@@ -265,7 +268,7 @@ def _read_slimlm(tensors: dict[str, torch.Tensor], quant_config: dict, prefix: s
     if n_in % scales.shape[1]:
         raise SlimlmError(f"{prefix}: {scales.shape[1]} groups do not divide {n_in} input features")
     perm = tensors.get("perm")
-    return QuantizedWeight(codes, scales, zeros.to(torch.int32), bits, n_in // scales.shape[1],
+    return QuantizedWeight(codes, scales, portable_zeros(zeros), bits, n_in // scales.shape[1],
                            None if perm is None else perm.to(torch.int64))  # fmt: skip
 
 

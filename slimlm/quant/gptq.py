@@ -25,6 +25,7 @@ def gptq_quantize(
     act_order: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    float_zero: bool = False,
 ) -> QuantizedWeight:
     """Quantize `weight` [out, in] with GPTQ given the layer-input Hessian [in, in]."""
     out, n_in = weight.shape
@@ -42,7 +43,8 @@ def gptq_quantize(
     codes = torch.zeros(out, n_in, dtype=torch.uint8, device=w.device)
     n_groups = n_in // group_size
     scales = torch.zeros(out, n_groups, device=w.device)
-    zeros = torch.zeros(out, n_groups, dtype=torch.int32, device=w.device)
+    zero_dtype = torch.float32 if float_zero and not sym else torch.int32
+    zeros = torch.zeros(out, n_groups, dtype=zero_dtype, device=w.device)
     maxq = 2**bits - 1
     for start in range(0, n_in, block_size):
         end = min(start + block_size, n_in)
@@ -57,9 +59,9 @@ def gptq_quantize(
                 tail = max(0, col + group_size - end)
                 group = torch.cat([block[:, i : i + group_size], w[:, end : end + tail]], dim=1)
                 g = col // group_size
-                scales[:, g], zeros[:, g] = group_qparams(group, bits, sym)
+                scales[:, g], zeros[:, g] = group_qparams(group, bits, sym, float_zero)
             g = col // group_size
-            q = torch.clamp(torch.round(block[:, i] / scales[:, g]) + zeros[:, g], 0, maxq)
+            q = torch.clamp(torch.round(block[:, i] / scales[:, g] + zeros[:, g]), 0, maxq)
             codes[:, col] = q.to(torch.uint8)
             dequant = (q - zeros[:, g]) * scales[:, g]
             err = (block[:, i] - dequant) / h_block[i, i]

@@ -59,13 +59,14 @@ def quantize_head(
     grid: int = 20,
     clip: bool = True,
     scale: bool | None = None,
+    float_zero: bool = False,
 ) -> str:
     """Quantize the embedding and lm_head in place; returns the method the head actually got."""
     embed = check_embeddings(model, bits, group_size)
     head = getattr(model, "lm_head", None)
     norm = final_norm(model)
     if method == "rtn" or stats is None or not isinstance(head, nn.Linear):
-        quantize_embeddings(model, bits, group_size, sym)
+        quantize_embeddings(model, bits, group_size, sym, float_zero)
         return "rtn"
     tied = head.weight is embed.weight
     scale = not tied if scale is None else scale
@@ -73,11 +74,11 @@ def quantize_head(
     w = head.weight.detach().float().clone()
     lookup_scale = None
     if method == "gptq":
-        qweight = gptq_quantize(w, stats.hessian, bits, gs, sym, False, damp, block_size)
+        qweight = gptq_quantize(w, stats.hessian, bits, gs, sym, False, damp, block_size, float_zero)
     else:
         norm_weight = getattr(norm, "weight", None)
         if scale and isinstance(norm_weight, torch.Tensor) and norm_weight.shape == (w.shape[1],):
-            s = awq_search_scale(stats, [w], bits, gs, sym, grid).to(torch.bfloat16).float()
+            s = awq_search_scale(stats, [w], bits, gs, sym, grid, float_zero).to(torch.bfloat16).float()
             norm_weight.div_(s.to(norm_weight.dtype))
             if getattr(norm, "bias", None) is not None:
                 norm.bias.div_(s.to(norm.bias.dtype))
@@ -85,12 +86,12 @@ def quantize_head(
             stats.divide_inputs(s)
             lookup_scale = s if tied else None
         if clip:
-            _clamp_groups(w, awq_search_clip(w, stats, bits, gs, sym, grid), gs)
-        qweight = rtn_quantize(w, bits, gs, sym)
+            _clamp_groups(w, awq_search_clip(w, stats, bits, gs, sym, grid, float_zero=float_zero), gs)
+        qweight = rtn_quantize(w, bits, gs, sym, float_zero)
     dtype = embed.weight.dtype
     if tied:
         install_embedding(model, qweight, dtype, head.bias, lookup_scale=lookup_scale)
     else:
-        install_embedding(model, rtn_quantize(embed.weight.detach(), bits, gs, sym), dtype)
+        install_embedding(model, rtn_quantize(embed.weight.detach(), bits, gs, sym, float_zero), dtype)
         model.lm_head = make_quant_linear(qweight, head.bias)
     return method

@@ -93,6 +93,8 @@ class Int4TinyGemmLinear(QuantLinear):
         scales = qweight.scales.to(torch.bfloat16)
         float_zeros = (8 - qweight.zeros.to(torch.float32)) * scales.float()
         scale_and_zero = torch.stack([scales, float_zeros.to(torch.bfloat16)], dim=-1)  # [out, groups, 2]
+        # Float zero points (w = s·q + min, quantize --zero float) are kept as such when read back.
+        self.float_zero = qweight.zeros.is_floating_point()
         self.register_buffer("packed", packed)
         # [groups, out, 2] as the kernels want; stored as int16 bits so dtype casts of the model skip it.
         self.register_buffer("scale_and_zero", scale_and_zero.transpose(0, 1).contiguous().view(torch.int16))
@@ -105,7 +107,8 @@ class Int4TinyGemmLinear(QuantLinear):
     def quantized_weight(self) -> QuantizedWeight:
         sz = self.scale_and_zero.view(torch.bfloat16).transpose(0, 1)  # [out, groups, 2]
         scales, float_zeros = sz[..., 0], sz[..., 1].float()
-        zeros = torch.round(8 - float_zeros / scales.float()).to(torch.int32)
+        zeros = 8 - float_zeros / scales.float()
+        zeros = zeros if getattr(self, "float_zero", False) else torch.round(zeros).to(torch.int32)
         codes = _unpack_int4(self.packed, self.out_features, self.in_features)
         return QuantizedWeight(codes, scales, zeros, 4, self.group_size, self.perm)
 
@@ -141,9 +144,7 @@ class DequantLinear(QuantLinear):
         codes = pack_nibbles(qweight.codes) if qweight.bits == 4 else qweight.codes
         self.register_buffer("codes", codes)
         self.register_buffer("scales", qweight.scales)
-        self.register_buffer(
-            "zeros", qweight.zeros.to(torch.uint8 if qweight.zeros.max() < 256 else torch.int16)
-        )
+        self.register_buffer("zeros", storage_zeros(qweight.zeros))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes = unpack_nibbles(self.codes) if self.bits == 4 else self.codes
@@ -153,8 +154,20 @@ class DequantLinear(QuantLinear):
     def quantized_weight(self) -> QuantizedWeight:
         codes = unpack_nibbles(self.codes) if self.bits == 4 else self.codes
         return QuantizedWeight(
-            codes, self.scales, self.zeros.to(torch.int32), self.bits, self.group_size, self.perm
+            codes, self.scales, portable_zeros(self.zeros), self.bits, self.group_size, self.perm
         )
+
+
+def storage_zeros(zeros: torch.Tensor) -> torch.Tensor:
+    """How zero points are stored: uint8 (int16 past 255) when integer, float32 when float."""
+    if zeros.is_floating_point():
+        return zeros.to(torch.float32)
+    return zeros.to(torch.uint8 if zeros.max() < 256 else torch.int16)
+
+
+def portable_zeros(zeros: torch.Tensor) -> torch.Tensor:
+    """Stored zero points -> QuantizedWeight's: int32, or float32 for float zero points."""
+    return zeros.to(torch.float32 if zeros.is_floating_point() else torch.int32)
 
 
 def make_quant_linear(qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:

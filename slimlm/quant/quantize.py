@@ -116,12 +116,21 @@ def quantize_model(
     capture_layer0_inputs: Callable[[nn.Module, torch.Tensor], Any] = capture_layer0_inputs,
     run_layer: Callable[[nn.Module, Any], Any] = run_layer,
     quantize_embeddings: bool | str | None = None,
+    float_zero: bool = False,
+    embedding_bits: int | None = None,
+    group_sizes: dict[str, int] | None = None,
 ) -> dict:
     """Quantize every nn.Linear inside the decoder layers in place, then, if `quantize_embeddings` says so
     (True/"quantize", False/"float", None/"auto": 4 bits only, see slimlm/formats/weights.py), the token
     embedding and lm_head: one shared table when tied; the head with the same method (see quant/head.py).
 
     `sym` defaults to symmetric for 8 bits (the int8 kernel has no zero point) and asymmetric for 4.
+    `float_zero` (4-bit asymmetric): float zero points, w = s·q + min per group (see rtn.group_qparams).
+    `embedding_bits` (default `bits`): the embedding/lm_head table's own bits, e.g. 8 beside 4-bit
+    decoder weights (llama.cpp keeps these at 6-8 bits; at 8 the table is per-channel symmetric).
+    `group_sizes` maps a linear's name inside a decoder layer (e.g. "mlp.down_proj", every layer) or in
+    one layer ("3.mlp.down_proj") to its own group size (mixed precision: the sensitive tensors get
+    smaller groups, i.e. more bits per weight; see benchmarks/weight_sensitivity.py).
     Returns the quantization section of the checkpoint config.
     """
     if method not in METHODS:
@@ -131,34 +140,46 @@ def quantize_model(
     if any(isinstance(m, QuantLinear | QuantEmbedding) for m in model.modules()):
         raise SlimlmError("the model is already quantized: quantize the original float checkpoint instead")
     targets = [_linears(layer) for layer in layers]
-    if group_size != -1:
-        for i, linears in enumerate(targets):
-            for name, linear in linears.items():
-                if linear.in_features % group_size:
-                    working = ", ".join(map(str, [*group_sizes_that_fit(model), -1]))
-                    raise SlimlmError(
-                        f"group size {group_size} does not divide the {linear.in_features} input features of "
-                        f"model.layers.{i}.{name}; group sizes that fit this model: {working} "
-                        "(-1: one scale per output channel)"
-                    )
+    group_sizes = dict(group_sizes or {})
+    known = {name for linears in targets for name in linears}
+    known |= {f"{i}.{name}" for i, linears in enumerate(targets) for name in linears}
+    for name, size in group_sizes.items():
+        if name not in known:
+            raise SlimlmError(f"group size given for {name!r}, which no decoder layer has: use one of "
+                              f"{', '.join(sorted(n for n in known if not n[0].isdigit()))}, "
+                              "optionally prefixed by a layer index (3.mlp.down_proj)")  # fmt: skip
+        check_scheme(bits, size)
+    for i, linears in enumerate(targets):
+        for name, linear in linears.items():
+            size = _group_size_of(group_sizes, i, name, group_size)
+            if size != -1 and linear.in_features % size:
+                working = ", ".join(map(str, [*group_sizes_that_fit(model), -1]))
+                raise SlimlmError(
+                    f"group size {size} does not divide the {linear.in_features} input features of "
+                    f"model.layers.{i}.{name}; group sizes that fit this model: {working} "
+                    "(-1: one scale per output channel)"
+                )
     embeddings = quantize_embeddings
     if not isinstance(embeddings, bool):
         embeddings = "auto" if embeddings is None else embeddings
     quantize_embeddings = quantize_embeddings_for(embeddings, bits)
+    embedding_bits = bits if embedding_bits is None else embedding_bits
+    check_scheme(embedding_bits, group_size)
     if quantize_embeddings:
-        check_embeddings(model, bits, group_size)
+        check_embeddings(model, embedding_bits, group_size)
     sym = bits == 8 if sym is None else sym
+    float_zero = bool(float_zero) and not sym
     if method != "rtn" and (not calib_batches or any(b.numel() == 0 for b in calib_batches)):
         raise SlimlmError(f"{method} needs calibration data: give at least one non-empty batch of token ids")
 
     states = None
     if method == "rtn":
         with progress_bar("quantize (rtn)", total=len(layers), enabled=progress) as advance:
-            for layer, linears in zip(layers, targets, strict=True):
+            for i, (layer, linears) in enumerate(zip(layers, targets, strict=True)):
                 for name, linear in linears.items():
-                    _swap(
-                        layer, name, rtn_quantize(linear.weight.detach(), bits, group_size, sym), linear.bias
-                    )
+                    gs = _group_size_of(group_sizes, i, name, group_size)
+                    qweight = rtn_quantize(linear.weight.detach(), bits, gs, sym, float_zero)
+                    _swap(layer, name, qweight, linear.bias)
                 advance()
     else:
         with progress_bar("calibration", total=len(calib_batches), enabled=progress) as advance:
@@ -167,19 +188,22 @@ def quantize_model(
                 states.append(capture_layer0_inputs(model, batch))
                 advance()
         with progress_bar(f"quantize ({method})", total=len(layers), enabled=progress) as advance:
-            for layer, linears in zip(layers, targets, strict=True):
+            for i, (layer, linears) in enumerate(zip(layers, targets, strict=True)):
                 if method == "gptq":
+                    sizes = {name: _group_size_of(group_sizes, i, name, group_size) for name in linears}
                     states = _gptq_layer(layer, linears, states, run_layer, bits, group_size, sym,
-                                         act_order, damp, block_size)  # fmt: skip
+                                         act_order, damp, block_size, float_zero, sizes)  # fmt: skip
                 else:
                     states = _awq_layer(layer, linears, states, run_layer, bits, group_size, sym,
-                                        awq_grid, awq_clip)  # fmt: skip
+                                        awq_grid, awq_clip, float_zero, group_sizes)  # fmt: skip
                 advance()
     head_method = None
     if quantize_embeddings:  # after the decoder: calibration above ran on the float embeddings
         stats = head_input_stats(model, states) if states is not None else None
-        head_method = quantize_head(model, method, stats, bits, group_size, sym, damp=damp,
-                                    block_size=block_size, grid=awq_grid, clip=awq_clip)  # fmt: skip
+        head_sym = True if embedding_bits == 8 else sym  # the 8-bit table is per-channel symmetric
+        head_method = quantize_head(model, method, stats, embedding_bits, group_size, head_sym, damp=damp,
+                                    block_size=block_size, grid=awq_grid, clip=awq_clip,
+                                    float_zero=float_zero and not head_sym)  # fmt: skip
 
     if isinstance(embeddings, bool):
         embeddings = "quantize" if embeddings else "float"
@@ -188,6 +212,12 @@ def quantize_model(
               "quantize_embeddings": quantize_embeddings}  # fmt: skip
     if head_method is not None:
         config["head_method"] = head_method
+    if quantize_embeddings and embedding_bits != bits:
+        config["embedding_bits"] = embedding_bits
+    if float_zero:
+        config["zero"] = "float"
+    if group_sizes:
+        config["group_sizes"] = group_sizes
     if method == "gptq":
         config.update(act_order=act_order, damp=damp, block_size=block_size)
     if method == "awq":
@@ -217,6 +247,10 @@ def quantized_weight_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+def _group_size_of(group_sizes: dict[str, int], layer: int, name: str, default: int) -> int:
+    return group_sizes.get(f"{layer}.{name}", group_sizes.get(name, default))
 
 
 def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -290,18 +324,24 @@ def _collect_stats(layer, linears, states, run_layer) -> tuple[dict[str, InputSt
     return stats, outputs
 
 
-def _gptq_layer(layer, linears, states, run_layer, bits, group_size, sym, act_order, damp, block_size):
+def _gptq_layer(layer, linears, states, run_layer, bits, group_size, sym, act_order, damp, block_size,
+                float_zero=False, group_sizes=None):  # fmt: skip
     stats, _ = _collect_stats(layer, linears, states, run_layer)
     for name, linear in linears.items():
-        qweight = gptq_quantize(linear.weight, stats[name].hessian, bits, group_size, sym, act_order,
-                                damp, block_size)  # fmt: skip
+        gs = (group_sizes or {}).get(name, group_size)
+        qweight = gptq_quantize(linear.weight, stats[name].hessian, bits, gs, sym, act_order,
+                                damp, block_size, float_zero)  # fmt: skip
         _swap(layer, name, qweight, linear.bias)
     # GPTQ feeds the next layer this layer's quantized outputs, so later layers compensate earlier errors.
     return [run_layer(layer, state) for state in states]
 
 
-def _awq_layer(layer, linears, states, run_layer, bits, group_size, sym, grid, clip):
+def _awq_layer(layer, linears, states, run_layer, bits, group_size, sym, grid, clip, float_zero=False,
+               group_sizes=None):  # fmt: skip
     stats, next_states = _collect_stats(layer, linears, states, run_layer)  # AWQ feeds on float outputs
-    for name, qweight in awq_quantize_layer(layer, stats, bits, group_size, sym, grid, clip).items():
+    if group_sizes:
+        raise SlimlmError("per-tensor group sizes are supported with rtn and gptq, not awq")
+    layer_weights = awq_quantize_layer(layer, stats, bits, group_size, sym, grid, clip, float_zero)
+    for name, qweight in layer_weights.items():
         _swap(layer, name, qweight, linears[name].bias)
     return next_states

@@ -7,15 +7,24 @@ import torch
 from slimlm.quant.scheme import QuantizedWeight, check_scheme, dequantize_codes
 
 
-def group_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and integer zero points for each row of `w` [..., n] (one group per row).
+def group_qparams(
+    w: torch.Tensor, bits: int, sym: bool, float_zero: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points for each row of `w` [..., n] (one group per row).
 
-    The range always contains 0 so that zero weights stay exact (the GPTQ convention). Symmetric:
-    z = 2^(bits-1) and s = 2·absmax / (2^bits - 1); asymmetric: s = (max - min) / (2^bits - 1),
-    z = round(-min / s).
+    Integer zeros: the range always contains 0 so that zero weights stay exact (the GPTQ convention).
+    Symmetric: z = 2^(bits-1) and s = 2·absmax / (2^bits - 1); asymmetric: s = (max - min) / (2^bits - 1),
+    z = round(-min / s). `float_zero` (asymmetric only): the grid spans exactly [min, max] and z = -min / s
+    is a float (float32 zeros), i.e. w = s·q + min as llama.cpp's Q4_1 stores it; a group whose weights
+    already lie on such a grid (a Q4_1 GGUF at its own group size) is reproduced exactly.
     """
     maxq = 2**bits - 1
     w = w.float()
+    if float_zero and not sym:
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scale = (hi - lo) / maxq
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, -lo / scale
     lo = w.amin(dim=-1).clamp(max=0)
     hi = w.amax(dim=-1).clamp(min=0)
     if sym:
@@ -36,20 +45,24 @@ def quantize_to_codes(
     """uint8 codes [out, in] of `w` under the given group-wise scales [out, groups] and zeros."""
     out, n_in = w.shape
     grouped = w.float().view(out, n_in // group_size, group_size)  # [out, groups, gs]
-    q = torch.round(grouped / scales.unsqueeze(-1)) + zeros.unsqueeze(-1)
+    q = torch.round(grouped / scales.unsqueeze(-1) + zeros.unsqueeze(-1))  # = round(w/s) + z for integer z
     return q.clamp(0, 2**bits - 1).to(torch.uint8).view(out, n_in)
 
 
-def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool = False) -> QuantizedWeight:
+def rtn_quantize(
+    weight: torch.Tensor, bits: int, group_size: int, sym: bool = False, float_zero: bool = False
+) -> QuantizedWeight:
     """Quantize `weight` [out, in] group-wise by rounding to the nearest grid point."""
     out, n_in = weight.shape
     group_size = check_scheme(bits, group_size, n_in)
-    scales, zeros = group_qparams(weight.view(out, n_in // group_size, group_size), bits, sym)
+    scales, zeros = group_qparams(weight.view(out, n_in // group_size, group_size), bits, sym, float_zero)
     codes = quantize_to_codes(weight, scales, zeros, bits, group_size)
     return QuantizedWeight(codes, scales, zeros, bits, group_size)
 
 
-def fake_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool = False) -> torch.Tensor:
+def fake_quantize(
+    weight: torch.Tensor, bits: int, group_size: int, sym: bool = False, float_zero: bool = False
+) -> torch.Tensor:
     """Quantize then dequantize (float32, same shape): what the quantized layer will compute with."""
-    q = rtn_quantize(weight, bits, group_size, sym)
+    q = rtn_quantize(weight, bits, group_size, sym, float_zero)
     return dequantize_codes(q.codes, q.scales, q.zeros, q.group_size)
