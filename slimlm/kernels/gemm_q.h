@@ -36,8 +36,27 @@ static inline float half_to_float(uint16_t h) {
 }
 
 /* x[k] (read as x[perm[i]] under act-order) -> int8 q[k], per 32-block scale[k/32] and the block's
- * value sum[k/32] = scale * sum(q). */
+ * value sum[k/32] = scale * sum(q). The AVX-512 loop does the same float operations lane by lane
+ * (one multiply by 127 / amax, round to nearest even as lrintf does), so both give the same codes. */
 static void quantize_act_row(const float *x, const int32_t *perm, int64_t k, int8_t *q, float *scale, float *sum) {
+#ifdef __AVX512F__
+    if (!perm) {
+        const __m512 sign = _mm512_set1_ps(-0.0f);
+        for (int64_t b = 0; b < k / QBLOCK; b++) {
+            __m512 v0 = _mm512_loadu_ps(x + b * QBLOCK), v1 = _mm512_loadu_ps(x + b * QBLOCK + 16);
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1)));
+            __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+            __m512i c0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), lo), hi);
+            __m512i c1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)), lo), hi);
+            _mm_storeu_si128((__m128i *)(q + b * QBLOCK), _mm512_cvtepi32_epi8(c0));
+            _mm_storeu_si128((__m128i *)(q + b * QBLOCK + 16), _mm512_cvtepi32_epi8(c1));
+            scale[b] = amax / 127.0f;
+            sum[b] = scale[b] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+        }
+        return;
+    }
+#endif
     for (int64_t b = 0; b < k / QBLOCK; b++) {
         float v[QBLOCK], amax = 0.0f;
         for (int j = 0; j < QBLOCK; j++) {
@@ -90,6 +109,9 @@ static void embed_row(const slim_weight *w, int64_t row, const float *div, float
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifndef QPF
+#define QPF 1024
+#endif
 static inline int32_t load4(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -122,6 +144,8 @@ static inline __attribute__((always_inline)) void qgemm_tile(const slim_weight *
             if (four) {
                 const uint8_t *p = codes + blk * 256;
 #pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(p + QPF + 64 * c), _MM_HINT_T0);
+#pragma GCC unroll 4
                 for (int c = 0; c < 4; c++) {
                     __m512i v = _mm512_loadu_si512((const void *)(p + 64 * c));
                     wv[2 * c] = _mm512_and_si512(v, low);
@@ -130,20 +154,31 @@ static inline __attribute__((always_inline)) void qgemm_tile(const slim_weight *
             } else {
                 const uint8_t *p = codes + blk * 512;
 #pragma GCC unroll 8
+                for (int c = 0; c < 8; c++) _mm_prefetch((const char *)(p + 2 * QPF + 64 * c), _MM_HINT_T0);
+#pragma GCC unroll 8
                 for (int c = 0; c < 8; c++) wv[c] = _mm512_loadu_si512((const void *)(p + 64 * c));
             }
 #pragma GCC unroll 8
             for (int c = 0; c < nb; c++) {
                 const int8_t *x = xq + c * k + blk * QBLOCK;
-                __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-                /* int4 chunk c holds inputs 8c..8c+3 (low) and 8c+4..8c+7 (high): wv[q] is inputs 4q..4q+3 */
+                /* int4 chunk c holds inputs 8c..8c+3 (low) and 8c+4..8c+7 (high): wv[q] is inputs 4q..4q+3.
+                 * One sequence: two chains for latency; more: one chain each (the sequences overlap).
+                 * The int32 sum is exact either way, so the result does not depend on nb. */
+                __m512i a0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[0], _mm512_set1_epi32(load4(x)));
+                if (nb == 1) {
+                    __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[1], _mm512_set1_epi32(load4(x + 4)));
 #pragma GCC unroll 4
-                for (int q = 0; q < 8; q += 2) {
-                    a0 = _mm512_dpbusd_epi32(a0, wv[q], _mm512_set1_epi32(load4(x + 4 * q)));
-                    a1 = _mm512_dpbusd_epi32(a1, wv[q + 1], _mm512_set1_epi32(load4(x + 4 * q + 4)));
+                    for (int q = 2; q < 8; q += 2) {
+                        a0 = _mm512_dpbusd_epi32(a0, wv[q], _mm512_set1_epi32(load4(x + 4 * q)));
+                        a1 = _mm512_dpbusd_epi32(a1, wv[q + 1], _mm512_set1_epi32(load4(x + 4 * q + 4)));
+                    }
+                    a0 = _mm512_add_epi32(a0, a1);
+                } else {
+#pragma GCC unroll 8
+                    for (int q = 1; q < 8; q++) a0 = _mm512_dpbusd_epi32(a0, wv[q], _mm512_set1_epi32(load4(x + 4 * q)));
                 }
-                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)),
-                                         _mm512_mul_ps(d, _mm512_set1_ps(xs[c * nblk + blk])), acc[c]);
+                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_mul_ps(d, _mm512_set1_ps(xs[c * nblk + blk])),
+                                         acc[c]);
             }
         }
 #pragma GCC unroll 8
