@@ -41,6 +41,16 @@ HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
+def read_json_file(path: Path, fix: str = "re-download or re-save it") -> Any:
+    """The JSON in `path`, or one clear error for invalid JSON or a binary file (`fix`: what to do then)."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SlimlmError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise SlimlmError(f"{path} is not text (binary or corrupt); {fix}") from None
+
+
 @dataclass
 class RopeScaling:
     """RoPE scaling as in HF `rope_scaling` (linear, dynamic NTK-aware, Llama-3 style, Phi-3 longrope/su)."""
@@ -280,12 +290,7 @@ class ModelConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise SlimlmError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        except UnicodeDecodeError:
-            raise SlimlmError(f"{path} is not text (binary or corrupt); re-download or re-save it") from None
+        d = read_json_file(path)
         if not isinstance(d, dict):
             raise SlimlmError(f"{path} must hold a JSON object")
         return cls.from_hf_dict(d)

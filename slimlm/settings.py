@@ -45,6 +45,14 @@ def _field_type(cls: type, f: dataclasses.Field) -> Any:
     return hint if hint in (int, float, str, bool) else None
 
 
+def field_default(cls: type, name: str) -> Any:
+    """The default of `cls`'s field `name` (a fresh value for a default_factory field)."""
+    value = _default(cls.__dataclass_fields__[name])
+    if value is dataclasses.MISSING:
+        raise KeyError(f"{cls.__name__}.{name} has no default")
+    return value
+
+
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -103,4 +111,4 @@ def from_args(cls: type, args: argparse.Namespace, **overrides: Any):
     return cls(**values)
 
 
-__all__ = ["add_fields", "arg", "from_args"]
+__all__ = ["add_fields", "arg", "field_default", "from_args"]

@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 
+from slimlm.formats.weights import quantize_embeddings_for
 from slimlm.quant.embedding import QuantEmbedding
 from slimlm.quant.format import save_quantized
 from slimlm.quant.head import final_norm, quantize_head
 from slimlm.quant.quantize import quantize_model
 from slimlm.quant.stats import InputStats
-from slimlm.formats.weights import quantize_embeddings_for
 from tests.tiny_models import make_hf_model, slimlm_from_hf
 
 

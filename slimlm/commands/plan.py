@@ -66,9 +66,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
     # The trainer's flags and optimizer names (slimlm train --optim/--batch-size/--max-seq-len); the planner's
     # old spellings stay accepted with a note. The LoRA dropout defaults to the trainer's.
-    from slimlm.commands.defaults import field_default
     from slimlm.plan.training import TrainingSettings
-    from slimlm.settings import add_fields
+    from slimlm.settings import add_fields, field_default
     from slimlm.train.config import TrainConfig
 
     add_fields(p.add_argument_group("training"), TrainingSettings,

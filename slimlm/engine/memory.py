@@ -96,5 +96,3 @@ def allocate_kv_pool(allocate: Callable[[], T], budget: KVBudget, free_bytes: in
             f"{asked} and it could not be allocated ({format_bytes(free_bytes)} free on {device}, or a "
             f"process memory limit such as ulimit -v); lower {budget.flag}"
         ) from None
-
-

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from slimlm.config import read_json_file
 from slimlm.errors import SlimlmError
 
 
@@ -73,10 +74,5 @@ def read_generation_config(path: Path) -> dict[str, Any]:
     file = path / "generation_config.json"
     if not file.is_file():
         return {}
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise SlimlmError(f"{file} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    except UnicodeDecodeError:
-        raise SlimlmError(f"{file} is not text (binary or corrupt); re-download or re-save it") from None
+    data = read_json_file(file)
     return data if isinstance(data, dict) else {}

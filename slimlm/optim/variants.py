@@ -11,6 +11,8 @@ Parameters of at most `fp32_state_max_numel` (4096) elements keep both moments i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from slimlm.formats.optimizers import BLOCK_4BIT, BLOCK_8BIT
@@ -37,6 +39,17 @@ SIGNED_8BIT = CodeTable(signed_8bit_map())
 ZERO_FREE_8BIT = CodeTable(zero_free_unsigned_8bit_map())
 
 FP32_CODECS = (Float32Codec("exp_avg"), Float32Codec("exp_avg_sq"))
+
+
+def _four_bit_codecs(opt: LowBitAdamW, p: torch.Tensor, matrix_v: Callable[[], MomentCodec]):
+    """The 4-bit AdamWs' codecs: m block-wise 4-bit; v of a >= 2-D tensor from `matrix_v` (rank-1 codes
+    or factored means), of a 1-D tensor block-wise 4-bit; fp32 for small tensors."""
+    if opt.keeps_fp32_state(p):
+        return FP32_CODECS
+    m_codec = BlockwiseCodec("exp_avg", SIGNED_4BIT, opt.block_size)
+    if p.ndim >= 2:
+        return m_codec, matrix_v()
+    return m_codec, BlockwiseCodec("exp_avg_sq", ZERO_FREE_4BIT, opt.block_size)
 
 
 class AdamW8bit(LowBitAdamW):
@@ -71,12 +84,7 @@ class AdamW4bit(LowBitAdamW):
     default_block_size = BLOCK_4BIT
 
     def moment_codecs(self, p: torch.Tensor) -> tuple[MomentCodec, MomentCodec]:
-        if self.keeps_fp32_state(p):
-            return FP32_CODECS
-        m_codec = BlockwiseCodec("exp_avg", SIGNED_4BIT, self.block_size)
-        if p.ndim >= 2:
-            return m_codec, Rank1Codec("exp_avg_sq", ZERO_FREE_4BIT)
-        return m_codec, BlockwiseCodec("exp_avg_sq", ZERO_FREE_4BIT, self.block_size)
+        return _four_bit_codecs(self, p, lambda: Rank1Codec("exp_avg_sq", ZERO_FREE_4BIT))
 
 
 class AdamWFactor4bit(LowBitAdamW):
@@ -92,9 +100,6 @@ class AdamWFactor4bit(LowBitAdamW):
     default_block_size = BLOCK_4BIT
 
     def moment_codecs(self, p: torch.Tensor) -> tuple[MomentCodec, MomentCodec]:
-        if self.keeps_fp32_state(p):
-            return FP32_CODECS
-        m_codec = BlockwiseCodec("exp_avg", SIGNED_4BIT, self.block_size)
-        if p.ndim >= 2:
-            return m_codec, FactoredSecondMoment("exp_avg_sq", shard_spec(p) if is_dtensor(p) else None)
-        return m_codec, BlockwiseCodec("exp_avg_sq", ZERO_FREE_4BIT, self.block_size)
+        return _four_bit_codecs(
+            self, p, lambda: FactoredSecondMoment("exp_avg_sq", shard_spec(p) if is_dtensor(p) else None)
+        )

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from slimlm.config import GGUF_ARCHITECTURES, MODEL_TYPES, SUPPORTED_ARCHITECTURES, ModelConfig
+from slimlm.config import (
+    GGUF_ARCHITECTURES,
+    MODEL_TYPES,
+    SUPPORTED_ARCHITECTURES,
+    ModelConfig,
+    read_json_file,
+)
 from slimlm.errors import SlimlmError
 from slimlm.plan.devices import PRESETS_DIR
 
@@ -57,12 +63,7 @@ def _from_gguf(path: Path, name: str, source: str) -> PlannedModel:
 
 
 def _from_hf_config(path: Path) -> PlannedModel:
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SlimlmError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    except UnicodeDecodeError:
-        raise SlimlmError(f"{path} is not text (binary or corrupt); give an HF config.json") from None
+    d = read_json_file(path, "give an HF config.json")
     if not isinstance(d, dict):
         raise SlimlmError(f"{path} must hold a JSON object")
     arch = (d.get("architectures") or [d.get("model_type", "?")])[0]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.formats.weights import quantize_embeddings_for
 from slimlm.progress import progress_bar
 from slimlm.quant.awq import awq_quantize_layer
 from slimlm.quant.embedding import QuantEmbedding, check_embeddings
@@ -31,7 +32,6 @@ from slimlm.quant.linear import QuantLinear, make_quant_linear
 from slimlm.quant.rtn import rtn_quantize
 from slimlm.quant.scheme import SUPPORTED_GROUP_SIZES, QuantizedWeight, check_scheme
 from slimlm.quant.stats import InputStats
-from slimlm.formats.weights import quantize_embeddings_for
 
 METHODS = ("rtn", "awq", "gptq")
 FORMAT_VERSION = 1
