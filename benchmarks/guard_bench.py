@@ -1,14 +1,16 @@
 """Guard latency and the vector-index choice: embedding + search per response at 10k and 100k replies.
 
-Replies are synthetic support sentences (products x topics x details, all distinct) embedded with the
-default model (all-MiniLM-L6-v2); the embeddings are cached under ~/.cache/slimlm/guard_bench so a
-rerun only measures. For each library size it builds faiss exact (IndexFlatIP), faiss HNSW and
-hnswlib HNSW over the same vectors and reports build time, single-query search latency (median,
-p95), and recall@1 / recall@10 against the exact scan; then the per-response cost slimlm's guard
-pays: embed one model answer + search the chosen index (`Guard.decide`, everything included).
+Replies are synthetic support sentences (openers x products x topics x details, all distinct texts)
+embedded with the default model (all-MiniLM-L6-v2); every library vector is a real embedding of its
+text (computed once in 10k chunks and cached under ~/.cache/slimlm/guard_bench, so a rerun only
+measures). For each library size it builds faiss exact (IndexFlatIP), faiss HNSW and hnswlib HNSW
+over the same vectors and reports build time, single-query search latency (median, p95), and
+recall@1 / recall@10 against the exact scan; rebuild costs; then the per-response cost slimlm's guard
+pays: embed one model answer + search the chosen index (`Guard.decide`, everything included), for
+answers of 1, 3 and 6 sentences, called on a worker thread as the server does, with 2 torch threads.
 
-    nice python benchmarks/guard_bench.py                 # 10k and 100k
-    nice python benchmarks/guard_bench.py --sizes 10000   # quick
+    /work/wt/bin/quiet python benchmarks/guard_bench.py --latency-only   # per-response latency only
+    python benchmarks/guard_bench.py --sizes 10000                       # everything, 10k only
 Writes benchmarks/results/guard_bench.json.
 """
 
@@ -23,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -180,38 +183,30 @@ def synthetic(n: int, seed: int) -> list[str]:
 
 
 def cached_vectors(embedder, n: int, seed: int) -> np.ndarray:
-    """Real embeddings of synthetic(n, seed), computed once and cached."""
+    """Real embeddings of synthetic(n, seed), computed once in chunks of 10k and cached (a 100k
+    library takes about 10 minutes to embed on 2 idle cores; rerun to resume an interrupted one)."""
     cache = Path(os.path.expanduser("~/.cache/slimlm/guard_bench"))
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{embedder.model_id}-{n}-{seed}.npy"
-    if path.exists():
-        return np.load(path)
-    t0 = time.perf_counter()
-    vectors = embedder.encode_unit(synthetic(n, seed), batch_size=128)
-    print(f"embedded {n} replies in {time.perf_counter() - t0:.1f} s (cached at {path})", file=sys.stderr)
-    np.save(path, vectors)
-    return vectors
+    chunk = 10_000
+    texts = synthetic(-(-n // chunk) * chunk, seed)
+    parts = []
+    for start in range(0, len(texts), chunk):
+        path = cache / f"{embedder.model_id}-chunk{start}-{seed}.npy"
+        if not path.exists():
+            t0 = time.perf_counter()
+            np.save(path, embedder.encode_unit(texts[start : start + chunk], batch_size=128))
+            print(
+                f"embedded replies {start}..{start + chunk} in {time.perf_counter() - t0:.1f} s",
+                file=sys.stderr,
+            )
+        parts.append(np.load(path))
+    return np.vstack(parts)[:n]
 
 
-def library_vectors(base: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """n unit vectors: the real ones first, then mixtures of two real ones plus a little noise.
-
-    Embedding 100k texts takes longer than this shared 2-core machine allows, so sizes above the
-    embedded base are filled with points inside the real vectors' region (said in docs/guard.md).
-    """
-    if n <= len(base):
-        return base[:n]
-    rng = np.random.default_rng(seed)
-    extra = n - len(base)
-    i, j = rng.integers(0, len(base), extra), rng.integers(0, len(base), extra)
-    w = rng.uniform(0.55, 0.85, (extra, 1)).astype(np.float32)
-    mixed = (
-        w * base[i]
-        + (1 - w) * base[j]
-        + 0.02 * rng.standard_normal((extra, base.shape[1])).astype(np.float32)
-    )
-    mixed /= np.linalg.norm(mixed, axis=1, keepdims=True)
-    return np.vstack([base, mixed]).astype(np.float32)
+def answers_of_length(sentences: int, count: int, seed: int) -> list[str]:
+    """Model-like answers: `sentences` support sentences joined (1: ~20 tokens, 3: ~60, 6: ~125)."""
+    pool = synthetic(count * sentences, seed)
+    return [" ".join(pool[i * sentences : (i + 1) * sentences]) for i in range(count)]
 
 
 def timed(fn, repeats: int) -> dict:
@@ -272,15 +267,41 @@ def compare_indexes(vectors: np.ndarray, queries: np.ndarray) -> dict:
     return out
 
 
+def rebuilds(replies: Path, lib_dir: Path, embedder, entry: dict) -> None:
+    from slimlm.guard.library import build
+
+    lines = replies.read_text().splitlines()
+    for k in range(10):  # an edit: ten replies reworded
+        lines[k * 7] = json.dumps({"id": f"r{k * 7}", "text": f"Edited reply {k}: call us for the details."})
+    replies.write_text("\n".join(lines) + "\n")
+    t0 = time.perf_counter()
+    report = build(replies, lib_dir, embedder)
+    entry["rebuild_after_10_edits_s"] = round(time.perf_counter() - t0, 3)
+    entry["rebuild_embedded"] = report.embedded
+    with replies.open("a") as f:  # appending replies: the old index is extended
+        f.writelines(
+            json.dumps({"id": f"new{k}", "text": f"New reply {k}: ask in store."}) + "\n" for k in range(10)
+        )
+    t0 = time.perf_counter()
+    report = build(replies, lib_dir, embedder)
+    entry["rebuild_after_10_appends_s"] = round(time.perf_counter() - t0, 3)
+    entry["append_extended_index"] = report.index_extended
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--queries", type=int, default=200, help="answers searched per size")
     ap.add_argument(
-        "--embedded", type=int, default=10_000, help="replies really embedded (larger sizes: mixtures)"
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads for one response (default 2: what `slimlm serve --threads 2` gives it)",
     )
     ap.add_argument(
-        "--threads", type=int, default=1, help="torch and faiss threads for one response (default 1)"
+        "--latency-only",
+        action="store_true",
+        help="only the per-response guard latency (no index comparison, no rebuilds)",
     )
     ap.add_argument("--build-threads", type=int, default=2, help="faiss threads while building indexes")
     ap.add_argument("--repeats", type=int, default=100, help="timed calls per measurement")
@@ -311,16 +332,33 @@ def main() -> int:
         "threads": args.threads,
         "build_threads": args.build_threads,
         "model": embedder.model_id,
-        "embedded_base": args.embedded,
+        "query_bf16": embedder.query_bf16,
         "sizes": {},
     }
-    # embedding one answer alone: what every guarded response pays once
-    results["embed_one_answer"] = timed(lambda: embedder.encode_unit([random.choice(answers)]), REPEATS)
-    base = cached_vectors(embedder, args.embedded, seed=1)
+    # the server runs Guard.decide on the engine's thread (the main thread, between decode steps);
+    # the same calls on a worker thread are measured too (what asyncio.to_thread would give)
+    pool = ThreadPoolExecutor(1)
+    lengths = {"1 sentence": 1, "3 sentences": 3, "6 sentences": 6}
+    by_length = {k: answers_of_length(v, 50, seed=7) for k, v in lengths.items()}
+    results["answer_tokens_median"] = {
+        k: int(statistics.median(embedder.count_tokens([a]) for a in v)) for k, v in by_length.items()
+    }
+    results["embed_one_answer"] = {
+        k: timed(lambda v=v: embedder.encode_query([random.choice(v)]), REPEATS) for k, v in by_length.items()
+    }
+    results["embed_one_answer_fp32_encode"] = {
+        k: timed(lambda v=v: embedder.encode_unit([random.choice(v)]), REPEATS) for k, v in by_length.items()
+    }
+    results["embed_one_answer_worker_thread"] = {
+        k: timed(lambda v=v: pool.submit(embedder.encode_query, [random.choice(v)]).result(), REPEATS)
+        for k, v in by_length.items()
+    }
     for n in args.sizes:
-        texts = synthetic(n, seed=1)  # the first args.embedded of them are the embedded base
-        vectors = library_vectors(base, n, seed=2)
-        entry = {"real_vectors": min(n, len(base)), "indexes": compare_indexes(vectors, queries)}
+        texts = synthetic(n, seed=1)
+        vectors = cached_vectors(embedder, n, seed=1)
+        entry = {"real_vectors": n}
+        if not args.latency_only:
+            entry["indexes"] = compare_indexes(vectors, queries)
         with tempfile.TemporaryDirectory() as tmp:
             replies, lib_dir = Path(tmp) / "replies.jsonl", Path(tmp) / "lib"
             replies.write_text(
@@ -338,30 +376,14 @@ def main() -> int:
             report = build(replies, lib_dir, embedder)
             entry["rebuild_all_reused_s"] = round(time.perf_counter() - t0, 3)
             entry["index_kind"] = report.index
-            lines = replies.read_text().splitlines()
-            for k in range(10):  # an edit: ten replies reworded
-                lines[k * 7] = json.dumps(
-                    {"id": f"r{k * 7}", "text": f"Edited reply {k}: call us for the details."}
-                )
-            replies.write_text("\n".join(lines) + "\n")
-            t0 = time.perf_counter()
-            report = build(replies, lib_dir, embedder)
-            entry["rebuild_after_10_edits_s"] = round(time.perf_counter() - t0, 3)
-            entry["rebuild_embedded"] = report.embedded
-            with replies.open("a") as f:  # appending replies: the old index is extended
-                f.writelines(
-                    json.dumps({"id": f"new{k}", "text": f"New reply {k}: ask in store."}) + "\n"
-                    for k in range(10)
-                )
-            t0 = time.perf_counter()
-            report = build(replies, lib_dir, embedder)
-            entry["rebuild_after_10_appends_s"] = round(time.perf_counter() - t0, 3)
-            entry["append_extended_index"] = report.index_extended
+            if not args.latency_only:
+                rebuilds(replies, lib_dir, embedder, entry)
             _build_threads(False)
             guard = Guard(Library(lib_dir), embedder, 0.6, Fallbacks.universal("fallback"))
-            entry["guard_decide"] = timed(
-                lambda g=guard: g.decide(random.choice(answers), None, "u"), REPEATS
-            )
+            entry["guard_decide"] = {
+                k: timed(lambda g=guard, v=v: g.decide(random.choice(v), None, "u"), REPEATS)
+                for k, v in by_length.items()
+            }
             entry["library_bytes"] = sum(p.stat().st_size for p in lib_dir.iterdir())
         results["sizes"][str(n)] = entry
         print(json.dumps({n: entry}, indent=1), file=sys.stderr)

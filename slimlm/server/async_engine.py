@@ -118,6 +118,7 @@ class AsyncEngine:
         self._groups: dict[int, _Group] = {}  # seq_id -> group; touched only by the engine thread
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
+        self._here = False  # run_here() drives the loop on its caller's thread: start() adds none
         self._stop = threading.Event()
         self._start_lock = threading.Lock()
         self.snapshot = EngineSnapshot()
@@ -128,6 +129,10 @@ class AsyncEngine:
     # ---- lifecycle ----
     def start(self) -> None:
         with self._start_lock:
+            if self._here:  # the loop runs (or ran) on run_here's caller; never a second one
+                if self._stop.is_set():
+                    raise EngineFailure("the server is shutting down")
+                return
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name="slimlm-engine", daemon=True)
@@ -137,13 +142,33 @@ class AsyncEngine:
         """Stop the thread; requests still running end with an EngineFailure."""
         self._stop.set()
         self._commands.put(("wake", None))
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            if not self._here:  # run_here's caller returns on its own once the loop ends
+                self._thread.join(timeout)
+            self._thread = None
+
+    def run_here(self, until=None, on_start=None) -> None:
+        """Run the step loop on the calling thread (the main thread in `slimlm serve`) until
+        `shutdown()` or until `until()` turns true; uvicorn then runs on another thread.
+
+        Why not always a thread of its own: decode steps driven from a thread other than the one that
+        loaded the model ran about a third slower on a 2-core machine (libgomp then keeps a second
+        OpenMP thread pool; docs/serve.md), while the asyncio loop costs little on any thread."""
+        with self._start_lock:
+            if self._thread is not None and self._thread.is_alive():
+                raise RuntimeError("the engine loop already runs on a thread of its own")
+            self._here, self._thread = True, threading.current_thread()
+            self._stop.clear()
+        try:
+            if on_start is not None:  # e.g. start uvicorn: its start() calls find the loop claimed
+                on_start()
+            self._run(until)
+        finally:
             self._thread = None
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     # ---- the asyncio side ----
     async def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> RequestStream:
@@ -173,8 +198,8 @@ class AsyncEngine:
         return await future
 
     # ---- the engine thread ----
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def _run(self, until=None) -> None:
+        while not self._stop.is_set() and not (until is not None and until()):
             self._drain_commands(block=not self.engine.has_unfinished())
             if self._stop.is_set() or not self.engine.has_unfinished():
                 continue

@@ -36,7 +36,8 @@ def install_guard(app, guard=None, embedder=None) -> None:
         add_embeddings_route(app, embedder)
     if guard is not None:
         # innermost of the user middleware: API key and body size are checked before the guard reads
-        app.user_middleware.append(Middleware(GuardMiddleware, guard=guard))
+        engine = getattr(app.state, "engine", None)
+        app.user_middleware.append(Middleware(GuardMiddleware, guard=guard, engine=engine))
         app.state.guard = guard
 
 
@@ -180,9 +181,14 @@ def _take_fields(kind: str, data: dict) -> _Taken:
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, guard) -> None:
+    def __init__(self, app: ASGIApp, guard, engine=None) -> None:
         self.app = app
         self.guard = guard
+        # decisions run on the engine's thread between two steps (AsyncEngine.run): torch there uses
+        # the OpenMP pool the decode kernel already spins, where a worker thread's torch calls were
+        # about twice as slow on 2 cores (docs/guard.md), and the embedding does not fight the decode
+        # threads for the cores; without an engine (tests of the middleware alone) a worker thread
+        self.engine = engine
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -222,7 +228,10 @@ class GuardMiddleware:
         field = "message" if kind == "chat" else None
         answers = [c["message"]["content"] or "" if field else c["text"] for c in result["choices"]]
         try:
-            decisions = await asyncio.to_thread(self.guard.decide_many, answers, taken.stage, taken.user)
+            if self.engine is not None and hasattr(self.engine, "run"):
+                decisions = await self.engine.run(self.guard.decide_many, answers, taken.stage, taken.user)
+            else:
+                decisions = await asyncio.to_thread(self.guard.decide_many, answers, taken.stage, taken.user)
         except Exception:  # never fall back to the raw answer
             log.exception("the guard failed")
             await error_response(

@@ -93,3 +93,49 @@ def test_abort_frees_blocks_and_shutdown_fails_waiting_callers(llm):
     asyncio.run(main())
     assert engine.snapshot.requests_aborted == 1
     assert not llm.engine.has_unfinished()
+
+
+def test_run_here_steps_the_engine_on_the_calling_thread(llm, reference_llm):
+    """`slimlm serve` drives decode steps from the main thread (the one that loaded the model) and
+    runs asyncio elsewhere: steps from a second thread were about a third slower (docs/serve.md).
+    The clients on another thread's loop get the same text as offline generation, `start()` adds no
+    thread of its own, and shutdown() from the loop's thread ends run_here."""
+    import threading
+
+    from slimlm.server import AsyncEngine
+
+    prompts = ["The sky is", "Water boils at"]
+    expected = [o.text for o in reference_llm.generate(prompts, GREEDY)]
+    engine = AsyncEngine(llm)
+    step_threads: set[int] = set()
+    step = llm.engine.step
+
+    def recording_step():
+        step_threads.add(threading.get_ident())
+        return step()
+
+    llm.engine.step = recording_step
+    results: list = []
+
+    async def clients():
+        ids = [llm.encode_prompt(p) for p in prompts]
+        streams = [await engine.submit([(i, GREEDY)]) for i in ids]
+        return await asyncio.gather(*(_collect(s) for s in streams))
+
+    def loop_thread():
+        try:
+            results.append(asyncio.run(clients()))
+        finally:
+            engine.shutdown()
+
+    threads_before = threading.active_count()
+    client = threading.Thread(target=loop_thread)
+    try:
+        engine.run_here(until=lambda: False, on_start=client.start)
+    finally:
+        llm.engine.step = step
+    client.join(timeout=60)
+    assert [t for (t,) in results[0]] == expected
+    assert step_threads == {threading.get_ident()}
+    assert threading.active_count() == threads_before  # no engine thread was started
+    assert not engine.is_running
