@@ -4,6 +4,9 @@
 
 Sets the ceilings against transformers' batch-1 rate from benchmarks/results/engine_bench_<dtype>.json
 (run benchmarks/engine_bench.py first) and writes benchmarks/results/decode_ceiling_<dtype>.json.
+With benchmarks/results/engine_bench_quant.json present (engine_bench.py --variants ...), it also lists the
+fraction of the read-bandwidth roofline (bandwidth / weight bytes streamed per token) that each weight
+variant's batch-1 decode reached, against this run's bandwidth probe.
 """
 
 import argparse
@@ -55,6 +58,21 @@ if __name__ == "__main__":
     for name, rate in rows:
         ratio = f"{rate / hf:.2f}x" if hf else "n/a"
         print(f"{name:60s} {rate:8.1f} {ratio:>16s}")
+    quant = RESULTS / "engine_bench_quant.json"
+    if quant.exists():
+        bandwidth = r["read_bandwidth_gb_s"] * 1e9
+        r["variants"] = {}
+        print(
+            f"{'weight variant (engine_bench_quant.json)':42s} {'MiB/token':>9s} {'tok/s':>7s} {'roofline':>8s} {'fraction':>8s}"
+        )
+        for name, v in json.loads(quant.read_text())["variants"].items():
+            if "bytes_per_token" not in v:
+                continue
+            roof = bandwidth / v["bytes_per_token"]
+            r["variants"][name] = {"bytes_per_token": v["bytes_per_token"], "decode_tok_s": v["decode_tok_s"],
+                                   "roofline_tok_s": roof, "roofline_fraction": v["decode_tok_s"] / roof}  # fmt: skip
+            print(f"{name:42s} {v['bytes_per_token'] / 2**20:9.1f} {v['decode_tok_s']:7.1f} {roof:8.1f} "
+                  f"{v['decode_tok_s'] / roof:8.2f}")  # fmt: skip
     suffix = "" if args.threads == 2 else f"_threads{args.threads}"
     out = (
         Path(args.out)

@@ -16,44 +16,15 @@ import json
 from pathlib import Path
 
 from slimlm.bench.run import print_table, run_bench
-from slimlm.bench.variants import VARIANTS
+from slimlm.bench.variants import VARIANTS, print_variants
+from slimlm.bench.variants import run_variants as run_variants_in
 
 
 def run_variants(args) -> None:
     """Each variant in a fresh process, one after the other; ratios against bf16 and llama.cpp."""
-    import subprocess
-    import sys
-
-    rows = {}
-    for variant in args.variants.split(","):
-        done = subprocess.run(
-            [sys.executable, "-m", "slimlm.bench.variants", variant, "--threads", str(args.threads),
-             "--runs", str(args.runs), "--gen-len", str(args.gen_len), "--prompt-len", str(args.prompt_len), *(["--cpu-time"] if args.cpu_time else [])],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if done.returncode != 0:
-            rows[variant] = {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-        else:
-            rows[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(variant, json.dumps({k: v for k, v in rows[variant].items() if k != "runs"}), flush=True)
-    base, peer = rows.get("bf16", {}), rows.get("llama.cpp", {})
-    for r in rows.values():
-        for key in ("decode_tok_s", "throughput_tok_s", "ttft_s", "peak_rss_bytes"):
-            if key in r and key in base:
-                r[f"{key}_vs_bf16"] = r[key] / base[key]
-            if key in r and key in peer:
-                r[f"{key}_vs_llama_cpp"] = r[key] / peer[key]
-    print(
-        f"{'variant':10} {'TTFT ms':>8} {'decode':>8} {'16-way':>8} {'RSS MiB':>8}  decode/bf16 decode/llama 16-way/bf16 RSS/bf16"
-    )
-    for name, r in rows.items():
-        if "error" in r:
-            print(f"{name:10} error: {r['error']}")
-            continue
-        print(f"{name:10} {r['ttft_s'] * 1000:8.0f} {r['decode_tok_s']:8.1f} {r['throughput_tok_s']:8.1f} "
-              f"{r['peak_rss_bytes'] / 2**20:8.0f}  {r.get('decode_tok_s_vs_bf16', 0):11.2f} "
-              f"{r.get('decode_tok_s_vs_llama_cpp', 0):12.2f} {r.get('throughput_tok_s_vs_bf16', 0):11.2f} "
-              f"{r.get('peak_rss_bytes_vs_bf16', 0):8.2f}")  # fmt: skip
+    rows = run_variants_in(args.variants.split(","), args.threads, args.runs, args.gen_len, args.prompt_len,
+                           args.cpu_time)  # fmt: skip
+    print_variants(rows)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / "engine_bench_quant.json"
     meta = {"clock": "process CPU time" if args.cpu_time else "wall", "threads": args.threads, "runs": args.runs, "gen_len": args.gen_len, "prompt_len": args.prompt_len,
             "concurrency": 16, "note": "machine shared with other jobs; ratios within this run"}  # fmt: skip

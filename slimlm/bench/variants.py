@@ -128,6 +128,50 @@ def _lookup_only_bytes(model) -> int:
     return 0 if head is embed.weight else embed.weight.numel() * embed.weight.element_size()
 
 
+def run_variants(names: list[str], threads: int, runs: int, gen_len: int, prompt_len: int, cpu_time: bool = False,
+                 log=print) -> dict:  # fmt: skip
+    """Each variant in a fresh process (its own peak RSS), one after the other; ratios against bf16 and
+    llama.cpp in the same run. Unknown names are a SlimlmError."""
+    from slimlm.errors import SlimlmError
+
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SlimlmError(f"unknown --variants {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    rows = {}
+    for variant in names:
+        done = subprocess.run(
+            [sys.executable, "-m", "slimlm.bench.variants", variant, "--threads", str(threads), "--runs", str(runs),
+             "--gen-len", str(gen_len), "--prompt-len", str(prompt_len), *(["--cpu-time"] if cpu_time else [])],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if done.returncode != 0:
+            rows[variant] = {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+        else:
+            rows[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        log(f"{variant} " + json.dumps({k: v for k, v in rows[variant].items() if k != "runs"}))
+    base, peer = rows.get("bf16", {}), rows.get("llama.cpp", {})
+    for r in rows.values():
+        for key in ("decode_tok_s", "throughput_tok_s", "ttft_s", "peak_rss_bytes"):
+            if key in r and key in base:
+                r[f"{key}_vs_bf16"] = r[key] / base[key]
+            if key in r and key in peer:
+                r[f"{key}_vs_llama_cpp"] = r[key] / peer[key]
+    return rows
+
+
+def print_variants(rows: dict, log=print) -> None:
+    log(f"{'variant':10} {'TTFT ms':>8} {'decode':>8} {'16-way':>8} {'RSS MiB':>8}  decode/bf16 decode/llama "
+        "16-way/bf16 RSS/bf16 roofline")  # fmt: skip
+    for name, r in rows.items():
+        if "error" in r:
+            log(f"{name:10} error: {r['error']}")
+            continue
+        log(f"{name:10} {r['ttft_s'] * 1000:8.0f} {r['decode_tok_s']:8.1f} {r['throughput_tok_s']:8.1f} "
+            f"{r['peak_rss_bytes'] / 2**20:8.0f}  {r.get('decode_tok_s_vs_bf16', 0):11.2f} "
+            f"{r.get('decode_tok_s_vs_llama_cpp', 0):12.2f} {r.get('throughput_tok_s_vs_bf16', 0):11.2f} "
+            f"{r.get('peak_rss_bytes_vs_bf16', 0):8.2f} {r.get('roofline_fraction', 0):8.2f}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("variant", choices=VARIANTS)

@@ -26,6 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="slimlm's decode steps: auto | c | torch (see slimlm generate -h)",
     )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="instead of peers, weight variants of the embedded model, each in its own process: comma-separated "
+        "of bf16, native, w4g32, w4g64, w4g128, w8, llama.cpp (docs/engine.md)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -41,6 +47,16 @@ def run(args: argparse.Namespace) -> int:
         from slimlm.output_dir import check_not_overlapping
 
         check_not_overlapping(args.json, resolve_model_path(args.model), "--json", "the model")
+    if args.variants:
+        from slimlm.bench.variants import print_variants, run_variants
+
+        names = [v.strip() for v in args.variants.split(",") if v.strip()]
+        rows = run_variants(names, args.threads or 2, args.runs, args.gen_len, args.prompt_len)
+        print_variants(rows)
+        results = {"variants": rows}
+        if args.json:
+            _write_json(args.json, results)
+        return 0
     peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
     results = run_bench(
         args.model,
@@ -56,9 +72,15 @@ def run(args: argparse.Namespace) -> int:
     )
     print_table(results)
     if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
-        except OSError as e:
-            raise SlimlmError(f"cannot write --json {args.json}: {e.strerror or e}") from None
+        _write_json(args.json, results)
     return 0
+
+
+def _write_json(path: str, results: dict) -> None:
+    from slimlm.errors import SlimlmError
+
+    try:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+    except OSError as e:
+        raise SlimlmError(f"cannot write --json {path}: {e.strerror or e}") from None

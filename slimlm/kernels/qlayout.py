@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from slimlm.kernels.qlinear import KernelEmbedding, KernelLinear
-from slimlm.kernels.qweights import concat, from_quantized, kernel_scheme_reason
+from slimlm.kernels.qweights import concat, from_quantized, kernel_scheme_reason, stack_rows
 from slimlm.models.prepack import FUSIONS
 
 UNFUSED = (("o_proj",), ("down_proj",))
@@ -106,6 +106,15 @@ def _kernel_linear(linears: list[nn.Module]) -> KernelLinear:
     return KernelLinear(weights[0] if len(weights) == 1 else concat(weights), bias)
 
 
+def _table_weight(embed, chunk: int = 4096):
+    """The embedding table in the kernel's layout, repacked `chunk` rows at a time: the whole table's
+    unpacked codes (1 byte per weight, plus temporaries) never exist at once (peak RSS of a w4 load)."""
+    n = embed.num_embeddings
+    return stack_rows([
+        from_quantized(embed.weight_rows(torch.arange(i, min(i + chunk, n)))) for i in range(0, n, chunk)
+    ])  # fmt: skip
+
+
 @torch.no_grad()
 def to_kernel_layout(model: nn.Module) -> int:
     """Replace every QuantLinear / QuantEmbedding by the kernel's modules, in place (call after
@@ -130,12 +139,10 @@ def to_kernel_layout(model: nn.Module) -> int:
     embed, head = model.model.embed_tokens, model.lm_head
     if isinstance(embed, QuantEmbedding):
         if embed.tied:
-            table = KernelLinear(
-                from_quantized(embed.quantized_table()), head.bias if head is embed.table else None
-            )
+            table = KernelLinear(_table_weight(embed), head.bias if head is embed.table else None)
             model.lm_head = table
         else:
-            table = KernelLinear(from_quantized(embed.quantized_table()))
+            table = KernelLinear(_table_weight(embed))
         model.model.embed_tokens = KernelEmbedding(table, embed.dtype, embed.tied, embed.lookup_scale)
         changed += 1
     if isinstance(model.lm_head, QuantLinear):

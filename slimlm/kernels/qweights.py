@@ -138,3 +138,18 @@ def concat(weights: list[KernelWeight]) -> KernelWeight:
         first.group,
         first.perm,
     )
+
+
+def stack_rows(parts: list[KernelWeight]) -> KernelWeight:
+    """Row blocks packed one by one (each a multiple of 16 rows but the last) -> one weight, the same
+    bytes as packing them together: tiles are independent. Lets a vocab-sized table be repacked a few
+    thousand rows at a time instead of holding its unpacked codes whole."""
+    first = parts[0]
+    if any(p.rows % TILE for p in parts[:-1]):
+        raise ValueError("row blocks before the last must be multiples of 16 rows")
+    half = all(p.scales.dtype == torch.float16 for p in parts)
+    scales = torch.cat([p.scales if half else p.scales.float() for p in parts])
+    rows = sum(p.rows for p in parts)
+    return KernelWeight(
+        torch.cat([p.codes for p in parts]), scales, first.perm, rows, first.k, first.bits, first.group
+    )
