@@ -41,6 +41,7 @@ if __name__ == "__main__":
     ap.add_argument("--peers", default="slimlm,transformers,llama.cpp")
     ap.add_argument("--weights-layout", default="auto", help="auto | packed | plain | both")
     ap.add_argument("--decode-kernel", default="auto", help="auto | c | torch (slimlm's decode steps)")
+    ap.add_argument("--weights", default="float", help="float | native (a GGUF's own blocks on the C kernel)")
     ap.add_argument("--out", default=None, help="results file (default results/engine_bench_<dtype>.json)")
     ap.add_argument("--variants", default=None, help="comma-separated: " + ", ".join(VARIANTS))
     ap.add_argument("--gen-len", type=int, default=64, help="--variants: tokens per request")
@@ -52,7 +53,7 @@ if __name__ == "__main__":
         raise SystemExit(0)
     results = run_bench(
         args.model, args.dtype, tuple(args.peers.split(",")), args.runs, threads=args.threads,
-        weights_layout=args.weights_layout, decode_kernel=args.decode_kernel,
+        weights_layout=args.weights_layout, decode_kernel=args.decode_kernel, weights=args.weights,
     )  # fmt: skip
     print_table(results)
     out = (
@@ -60,7 +61,8 @@ if __name__ == "__main__":
         if args.out
         else Path(__file__).parent
         / "results"
-        / f"engine_bench_{args.model + '_' if args.model else ''}{args.dtype}.json"
+        / f"engine_bench_{args.model + '_' if args.model else ''}{args.dtype}"
+        f"{'_native' if args.weights == 'native' else ''}.json"
     )
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

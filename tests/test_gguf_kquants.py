@@ -67,3 +67,19 @@ def test_unreadable_tensor_type_names_the_type(tmp_path):
         assert info.shape == (2, block)
         with pytest.raises(SlimlmError, match="Q8_K"):
             GGUFTensor(file, info).copy_to(torch.empty(2, block))
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_0], ids=lambda t: t.name)
+def test_native_groups_hold_the_blocks_exactly(qtype):
+    """`--weights native`: Q4_K as int4 and Q5_0 as int8 codes with a scale and minimum per 32, packed in
+    the kernel's layout and read back, give gguf's own dequantized values."""
+    from slimlm.kernels.qweights import pack, unpack
+    from slimlm.loading.gguf_native import block_codes
+
+    raw = _random_blocks(qtype, rows=16, blocks_per_row=2 if qtype == T.Q4_K else 16)
+    codes, d, m, bits = block_codes(raw, int(qtype))
+    assert bits == (4 if qtype == T.Q4_K else 8)
+    codes, d, m = unpack(pack(codes, d, m, bits, 32))[:3]
+    values = d.repeat_interleave(32, dim=1) * codes.float() + m.repeat_interleave(32, dim=1)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
+    torch.testing.assert_close(values, ref, rtol=1e-6, atol=1e-6)

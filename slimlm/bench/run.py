@@ -48,6 +48,7 @@ def run_bench(
     log=print,
     weights_layout: str = "auto",
     decode_kernel: str = "auto",
+    weights: str = "float",
 ) -> dict[str, Any]:
     """`weights_layout` "auto" measures each workload on the layout slimlm's commands pick for it:
     batch-1 (TTFT, decode) as `slimlm chat` / `generate "one prompt"` run it, the concurrent throughput
@@ -71,7 +72,7 @@ def run_bench(
         kv_tokens = (concurrency + 1) * (prompt_len + gen_len + 16)
         return LLM(
             model, dtype=dtype, device="cpu", kv_cache_tokens=kv_tokens, progress=False, weights_layout=layout,
-            decode_kernel=decode_kernel,
+            decode_kernel=decode_kernel, weights=weights,
         )  # fmt: skip
 
     batch_llm = build(weights_layout)

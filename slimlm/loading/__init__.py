@@ -55,7 +55,7 @@ def load(
     weights: str = "float",
 ) -> LoadedModel:
     """Load weights, config and tokenizer. `model`: HF dir, .gguf file, alias, or None (embedded default).
-    `weights` "native" runs a GGUF's Q4_0/Q4_1/Q8_0 blocks as they are (slimlm.loading.gguf_native);
+    `weights` "native" runs a GGUF's Q4_0/Q4_1/Q4_K/Q5_0/Q8_0 blocks as they are (slimlm.loading.gguf_native);
     "float" (default) dequantizes them to `dtype`. Quantized HF checkpoints load quantized either way."""
     import time
 

@@ -183,3 +183,24 @@ def dequantize(raw: np.ndarray, qtype: int) -> np.ndarray | None:
     """float32 values of `raw` (whole blocks of ggml type `qtype`), or None for a type not handled here."""
     fn = DEQUANTIZERS.get(int(qtype))
     return None if fn is None else fn(raw)
+
+
+def q4_k_groups(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K rows [rows, bytes] -> (codes uint8 [rows, k], scale, minimum float32 [rows, k / 32]) with
+    value = scale * code + minimum: each of a 256-block's 8 sub-blocks of 32 is one such group
+    (scale d * sc, minimum -dmin * m), so the kernel's int4 g32 format holds Q4_K exactly."""
+    rows = raw.shape[0]
+    b, _ = _blocks(raw, 144)
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    codes = _k4_values(b[:, 16:144]).reshape(rows, -1)
+    return codes, (d * sc).reshape(rows, -1), (-(dmin * mn)).reshape(rows, -1)
+
+
+def q5_0_groups(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q5_0 rows -> (codes 0..31, scale d, minimum -16 d) per 32: exact in the kernel's int8 g32 format."""
+    rows = raw.shape[0]
+    b, _ = _blocks(raw, 22)
+    d = _f16(b[:, :2])
+    codes = _nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)
+    return codes.reshape(rows, -1), d.reshape(rows, -1), (-16.0 * d).reshape(rows, -1)

@@ -1,9 +1,12 @@
-"""GGUF files run on their own blocks (`--weights native`): Q4_0, Q4_1 and Q8_0 tensors go straight
-into the C kernel's int4/int8 layout (slimlm/kernels/qweights.py), without dequantizing.
+"""GGUF files run on their own blocks (`--weights native`): Q4_0, Q4_1, Q4_K, Q5_0 and Q8_0 tensors go
+straight into the C kernel's int4/int8 layout (slimlm/kernels/qweights.py), without dequantizing.
 
 Each 32-weight block keeps its exact values: Q4_1 is d * q + m as stored; Q4_0 is d * (q - 8), i.e.
 m = -8 d; Q8_0 is d * q with signed q, stored as code q + 128 and m = -128 d (all exact in fp16, so
-the kernel keeps llama.cpp's bytes per weight). llama.cpp's Q/K row order (interleaved RoPE pairs)
+the kernel keeps llama.cpp's bytes per weight). Q4_K's 8 sub-blocks of 32 per 256 each have a 6-bit
+scale and minimum: d * sc and -dmin * m make them int4 g32 groups exactly. Q5_0 (d * (q - 16), q < 32)
+is exact as int8 g32 codes (3 more bits per weight than the file). Q6_K's sub-blocks of 16 have no
+exact g32 form and are dequantized. llama.cpp's Q/K row order (interleaved RoPE pairs)
 is undone on the codes and scales. Tensors of other types (F32/F16 norms, k-quants) are dequantized
 into the model as usual, and each quantized one that could not run natively gets a note for the memory
 report. q/k/v (and gate/up) run natively only when all parts have one native type; else all are
@@ -19,8 +22,9 @@ import torch
 
 from slimlm.errors import SlimlmError
 
-Q4_0, Q4_1, Q8_0 = 2, 3, 8
-NATIVE = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0"}
+Q4_0, Q4_1, Q5_0, Q8_0, Q4_K = 2, 3, 6, 8, 12
+NATIVE = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q8_0: "Q8_0", Q4_K: "Q4_K"}
+NATIVE_BITS = {Q4_0: 4, Q4_1: 4, Q5_0: 8, Q8_0: 8, Q4_K: 4}  # the kernel format each type goes to
 FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16
 WEIGHTS_CHOICES = ("float", "native")
 
@@ -33,6 +37,12 @@ def check_weights_choice(weights: str) -> None:
 def block_codes(raw: np.ndarray, qtype: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """GGUF blocks [rows, bytes] -> (codes uint8 [rows, k], d, m float32 [rows, k / 32], bits)."""
     rows = raw.shape[0]
+    if qtype in (Q4_K, Q5_0):
+        from slimlm.loading.gguf_kquants import q4_k_groups, q5_0_groups
+
+        codes, d, m = (q4_k_groups if qtype == Q4_K else q5_0_groups)(raw)
+        return (torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(np.ascontiguousarray(d)),
+                torch.from_numpy(np.ascontiguousarray(m)), NATIVE_BITS[qtype])  # fmt: skip
     size = {Q4_0: 18, Q4_1: 20, Q8_0: 34}[qtype]
     blocks = raw.reshape(rows, -1, size)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
@@ -108,7 +118,7 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
                         names = [f"{prefix}{mod_name}.{p}.weight" for p in parts]
                         kinds = {sources[n].info.qtype if native(n) else None for n in names}
                         bias_names = [n.removesuffix("weight") + "bias" for n in names]
-                        if None in kinds or len({NATIVE[k][:2] for k in kinds}) > 1:
+                        if None in kinds or len({NATIVE_BITS[k] for k in kinds}) > 1:
                             for n in names:
                                 qtype = sources[n].info.qtype
                                 if qtype not in FLOAT_TYPES:
@@ -151,6 +161,8 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
             for param in model.parameters():
                 param.data = param.data.to(dtype)
             model.model.rotary_emb = RotaryEmbedding(config, device="cpu")
+            if hasattr(model.model, "rotary_local"):  # Gemma 3's sliding layers
+                model.model.rotary_local = RotaryEmbedding(config, device="cpu", local=True)
             if tied and not isinstance(model.model.embed_tokens, KernelEmbedding):
                 model.lm_head.weight = model.model.embed_tokens.weight
             rest = [(n, s) for n, s in sources.items() if n not in taken]

@@ -130,8 +130,8 @@ def test_native_blocks_match_a_float32_run_of_the_dequantized_file(tmp_path, lin
 
 
 def test_types_without_a_native_path_are_dequantized_with_a_note(tmp_path):
-    path = write_model(tmp_path / "mixed.gguf", T.Q4_1, T.Q8_0, odd={"blk.0.ffn_down.weight": T.Q5_0,
-                                                                      "blk.1.attn_v.weight": T.Q5_0})  # fmt: skip
+    path = write_model(tmp_path / "mixed.gguf", T.Q4_1, T.Q8_0, odd={"blk.0.ffn_down.weight": T.Q5_1,
+                                                                      "blk.1.attn_v.weight": T.Q5_1})  # fmt: skip
     llm = LLM(
         str(path), dtype="bfloat16", device="cpu", weights="native", kv_cache_tokens=256, progress=False
     )
@@ -143,7 +143,7 @@ def test_types_without_a_native_path_are_dequantized_with_a_note(tmp_path):
     )  # q/k/v fused only if all native
     report = llm.memory_report_text()
     assert (
-        "note: GGUF tensors without a native kernel path dequantized to bfloat16: 2 Q4_1, 2 Q5_0" in report
+        "note: GGUF tensors without a native kernel path dequantized to bfloat16: 2 Q4_1, 2 Q5_1" in report
     )  # q, k go with v
     assert llm.engine.decode_kernel == "C kernel"  # mixed bf16 rows and int4 codes in one step
     reference = LLM(str(path), dtype="bfloat16", device="cpu", kv_cache_tokens=256, progress=False,
