@@ -68,3 +68,27 @@ def test_planner_quantized_weight_bytes_equal_the_quantized_model(bits, group_si
     old = {k: v for k, v in qconfig.items() if k != "quantize_embeddings"}  # made before embeddings were
     loaded.config.quantization = old
     assert _weight_format("auto", "bf16", loaded.config, False)[2] is False
+
+
+def test_planner_counts_an_8bit_table_and_per_linear_group_sizes():
+    """The recommended w4 recipe (8-bit embedding table) and mixed group sizes: `slimlm plan -m CKPT`
+    reads them from the checkpoint's config and plans the bytes the quantized model holds."""
+    from slimlm.commands.plan import _checkpoint_choices, _weight_format
+    from slimlm.loading import load
+    from slimlm.quant.quantize import quantize_model, quantized_weight_bytes
+
+    loaded = load(None, dtype="bfloat16", progress=False)
+    sizes = {"mlp.down_proj": 32, "0.self_attn.v_proj": 32}
+    qconfig = quantize_model(
+        loaded.model, "rtn", 4, 64, progress=False, quantize_embeddings=True, float_zero=True,
+        embedding_bits=8, group_sizes=sizes,
+    )  # fmt: skip
+    allocated = quantized_weight_bytes(loaded.model)
+    loaded.config.quantization = qconfig
+    fmt, group, embeddings = _weight_format("auto", "bf16", loaded.config, False)
+    choices = _checkpoint_choices("auto", loaded.config)
+    assert choices == {"embedding_bits": 8, "group_sizes": sizes}
+    planned = weight_bytes(loaded.config, fmt, group, dtype="bf16", quantize_embeddings=embeddings, **choices)
+    assert planned == allocated
+    # without the checkpoint's choices the plan is the uniform w4 g64 one, which is smaller
+    assert weight_bytes(loaded.config, fmt, group, dtype="bf16", quantize_embeddings=embeddings) < allocated

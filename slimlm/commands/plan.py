@@ -119,6 +119,15 @@ def _weight_format(
     return fmt, None, quantize_embeddings_for(embeddings, bits)
 
 
+def _checkpoint_choices(requested: str, config) -> dict:
+    """A quantized checkpoint's per-tensor choices that change its bytes: the embedding table's own bits
+    and per-linear group sizes (`slimlm quantize --embedding-bits / --group-sizes`)."""
+    q = config.quantization or {}
+    if requested != "auto" or q.get("bits") not in (4, 8):
+        return {}
+    return {"embedding_bits": q.get("embedding_bits"), "group_sizes": q.get("group_sizes")}
+
+
 def _default_device() -> str:
     try:
         import torch
@@ -145,7 +154,7 @@ def build_plan(args: argparse.Namespace):
         settings = InferenceSettings(
             weight_format=fmt, group_size=group or args.group_size, dtype=dtype, context=args.context,
             batch=args.batch, engine=engine_config_from_args(args), runtime_overheads=not args.no_overheads,
-            quantize_embeddings=quantize_embeddings,
+            quantize_embeddings=quantize_embeddings, **_checkpoint_choices(args.weights, pm.config),
         )  # fmt: skip
         plan = plan_inference(pm.config, device, settings)
         return pm, plan, suggest(plan)

@@ -34,7 +34,13 @@ from __future__ import annotations
 from slimlm.config import ModelConfig
 from slimlm.errors import SlimlmError
 from slimlm.formats.dtypes import FLOAT_BYTES, float_dtype_name, kv_dtype_name
-from slimlm.formats.weights import WEIGHT_BITS, WEIGHT_FORMATS, quantized_linear_bytes, weight_format_name
+from slimlm.formats.weights import (
+    WEIGHT_BITS,
+    WEIGHT_FORMATS,
+    linear_group_size,
+    quantized_linear_bytes,
+    weight_format_name,
+)
 from slimlm.plan.shapes import model_params
 
 __all__ = ["FLOAT_BYTES", "WEIGHT_FORMATS", "quantized_linear_bytes", "normalize_float_dtype",
@@ -53,10 +59,14 @@ def weight_bytes(
     *,
     dtype: str = "bf16",
     quantize_embeddings: bool | None = None,
+    embedding_bits: int | None = None,
+    group_sizes: dict[str, int] | None = None,
 ) -> int:
     """Bytes of all weights as the engine stores them (see the module docstring for the layout).
 
     `dtype` is the model dtype that unquantized tensors keep under w8/w4 (ignored for float formats).
+    `embedding_bits` (default: the format's bits) and `group_sizes` (per-linear group sizes) as
+    `slimlm quantize --embedding-bits / --group-sizes` write them into the checkpoint's config.
     """
     fmt = normalize_weight_format(weight_format)
     if fmt in FLOAT_BYTES:
@@ -69,9 +79,11 @@ def weight_bytes(
     total = 0
     for p in model_params(config):
         if p.kind == "linear":
-            total += quantized_linear_bytes(*p.shape, WEIGHT_BITS[fmt], group_size)
+            name = p.name.removeprefix(f"model.layers.{p.layer}.").removesuffix(".weight")
+            size = linear_group_size(group_sizes, p.layer, name, group_size)
+            total += quantized_linear_bytes(*p.shape, WEIGHT_BITS[fmt], size)
         elif p.kind in ("embedding", "lm_head") and quantize_embeddings:
-            bits = WEIGHT_BITS[fmt]
+            bits = embedding_bits or WEIGHT_BITS[fmt]
             total += quantized_linear_bytes(*p.shape, bits, group_size if bits == 4 else -1)
         else:
             total += p.numel * rest

@@ -43,6 +43,9 @@ class InferenceSettings:
     runtime_overheads: bool = True  # False: the classic arithmetic (weights + KV only)
     # embedding and lm_head quantized; None: w4 only (quantize's auto)
     quantize_embeddings: bool | None = None
+    # a quantized checkpoint's own choices (`quantize --embedding-bits / --group-sizes`), read from its config
+    embedding_bits: int | None = None
+    group_sizes: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         self.weight_format = normalize_weight_format(self.weight_format)
@@ -169,8 +172,9 @@ def plan_inference(
     max_model_len = engine.max_model_len or config.max_position_embeddings
     context = s.context or min(4096, max_model_len)
     weights = weight_bytes(
-        config, s.weight_format, s.group_size, dtype=s.dtype, quantize_embeddings=s.quantize_embeddings
-    )
+        config, s.weight_format, s.group_size, dtype=s.dtype, quantize_embeddings=s.quantize_embeddings,
+        embedding_bits=s.embedding_bits, group_sizes=s.group_sizes,
+    )  # fmt: skip
     cuda_context = device.cuda_context_bytes if s.runtime_overheads else 0
     block_bytes = kv_block_bytes(config, s.kv_dtype, engine.block_size)
     free_after_weights = device.usable_bytes - cuda_context - weights

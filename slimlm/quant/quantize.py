@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.formats.weights import quantize_embeddings_for
+from slimlm.formats.weights import linear_group_size, quantize_embeddings_for
 from slimlm.progress import progress_bar
 from slimlm.quant.awq import awq_quantize_layer
 from slimlm.quant.embedding import QuantEmbedding, check_embeddings
@@ -151,7 +151,7 @@ def quantize_model(
         check_scheme(bits, size)
     for i, linears in enumerate(targets):
         for name, linear in linears.items():
-            size = _group_size_of(group_sizes, i, name, group_size)
+            size = linear_group_size(group_sizes, i, name, group_size)
             if size != -1 and linear.in_features % size:
                 working = ", ".join(map(str, [*group_sizes_that_fit(model), -1]))
                 raise SlimlmError(
@@ -177,7 +177,7 @@ def quantize_model(
         with progress_bar("quantize (rtn)", total=len(layers), enabled=progress) as advance:
             for i, (layer, linears) in enumerate(zip(layers, targets, strict=True)):
                 for name, linear in linears.items():
-                    gs = _group_size_of(group_sizes, i, name, group_size)
+                    gs = linear_group_size(group_sizes, i, name, group_size)
                     qweight = rtn_quantize(linear.weight.detach(), bits, gs, sym, float_zero)
                     _swap(layer, name, qweight, linear.bias)
                 advance()
@@ -190,7 +190,7 @@ def quantize_model(
         with progress_bar(f"quantize ({method})", total=len(layers), enabled=progress) as advance:
             for i, (layer, linears) in enumerate(zip(layers, targets, strict=True)):
                 if method == "gptq":
-                    sizes = {name: _group_size_of(group_sizes, i, name, group_size) for name in linears}
+                    sizes = {name: linear_group_size(group_sizes, i, name, group_size) for name in linears}
                     states = _gptq_layer(layer, linears, states, run_layer, bits, group_size, sym,
                                          act_order, damp, block_size, float_zero, sizes)  # fmt: skip
                 else:
@@ -247,10 +247,6 @@ def quantized_weight_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
     return total
-
-
-def _group_size_of(group_sizes: dict[str, int], layer: int, name: str, default: int) -> int:
-    return group_sizes.get(f"{layer}.{name}", group_sizes.get(name, default))
 
 
 def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
