@@ -50,7 +50,9 @@ def quantized_linear_bytes(out_features: int, in_features: int, bits: int, group
     return out_features * (packed_row + groups_per_row * GROUP_SCALE_ZERO_BYTES)
 
 
-def linear_group_size(group_sizes: dict[str, int] | None, layer: int, name: str, default: int | None) -> int | None:
+def linear_group_size(
+    group_sizes: dict[str, int] | None, layer: int, name: str, default: int | None
+) -> int | None:
     """A decoder linear's group size under per-linear sizes (`quantize --group-sizes`): "3.mlp.down_proj"
     (one layer) before "mlp.down_proj" (every layer) before the checkpoint's `default`."""
     if not group_sizes:
