@@ -41,7 +41,7 @@ if __name__ == "__main__":
     if bench.exists():
         hf = json.loads(bench.read_text())["systems"].get("transformers", {}).get("decode_tok_s")
     r["transformers_decode_tok_s"] = hf
-    r["decode_kernel"] = llm.engine.decode_kernel
+    r["decode_kernel"] = llm.engine.decode_backend
     print(
         f"{r['dtype']}, {r['threads']} threads, {r['weight_bytes'] / 2**20:.0f} MiB of weights read per token"
     )

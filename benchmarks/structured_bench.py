@@ -89,7 +89,7 @@ def main() -> None:
         print(json.dumps(rows[-1]))
     result = {
         "benchmark": "structured_bench",
-        "decode_kernel": llm.engine.decode_kernel,
+        "decode_kernel": llm.engine.decode_backend,
         "dtype": args.dtype,
         "max_tokens": args.max_tokens,
         "threads": torch.get_num_threads(),

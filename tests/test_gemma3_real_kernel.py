@@ -62,7 +62,7 @@ def test_bf16_kernel_logits_and_greedy_text_match_float32(gemma_f32):
     loaded = copy.copy(gemma_f32)
     loaded.model = model
     llm = LLM.from_loaded(loaded, max_num_seqs=2, kv_cache_tokens=256)
-    assert llm.engine.decode_kernel == "C kernel"
+    assert llm.engine.decode_backend == "C kernel"
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     ref_loaded = copy.copy(gemma_f32)
     ref_loaded.model = reference
@@ -77,7 +77,7 @@ def test_native_weights_run_on_the_kernel_close_to_the_dequantized_float32_model
     native = load("gemma3-270m", dtype="bfloat16", progress=False, weights="native")
     assert native.notes == ["GGUF tensors without a native kernel path dequantized to bfloat16: 9 Q6_K"]
     llm = LLM.from_loaded(native, weights_layout="plain", max_num_seqs=1, kv_cache_tokens=256)
-    assert llm.engine.decode_kernel == "C kernel"
+    assert llm.engine.decode_backend == "C kernel"
     assert llm.engine.backend.weights.startswith("int4 g32, int8 g32 (C kernel layout)")
     ids = gemma_f32.tokenizer.encode(PROMPT)
     fused = _kernel(native.model, ids)

@@ -93,7 +93,7 @@ def run_bench(
         "gen_len": gen_len,
         "systems": {},
         "weights_layout": {"batch-1": single_layout, "concurrent": batch_layout},
-        "decode_kernel": {"batch-1": llm.engine.decode_kernel, "concurrent": batch_llm.engine.decode_kernel},
+        "decode_kernel": {"batch-1": llm.engine.decode_backend, "concurrent": batch_llm.engine.decode_backend},
         "weights": {
             "slimlm": f"dense {dtype} (GGUF dequantized at load); linears {single_layout} for batch-1, "
             f"{batch_layout} for concurrent requests (slimlm.models.prepack)",
@@ -104,7 +104,7 @@ def run_bench(
     log(
         f"benchmark: {llm.loaded.source.name}, {dtype}, {threads} threads, median of {runs} runs; slimlm "
         f"weights layout {single_layout} (batch-1) / {batch_layout} (concurrent); decode steps on "
-        f"{batch_llm.engine.decode_kernel}"
+        f"{batch_llm.engine.decode_backend}"
     )
     if "slimlm" in peers:
         runner = SlimlmRunner(llm, batch_llm)

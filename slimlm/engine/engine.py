@@ -103,7 +103,7 @@ class LLMEngine:
         from slimlm.engine.backend import choose_backend
 
         self.backend = choose_backend(model, self.cache, config, self.max_model_len)
-        self.decode_kernel = self.backend.description  # what decode steps run on, for reports
+        self.decode_backend = self.backend.description  # what decode steps run on (a sentence), for reports
         self.runner = ModelRunner(model, self.cache, config.block_size, device, self.backend.decoder)
         self.sampler = Sampler(device, self.eos_token_ids)
         self.constraints = Constraints(tokenizer, model_config.vocab_size, self.eos_token_ids)

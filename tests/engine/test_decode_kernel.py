@@ -266,7 +266,7 @@ def test_engine_greedy_on_the_kernel_equals_transformers_float32_on_bf16_weights
     llm = LLM.from_loaded(
         copy.deepcopy(smollm_bf16), weights_layout="plain", max_num_seqs=4, kv_cache_tokens=512
     )
-    assert llm.engine.decode_kernel == "C kernel" and llm.engine.runner.fused is not None
+    assert llm.engine.decode_backend == "C kernel" and llm.engine.runner.fused is not None
     reference = copy.deepcopy(hf_smollm)
     with torch.no_grad():
         for p in reference.parameters():
@@ -314,14 +314,14 @@ def test_kernel_under_a_budget_that_forces_preemption_keeps_the_tokens(smollm_bf
     expected = [o.token_ids for o in roomy.generate(REFERENCE_PROMPTS, params)]
     tight = LLM.from_loaded(model, kv_cache_tokens=96, block_size=8, enable_prefix_caching=False)
     got = [o.token_ids for o in tight.generate(REFERENCE_PROMPTS, params)]
-    assert tight.engine.decode_kernel == "C kernel" and tight.engine.stats.preemptions > 0
+    assert tight.engine.decode_backend == "C kernel" and tight.engine.stats.preemptions > 0
     assert got == expected
     assert tight.engine.block_manager.num_free_blocks == tight.engine.budget.num_blocks
 
 
 def test_decode_kernel_choice_and_errors(smollm_bf16, smollm):
     torch_llm = LLM.from_loaded(smollm_bf16, max_num_seqs=1, kv_cache_tokens=64, decode_kernel="torch")
-    assert torch_llm.engine.runner.fused is None and torch_llm.engine.decode_kernel == "torch (asked for)"
+    assert torch_llm.engine.runner.fused is None and torch_llm.engine.decode_backend == "torch (asked for)"
     assert torch_llm.memory_report()["decode_kernel_scratch_bytes"] == 0
     c_llm = LLM.from_loaded(
         copy.deepcopy(smollm_bf16), weights_layout="plain", max_num_seqs=8, kv_cache_tokens=64
@@ -331,7 +331,7 @@ def test_decode_kernel_choice_and_errors(smollm_bf16, smollm):
     assert report["decode_kernel_scratch_bytes"] == c_llm.engine.runner.fused._work.nbytes > 0
     fp32 = LLM.from_loaded(smollm, kv_cache_tokens=64)  # float32 weights: PyTorch, with the reason
     assert fp32.engine.runner.fused is None
-    assert "bf16" in fp32.engine.decode_kernel and fp32.memory_report()["decode_kernel"].startswith("torch (")
+    assert "bf16" in fp32.engine.decode_backend and fp32.memory_report()["decode_kernel"].startswith("torch (")
     with pytest.raises(
         SlimlmError,
         match=r"--decode-kernel c cannot run here: the C decode kernel needs bf16 weights \(this model is float32\)",
@@ -342,7 +342,7 @@ def test_decode_kernel_choice_and_errors(smollm_bf16, smollm):
     fp32_pool = LLM.from_loaded(smollm_bf16, max_num_seqs=1, kv_cache_tokens=64, kv_dtype="fp32")
     assert (
         fp32_pool.engine.runner.fused is None
-        and "int8 and int4 paged KV pools" in fp32_pool.engine.decode_kernel
+        and "int8 and int4 paged KV pools" in fp32_pool.engine.decode_backend
     )
 
 

@@ -165,7 +165,7 @@ def test_engine_greedy_text_on_the_kernel_equals_the_float32_engine(arch, tokeni
     model, reference = _bf16(arch)
     loaded = LoadedModel(model, model.config, tokenizer)
     llm = LLM.from_loaded(loaded, weights_layout="plain", max_num_seqs=4, kv_cache_tokens=256, block_size=4)
-    assert llm.engine.decode_kernel == "C kernel" and llm.engine.runner.fused is not None
+    assert llm.engine.decode_backend == "C kernel" and llm.engine.runner.fused is not None
     ref = LLM.from_loaded(LoadedModel(reference, reference.config, tokenizer), max_num_seqs=4,
                           kv_cache_tokens=256, block_size=4, decode_kernel="torch")  # fmt: skip
     gen = torch.Generator().manual_seed(5)

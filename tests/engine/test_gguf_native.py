@@ -145,7 +145,7 @@ def test_types_without_a_native_path_are_dequantized_with_a_note(tmp_path):
     assert (
         "note: GGUF tensors without a native kernel path dequantized to bfloat16: 2 Q4_1, 2 Q5_1" in report
     )  # q, k go with v
-    assert llm.engine.decode_kernel == "C kernel"  # mixed bf16 rows and int4 codes in one step
+    assert llm.engine.decode_backend == "C kernel"  # mixed bf16 rows and int4 codes in one step
     reference = LLM(str(path), dtype="bfloat16", device="cpu", kv_cache_tokens=256, progress=False,
                     decode_kernel="torch")  # fmt: skip
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
