@@ -23,18 +23,6 @@
 
 #define QBLOCK 32
 
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
-    if (exp == 0) {
-        float f = (float)man * 5.9604644775390625e-8f; /* 2^-24 */
-        return sign ? -f : f;
-    }
-    bits = sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 /* x[k] (read as x[perm[i]] under act-order) -> int8 q[k], per 32-block scale[k/32] and the block's
  * value sum[k/32] = scale * sum(q). The AVX-512 loop does the same float operations lane by lane
  * (one multiply by 127 / amax, round to nearest even as lrintf does), so both give the same codes. */
@@ -90,7 +78,7 @@ static inline int qcode(const slim_weight *w, int64_t row, int64_t i) {
 
 static inline float qscale(const slim_weight *w, int64_t row, int64_t g, int which) {
     int64_t idx = ((row / 16) * (w->k / w->group) + g) * 32 + which * 16 + row % 16;
-    return w->scale_bits == 16 ? half_to_float(((const uint16_t *)w->scales)[idx]) : ((const float *)w->scales)[idx];
+    return w->scale_bits == 16 ? f16_to_f32(((const uint16_t *)w->scales)[idx]) : ((const float *)w->scales)[idx];
 }
 
 /* One table row as float32 (the embedding lookup), divided by div[i] where given. */

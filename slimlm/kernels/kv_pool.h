@@ -4,34 +4,6 @@
 #include "model.h"
 #include "numerics.h"
 
-/* fp16 <-> float32 for the quantized pools' scales (round to nearest even, subnormals kept). */
-static inline uint16_t f32_to_f16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
-    x &= 0x7fffffffu;
-    if (x >= 0x47800000u) return sign | (x > 0x7f800000u ? 0x7e00 : 0x7c00); /* overflow, inf, nan */
-    if (x < 0x38800000u) {                                                 /* fp16 subnormal or zero */
-        float a;
-        memcpy(&a, &x, 4);
-        return sign | (uint16_t)rintf(a * 16777216.0f); /* units of 2^-24 */
-    }
-    x += 0xc8000fffu + ((x >> 13) & 1u); /* exponent rebias (-112), then round to nearest even */
-    return sign | (uint16_t)(x >> 13);
-}
-
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
-    if (exp == 0) {
-        float f = (float)man * 5.9604644775390625e-8f; /* 2^-24 */
-        return sign ? -f : f;
-    }
-    bits = sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 /* The bf16 pool: heads first, [KVH, blocks, block_size, D]. */
 static inline int64_t slot_offset(const slim_model *m, int64_t kv_head, int64_t block, int64_t offset) {
     return ((kv_head * m->num_blocks + block) * m->block_size + offset) * m->head_dim;
