@@ -9,33 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from slimlm.errors import SlimlmError
+from slimlm.formats.families import FAMILIES, MODEL_TYPES, SUPPORTED_ARCHITECTURES
 
-# HF `architectures[0]` / GGUF `general.architecture` -> our model family.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Phi3ForCausalLM": "phi3",
-    "Gemma3ForCausalLM": "gemma3",
-}
-# HF `model_type` -> family, for configs without `architectures`.
-MODEL_TYPES = {
-    "llama": "llama",
-    "mistral": "mistral",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "phi3": "phi3",
-    "gemma3_text": "gemma3",
-}
-GGUF_ARCHITECTURES = {
-    "llama": "llama",
-    "mistral": "mistral",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "gemma3": "gemma3",
-}
-FAMILIES = tuple(dict.fromkeys(SUPPORTED_ARCHITECTURES.values()))
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 SLIDING, FULL = "sliding_attention", "full_attention"

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimlm.config import FULL, GGUF_ARCHITECTURES, SLIDING, ModelConfig, RopeScaling
+from slimlm.config import FULL, SLIDING, ModelConfig, RopeScaling
 from slimlm.errors import SlimlmError
+from slimlm.formats.families import GGUF_ARCHITECTURES
 
 # GGUF tensor name (after "blk.N.") -> HF parameter name (after "model.layers.N.")
 _LAYER_NAMES = {

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimlm.config import GGUF_ARCHITECTURES, ModelConfig
+from slimlm.config import ModelConfig
 from slimlm.errors import SlimlmError
+from slimlm.formats.families import GGUF_ARCHITECTURES
 from slimlm.tokenizer.gguf_metadata import parse_gguf_header
 
 

@@ -9,13 +9,11 @@ from functools import cache
 from pathlib import Path
 
 from slimlm.config import (
-    GGUF_ARCHITECTURES,
-    MODEL_TYPES,
-    SUPPORTED_ARCHITECTURES,
     ModelConfig,
     read_json_file,
 )
 from slimlm.errors import SlimlmError
+from slimlm.formats.families import GGUF_ARCHITECTURES, MODEL_TYPES, SUPPORTED_ARCHITECTURES
 from slimlm.plan.devices import PRESETS_DIR
 
 DEFAULT_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
