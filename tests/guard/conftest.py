@@ -7,15 +7,13 @@ for 3 stages x 2 arms plus the universal one, and 69 labeled model answers.
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.serve_process import start_serve, stop_serve
 
 pytest.importorskip(
     "sentence_transformers", reason="the guard tests need the guard extra: pip install 'slimlm[guard]'"
@@ -59,16 +57,8 @@ def shop_lib(tmp_path_factory, embedder):
 
 
 def _start_server(args: list[str], env: dict) -> tuple[subprocess.Popen, str, list[str]]:
-    cmd = [sys.executable, "-m", "slimlm.cli", "serve", "--port", "0", "--log-level", "warning", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     deadline = time.monotonic() + 300
-    url = None
-    while url is None and time.monotonic() < deadline and proc.poll() is None:
-        found = [m for line in list(lines) if (m := re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line))]
-        url = found[0].group(1) if found else None
-        time.sleep(0.1)
+    proc, url, lines = start_serve(["--log-level", "warning", *args], env=env, timeout=300)
     if url is None:
         proc.kill()
         pytest.fail(f"the guarded server did not start: {''.join(lines)}")
@@ -82,15 +72,6 @@ def _start_server(args: list[str], env: dict) -> tuple[subprocess.Popen, str, li
         except httpx.TransportError:
             time.sleep(0.1)
     return proc, url, lines
-
-
-def _stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +96,7 @@ def guard_server(shop_lib):
     try:
         yield url
     finally:
-        _stop_server(proc)
+        stop_serve(proc)
 
 
 @pytest.fixture

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
 
 import httpx
-import pytest
 
 from slimlm.cli import main
 from slimlm.commands.serve import served_model_name
+from tests.serve_process import start_serve, stop_serve
 
 
 def test_served_model_name_defaults():
@@ -40,33 +34,9 @@ def test_bad_flags_fail_before_loading_the_model(capsys):
 
 def test_serve_command_prints_memory_report_and_enforces_env_api_key():
     env = {**os.environ, "SLIMLM_API_KEY": "key-from-env"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "slimlm.cli",
-        "serve",
-        "--port",
-        "0",
-        "--kv-cache-tokens",
-        "256",
-        "--dtype",
-        "float32",
-        "--threads",
-        "1",
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
-    reader.start()
+    args = ["--kv-cache-tokens", "256", "--dtype", "float32", "--threads", "1", "--log-level", "warning"]
+    proc, url, lines = start_serve(args, env=env)
     try:
-        deadline = time.monotonic() + 120
-        url = None
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            found = [m for line in list(lines) if (m := re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line))]
-            url = found[0].group(1) if found else None
-            time.sleep(0.1)
         assert url, f"the server did not start: {''.join(lines)}"
         assert any("KV pool" in line and "weights" in line for line in lines)  # the engine's memory report
         assert httpx.get(url + "/health", timeout=10).status_code == 200
@@ -74,10 +44,5 @@ def test_serve_command_prints_memory_report_and_enforces_env_api_key():
         models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer key-from-env"}, timeout=10)
         assert models.json()["data"][0]["id"] == "smollm2-135m"
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail("the server did not stop on SIGINT")
-    assert proc.returncode == 0
+        stop_serve(proc)
+    assert proc.returncode == 0, "the server did not stop cleanly on SIGINT"

