@@ -13,10 +13,8 @@ from slimlm.config import ModelConfig
 from slimlm.engine.llm import LLM
 from slimlm.engine.params import SamplingParams
 from slimlm.errors import SlimlmError
-from slimlm.kv.contiguous import ContiguousKVCache
-from slimlm.kv.metadata import AttnMetadata
 from slimlm.loading import load
-from tests.tiny_models import FAMILY_ARCHS, make_hf_model, slimlm_from_hf
+from tests.tiny_models import FAMILY_ARCHS, cached_decode_logits, make_hf_model, slimlm_from_hf
 
 pytest.importorskip("transformers")
 SEQ = 28  # past the Gemma windows (8, 6) and Phi-3's original length (16)
@@ -38,20 +36,7 @@ def test_decode_with_cache_matches_transformers(arch):
     hf = make_hf_model(arch)
     model = slimlm_from_hf(hf)
     ids = torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(2))
-    prompt = 5
-    cache = ContiguousKVCache(model.config, 1, SEQ)
-    with torch.no_grad():
-        first = hf(ids[:, :prompt], use_cache=True)
-        past, refs = first.past_key_values, [first.logits[0]]
-        meta = AttnMetadata.single(prompt, prompt)
-        outs = [model.compute_logits(model(ids[0, :prompt], torch.arange(prompt), cache, meta))]
-        for t in range(prompt, SEQ):
-            step = hf(ids[:, t : t + 1], past_key_values=past, use_cache=True)
-            past = step.past_key_values
-            refs.append(step.logits[0])
-            hidden = model(ids[0, t : t + 1], torch.tensor([t]), cache, AttnMetadata.single(1, t + 1))
-            outs.append(model.compute_logits(hidden))
-    out, ref = torch.cat(outs), torch.cat(refs)
+    out, ref = cached_decode_logits(hf, model, ids, prompt=5)
     assert torch.allclose(out, ref, atol=1e-4, rtol=0), (out - ref).abs().max()
 
 

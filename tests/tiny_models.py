@@ -129,3 +129,27 @@ def slimlm_from_hf(hf_model, dtype=torch.float32):
     state = {k: v for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
     model.load_state_dict(state, strict=not config.tie_word_embeddings)
     return model
+
+
+def cached_decode_logits(
+    hf_model, model, ids: torch.Tensor, prompt: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slimlm's, transformers') logits for ids[0]: `prompt` tokens prefilled, then one token a step,
+    each side through its own KV cache (slimlm's ContiguousKVCache, transformers' past_key_values)."""
+    from slimlm.kv.contiguous import ContiguousKVCache
+    from slimlm.kv.metadata import AttnMetadata
+
+    seq = ids.shape[1]
+    cache = ContiguousKVCache(model.config, 1, seq)
+    with torch.no_grad():
+        first = hf_model(ids[:, :prompt], use_cache=True)
+        past, refs = first.past_key_values, [first.logits[0]]
+        meta = AttnMetadata.single(prompt, prompt)
+        outs = [model.compute_logits(model(ids[0, :prompt], torch.arange(prompt), cache, meta))]
+        for t in range(prompt, seq):
+            step = hf_model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            refs.append(step.logits[0])
+            hidden = model(ids[0, t : t + 1], torch.tensor([t]), cache, AttnMetadata.single(1, t + 1))
+            outs.append(model.compute_logits(hidden))
+    return torch.cat(outs), torch.cat(refs)
