@@ -93,7 +93,10 @@ def run_bench(
         "gen_len": gen_len,
         "systems": {},
         "weights_layout": {"batch-1": single_layout, "concurrent": batch_layout},
-        "decode_kernel": {"batch-1": llm.engine.decode_backend, "concurrent": batch_llm.engine.decode_backend},
+        "decode_kernel": {
+            "batch-1": llm.engine.decode_backend,
+            "concurrent": batch_llm.engine.decode_backend,
+        },
         "weights": {
             "slimlm": f"dense {dtype} (GGUF dequantized at load); linears {single_layout} for batch-1, "
             f"{batch_layout} for concurrent requests (slimlm.models.prepack)",

@@ -331,7 +331,9 @@ def test_decode_kernel_choice_and_errors(smollm_bf16, smollm):
     assert report["decode_kernel_scratch_bytes"] == c_llm.engine.runner.fused._work.nbytes > 0
     fp32 = LLM.from_loaded(smollm, kv_cache_tokens=64)  # float32 weights: PyTorch, with the reason
     assert fp32.engine.runner.fused is None
-    assert "bf16" in fp32.engine.decode_backend and fp32.memory_report()["decode_kernel"].startswith("torch (")
+    assert "bf16" in fp32.engine.decode_backend and fp32.memory_report()["decode_kernel"].startswith(
+        "torch ("
+    )
     with pytest.raises(
         SlimlmError,
         match=r"--decode-kernel c cannot run here: the C decode kernel needs bf16 weights \(this model is float32\)",
