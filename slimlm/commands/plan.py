@@ -110,9 +110,8 @@ def _weight_format(
 
     if isinstance(embeddings, bool):
         embeddings = "float" if embeddings else "auto"
-    q = config.quantization or {}
-    if requested == "auto" and q.get("bits") in (4, 8):  # a quantized checkpoint keeps its format;
-        # older ones kept float embeddings
+    q = _checkpoint_quantization(requested, config)
+    if q:  # a quantized checkpoint keeps its format; older ones kept float embeddings
         return f"w{q['bits']}", q.get("group_size"), bool(q.get("quantize_embeddings", False))
     fmt = requested if requested != "auto" else dtype
     bits = {"w4": 4, "w8": 8}.get(normalize_weight_format(fmt), 16)
@@ -122,10 +121,16 @@ def _weight_format(
 def _checkpoint_choices(requested: str, config) -> dict:
     """A quantized checkpoint's per-tensor choices that change its bytes: the embedding table's own bits
     and per-linear group sizes (`slimlm quantize --embedding-bits / --group-sizes`)."""
-    q = config.quantization or {}
-    if requested != "auto" or q.get("bits") not in (4, 8):
+    q = _checkpoint_quantization(requested, config)
+    if not q:
         return {}
     return {"embedding_bits": q.get("embedding_bits"), "group_sizes": q.get("group_sizes")}
+
+
+def _checkpoint_quantization(requested: str, config) -> dict | None:
+    """The checkpoint's quantization config where `--weights auto` keeps a quantized checkpoint's format."""
+    q = config.quantization or {}
+    return q if requested == "auto" and q.get("bits") in (4, 8) else None
 
 
 def _default_device() -> str:
