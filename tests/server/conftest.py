@@ -60,3 +60,14 @@ def greedy_chat_reference(reference_llm, prompts: list[str], max_tokens: int) ->
     ids = [reference_llm.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
     outs = reference_llm.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0))
     return [o.text for o in outs]
+
+
+@pytest.fixture
+def slow_client(server):
+    """The shared server's client with a longer timeout, for the structured-output and tools tests: a
+    constrained request decodes dozens of tokens on the fp32 PyTorch path, minutes when the 2-core
+    machine is shared by other jobs."""
+    from openai import OpenAI
+
+    with OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=1800) as c:
+        yield c

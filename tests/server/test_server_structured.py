@@ -10,19 +10,11 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.server.conftest import API_KEY, MODEL
+from tests.server.conftest import MODEL
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("llguidance", reason="structured output needs: pip install 'slimlm[structured]'")
 jsonschema = pytest.importorskip("jsonschema")
-
-
-@pytest.fixture
-def client(server):
-    """The shared server's client with a longer timeout: a constrained request decodes dozens of tokens
-    on the fp32 PyTorch path, minutes when the 2-core machine is shared by other jobs."""
-    with openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=1800) as c:
-        yield c
 
 
 class Point(BaseModel):
@@ -50,8 +42,8 @@ def _ask(text: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("model", [Shape, Ticket, Tags])
-def test_parse_returns_the_pydantic_object(client, model):
-    r = client.chat.completions.parse(
+def test_parse_returns_the_pydantic_object(slow_client, model):
+    r = slow_client.chat.completions.parse(
         model=MODEL,
         messages=_ask(f"Give me a {model.__name__} as JSON."),
         response_format=model,
@@ -76,11 +68,11 @@ ANSWER = {
 
 
 @pytest.mark.slow  # ~100 sequences on the fp32 server; minutes on the busy 2-core machine
-def test_one_hundred_seeded_samples_are_all_valid(client):
+def test_one_hundred_seeded_samples_are_all_valid(slow_client):
     """7 requests of n<=16 choices, all in flight at once (batched), temperature 1."""
 
     def request(i: int):
-        return client.chat.completions.create(
+        return slow_client.chat.completions.create(
             model=MODEL,
             messages=_ask("Is the sky blue? Answer in JSON."),
             temperature=1.0,
@@ -99,8 +91,8 @@ def test_one_hundred_seeded_samples_are_all_valid(client):
     assert len(set(texts)) > 1
 
 
-def test_json_object_and_vllm_extras(client):
-    r = client.chat.completions.create(
+def test_json_object_and_vllm_extras(slow_client):
+    r = slow_client.chat.completions.create(
         model=MODEL,
         messages=_ask("Pick a color."),
         max_tokens=8,
@@ -108,7 +100,7 @@ def test_json_object_and_vllm_extras(client):
         extra_body={"guided_choice": ["red", "green", "blue"]},
     )
     assert r.choices[0].message.content in ("red", "green", "blue")
-    r = client.completions.create(
+    r = slow_client.completions.create(
         model=MODEL,
         prompt="The year is",
         max_tokens=8,
@@ -118,9 +110,9 @@ def test_json_object_and_vllm_extras(client):
     assert r.choices[0].text[1:].isdigit() and len(r.choices[0].text) == 5
 
 
-def test_schema_that_cannot_finish_in_max_tokens_ends_with_length(client):
+def test_schema_that_cannot_finish_in_max_tokens_ends_with_length(slow_client):
     schema = {"type": "array", "items": {"type": "string", "minLength": 30}, "minItems": 40}
-    r = client.chat.completions.create(
+    r = slow_client.chat.completions.create(
         model=MODEL,
         messages=_ask("List things."),
         max_tokens=10,
@@ -155,9 +147,9 @@ def test_schema_that_cannot_finish_in_max_tokens_ends_with_length(client):
         ({"structured_outputs": {"regex": "a", "bogus": 1}}, "structured_outputs"),
     ],
 )
-def test_bad_structure_is_a_400_naming_the_field(client, extra, param):
+def test_bad_structure_is_a_400_naming_the_field(slow_client, extra, param):
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL, messages=_ask("hi"), max_tokens=4, extra_body=extra)
+        slow_client.chat.completions.create(model=MODEL, messages=_ask("hi"), max_tokens=4, extra_body=extra)
     assert err.value.status_code == 400
     assert err.value.body["param"] == param
     assert "Traceback" not in err.value.body["message"]

@@ -7,19 +7,11 @@ import json
 
 import pytest
 
-from tests.server.conftest import API_KEY, MODEL
+from tests.server.conftest import MODEL
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("llguidance", reason="forced tool calls need: pip install 'slimlm[structured]'")
 jsonschema = pytest.importorskip("jsonschema")
-
-
-@pytest.fixture
-def client(server):
-    """The shared server's client with a longer timeout: a constrained request decodes dozens of tokens
-    on the fp32 PyTorch path, minutes when the 2-core machine is shared by other jobs."""
-    with openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=1800) as c:
-        yield c
 
 
 WEATHER = {
@@ -70,15 +62,15 @@ def _answer_turn(call) -> list[dict]:
     ]
 
 
-def test_forced_call_round_trip(client):
-    r = client.chat.completions.create(
+def test_forced_call_round_trip(slow_client):
+    r = slow_client.chat.completions.create(
         model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice=FORCE_WEATHER, max_tokens=24, temperature=0
     )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
     _check_weather_call(call)
-    reply = client.chat.completions.create(
+    reply = slow_client.chat.completions.create(
         model=MODEL, messages=QUESTION + _answer_turn(call), tools=TOOLS, max_tokens=12, temperature=0
     )
     assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
@@ -86,8 +78,8 @@ def test_forced_call_round_trip(client):
     assert message.content or message.tool_calls
 
 
-def test_forced_call_streamed_as_tool_call_deltas(client):
-    stream = client.chat.completions.create(
+def test_forced_call_streamed_as_tool_call_deltas(slow_client):
+    stream = slow_client.chat.completions.create(
         model=MODEL,
         messages=QUESTION,
         tools=TOOLS,
@@ -103,13 +95,13 @@ def test_forced_call_streamed_as_tool_call_deltas(client):
     arguments = "".join(p.function.arguments or "" for p in parts)
     assert len(parts) > 2  # the arguments came in pieces as they were generated
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    whole = client.chat.completions.create(
+    whole = slow_client.chat.completions.create(
         model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice=FORCE_WEATHER, max_tokens=24, temperature=0
     )
     assert arguments == whole.choices[0].message.tool_calls[0].function.arguments
     # the next turn, streamed: the tool message is accepted and the model answers
     call = whole.choices[0].message.tool_calls[0]
-    stream = client.chat.completions.create(
+    stream = slow_client.chat.completions.create(
         model=MODEL,
         messages=QUESTION + _answer_turn(call),
         tools=TOOLS,
@@ -122,7 +114,7 @@ def test_forced_call_streamed_as_tool_call_deltas(client):
     assert text
 
 
-def test_required_without_parallel_calls_makes_exactly_one_known_call(client):
+def test_required_without_parallel_calls_makes_exactly_one_known_call(slow_client):
     for stream in (False, True):
         kwargs = dict(
             model=MODEL,
@@ -134,11 +126,11 @@ def test_required_without_parallel_calls_makes_exactly_one_known_call(client):
             temperature=0,
         )
         if stream:
-            chunks = list(client.chat.completions.create(**kwargs, stream=True))
+            chunks = list(slow_client.chat.completions.create(**kwargs, stream=True))
             calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
             finish = chunks[-1].choices[0].finish_reason
         else:
-            r = client.chat.completions.create(**kwargs)
+            r = slow_client.chat.completions.create(**kwargs)
             calls, finish = r.choices[0].message.tool_calls, r.choices[0].finish_reason
         assert finish == "tool_calls" and len(calls) == 1
         assert calls[0].function.name in ("get_weather", "get_time")
@@ -172,9 +164,9 @@ def test_required_without_parallel_calls_makes_exactly_one_known_call(client):
         ),
     ],
 )
-def test_bad_tool_requests_are_400(client, extra, param):
+def test_bad_tool_requests_are_400(slow_client, extra, param):
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, extra_body=extra)
+        slow_client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, extra_body=extra)
     assert err.value.body["param"] == param
 
 
