@@ -1,11 +1,12 @@
 """The real Gemma 3 270M on the C decode kernel: bf16 weights against a float32 run of the same weights,
-and `--weights native` (Q4_K -> int4 g32, Q5_0 / Q8_0 -> int8 g32, Q6_K dequantized) against the float32
-model holding the file's dequantized values."""
+and `--weights native` (Q4_K -> int4 g32, Q5_0 / Q8_0 -> int8 g32, Q6_K in its own 6-bit form) against the
+float32 model holding the file's dequantized values."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,12 +74,63 @@ def test_bf16_kernel_logits_and_greedy_text_match_float32(gemma_f32):
     ]
 
 
-def test_native_weights_run_on_the_kernel_close_to_the_dequantized_float32_model(gemma_f32):
-    native = load("gemma3-270m", dtype="bfloat16", progress=False, weights="native")
-    assert native.notes == ["GGUF tensors without a native kernel path dequantized to bfloat16: 9 Q6_K"]
+@pytest.fixture(scope="module")
+def gemma_native():
+    return load("gemma3-270m", dtype="bfloat16", progress=False, weights="native")
+
+
+def test_q6_k_tensors_are_held_exactly_at_the_files_bytes(gemma_native):
+    """The 9 Q6_K down projections: their own form, equal to the gguf package's dequantizer, and as many
+    bytes as the file's blocks."""
+    gguf = pytest.importorskip("gguf")
+    from slimlm.kernels.qlinear import KernelLinear
+    from slimlm.loading.gemma3_model import gemma3_model_path
+
+    reader = gguf.GGUFReader(str(gemma3_model_path()))
+    q6 = [t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q6_K]
+    assert len(q6) == 9 and all(t.name.endswith("ffn_down.weight") for t in q6)
+    for t in q6:
+        layer = int(t.name.split(".")[1])
+        down = gemma_native.model.model.layers[layer].mlp.down_proj
+        assert isinstance(down, KernelLinear) and down.kernel_weight().describe() == "q6_k g16"
+        expected = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert torch.equal(down.dequantized_weight(), torch.from_numpy(np.ascontiguousarray(expected)))
+        assert down.kernel_weight().nbytes == t.n_bytes
+
+
+def test_native_greedy_on_the_kernel_equals_the_pytorch_path(gemma_native):
+    """Decode steps on the C kernel against the PyTorch path over the same native buffers (same int8
+    GEMMs; the PyTorch path rounds norms, attention and the residual stream to bf16, the kernel keeps
+    them float32): the same greedy tokens, except where the PyTorch path itself sees a near-tie."""
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    prompts = ["The capital of France is", PROMPT, "def fibonacci(n):"]
+    kernel = LLM.from_loaded(gemma_native, weights_layout="plain", max_num_seqs=2, kv_cache_tokens=512)
+    assert kernel.engine.decode_backend == "C kernel"
+    torch_path = copy.copy(gemma_native)
+    torch_path.model = copy.deepcopy(gemma_native.model)
+    reference = LLM.from_loaded(
+        torch_path, weights_layout="plain", kv_cache_tokens=512, decode_kernel="torch"
+    )
+    equal = 0
+    for got, ref in zip(kernel.generate(prompts, params), reference.generate(prompts, params), strict=True):
+        split = next(
+            (i for i, (a, b) in enumerate(zip(got.token_ids, ref.token_ids, strict=True)) if a != b), None
+        )
+        if split is None:
+            equal += 1
+            continue
+        (first, lp1), (second, lp2) = ref.logprobs[split].top[:2]
+        # seen once: an exact tie in the PyTorch path's bf16 logits, 0.001 nats apart in the kernel's
+        assert {got.token_ids[split], ref.token_ids[split]} == {first, second} and lp1 - lp2 < 0.1
+    assert equal >= 2
+
+
+def test_native_weights_run_on_the_kernel_close_to_the_dequantized_float32_model(gemma_f32, gemma_native):
+    native = gemma_native
+    assert native.notes == []  # every quantized tensor of the file runs natively
     llm = LLM.from_loaded(native, weights_layout="plain", max_num_seqs=1, kv_cache_tokens=256)
     assert llm.engine.decode_backend == "C kernel"
-    assert llm.engine.backend.weights.startswith("int4 g32, int8 g32 (C kernel layout)")
+    assert llm.engine.backend.weights.startswith("int4 g32, int8 g32, q6_k g16 (C kernel layout)")
     ids = gemma_f32.tokenizer.encode(PROMPT)
     fused = _kernel(native.model, ids)
     expected = _incremental(gemma_f32.model, ids)  # the file's values, dequantized, in float32

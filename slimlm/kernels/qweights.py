@@ -21,6 +21,10 @@ KERNEL_GROUPS = (32, 64, 128)  # and per-channel (group == k), k a multiple of 3
 
 def kernel_scheme_reason(bits: int, group: int, k: int) -> str | None:
     """None when the kernel runs this scheme on k inputs, else why not."""
+    if (bits, group) == (6, 16):  # GGUF Q6_K, its own tiles (qweights_q6.py)
+        from slimlm.kernels.qweights_q6 import q6k_scheme_reason
+
+        return q6k_scheme_reason(k)
     if bits not in (4, 8):
         return f"the C kernel runs 4- and 8-bit weights, not {bits}-bit"
     if k % QBLOCK:
@@ -46,7 +50,7 @@ class KernelWeight:
 
     @property
     def scale_bits(self) -> int:
-        return 16 if self.scales.dtype == torch.float16 else 32
+        return {torch.float16: 16, torch.uint8: 8}.get(self.scales.dtype, 32)  # uint8: Q6_K's bytes
 
     @property
     def nbytes(self) -> int:
@@ -54,6 +58,8 @@ class KernelWeight:
         return self.codes.numel() + self.scales.numel() * self.scales.element_size() + perm
 
     def describe(self) -> str:
+        if self.bits == 6:
+            return "q6_k g16"
         return f"int{self.bits} " + ("per-channel" if self.group == self.k else f"g{self.group}")
 
 
@@ -110,6 +116,10 @@ def unpack(w: KernelWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def dequantize(w: KernelWeight) -> torch.Tensor:
     """The float32 weight [rows, k] in the original input order (act-order undone)."""
+    if w.bits == 6:
+        from slimlm.kernels.qweights_q6 import dequantize_q6k
+
+        return dequantize_q6k(w)
     codes, d, m = unpack(w)
     v = codes.float().view(w.rows, -1, w.group) * d.unsqueeze(-1) + m.unsqueeze(-1)
     v = v.view(w.rows, w.k)
@@ -128,6 +138,10 @@ def from_quantized(qw) -> KernelWeight:
 
 def concat(weights: list[KernelWeight]) -> KernelWeight:
     """Row-stack weights that read the same input (q/k/v, gate/up): same k, bits, group and perm."""
+    if weights[0].bits == 6:
+        from slimlm.kernels.qweights_q6 import concat_q6k
+
+        return concat_q6k(weights)
     parts = [unpack(w) for w in weights]
     first = weights[0]
     return pack(
@@ -147,8 +161,8 @@ def stack_rows(parts: list[KernelWeight]) -> KernelWeight:
     first = parts[0]
     if any(p.rows % TILE for p in parts[:-1]):
         raise ValueError("row blocks before the last must be multiples of 16 rows")
-    half = all(p.scales.dtype == torch.float16 for p in parts)
-    scales = torch.cat([p.scales if half else p.scales.float() for p in parts])
+    same = len({p.scales.dtype for p in parts}) == 1  # fp16 throughout, fp32, or Q6_K's bytes
+    scales = torch.cat([p.scales if same else p.scales.float() for p in parts])
     rows = sum(p.rows for p in parts)
     return KernelWeight(
         torch.cat([p.codes for p in parts]), scales, first.perm, rows, first.k, first.bits, first.group

@@ -204,3 +204,17 @@ def q5_0_groups(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     d = _f16(b[:, :2])
     codes = _nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)
     return codes.reshape(rows, -1), d.reshape(rows, -1), (-16.0 * d).reshape(rows, -1)
+
+
+def q6_k_groups(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q6_K rows [rows, bytes] -> (codes uint8 0..63 [rows, k], sc int8 [rows, k / 16], d float32
+    [rows, k / 256]) with value = d * sc * (code - 32): the kernel's Q6_K form (kernels/qweights_q6.py)."""
+    rows = raw.shape[0]
+    b, _ = _blocks(raw, 210)
+    ql = b[:, 0:128].reshape(-1, 2, 2, 32)
+    qh = b[:, 128:192].reshape(-1, 2, 1, 32)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # as q6_k above
+    high = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3
+    codes = (low | (high << 4)).reshape(rows, -1)
+    sc = np.ascontiguousarray(b[:, 192:208]).view(np.int8).reshape(rows, -1)
+    return codes, sc, _f16(b[:, 208:210]).reshape(rows, -1)

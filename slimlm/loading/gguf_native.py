@@ -5,8 +5,8 @@ Each 32-weight block keeps its exact values: Q4_1 is d * q + m as stored; Q4_0 i
 m = -8 d; Q8_0 is d * q with signed q, stored as code q + 128 and m = -128 d (all exact in fp16, so
 the kernel keeps llama.cpp's bytes per weight). Q4_K's 8 sub-blocks of 32 per 256 each have a 6-bit
 scale and minimum: d * sc and -dmin * m make them int4 g32 groups exactly. Q5_0 (d * (q - 16), q < 32)
-is exact as int8 g32 codes (3 more bits per weight than the file). Q6_K's sub-blocks of 16 have no
-exact g32 form and are dequantized. llama.cpp's Q/K row order (interleaved RoPE pairs)
+is exact as int8 g32 codes (3 more bits per weight than the file). Q6_K keeps its own form and bytes
+(6-bit codes, int8 scale per 16, fp16 d per 256: kernels/qweights_q6.py). llama.cpp's Q/K row order (interleaved RoPE pairs)
 is undone on the codes and scales. Tensors of other types (F32/F16 norms, k-quants) are dequantized
 into the model as usual, and each quantized one that could not run natively gets a note for the memory
 report. q/k/v (and gate/up) run natively only when all parts have one native type; else all are
@@ -22,9 +22,9 @@ import torch
 
 from slimlm.errors import SlimlmError
 
-Q4_0, Q4_1, Q5_0, Q8_0, Q4_K = 2, 3, 6, 8, 12
-NATIVE = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q8_0: "Q8_0", Q4_K: "Q4_K"}
-NATIVE_BITS = {Q4_0: 4, Q4_1: 4, Q5_0: 8, Q8_0: 8, Q4_K: 4}  # the kernel format each type goes to
+Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 2, 3, 6, 8, 12, 14
+NATIVE = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q8_0: "Q8_0", Q4_K: "Q4_K", Q6_K: "Q6_K"}
+NATIVE_BITS = {Q4_0: 4, Q4_1: 4, Q5_0: 8, Q8_0: 8, Q4_K: 4, Q6_K: 6}  # the kernel format each type goes to
 FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16
 WEIGHTS_CHOICES = ("float", "native")
 
@@ -100,6 +100,8 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
 
         def kernel_weight(name: str):
             src = sources[name]
+            if src.info.qtype == Q6_K:
+                return _q6k_weight(file, src)
             codes, d, m, bits = block_codes(file.raw(src.info), src.info.qtype)
             heads = src.unpermute_heads
             w = pack(_hf_rows(codes, heads), _hf_rows(d, heads), _hf_rows(m, heads), bits, 32)
@@ -176,6 +178,17 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
     loaded = LoadedModel(model.eval(), config, tokenizer, gen, path)
     loaded.notes = notes
     return loaded
+
+
+def _q6k_weight(file, src):
+    from slimlm.kernels.qweights_q6 import pack_q6k
+    from slimlm.loading.gguf_kquants import q6_k_groups
+
+    heads = src.unpermute_heads
+    parts = [torch.from_numpy(np.ascontiguousarray(a)) for a in q6_k_groups(file.raw(src.info))]
+    w = pack_q6k(*(_hf_rows(p, heads) for p in parts))
+    file.release(src.info)
+    return w
 
 
 def _type_name(qtype: int) -> str:
