@@ -35,6 +35,7 @@ from slimlm.loading import load
 from slimlm.loading.default_model import default_model_path
 from slimlm.quant.calibration import calibration_batches
 from slimlm.quant.quantize import quantize_model, quantized_weight_bytes
+from slimlm.quant.rotate import rotate_model
 
 # Mixed precision (benchmarks/weight_sensitivity.py, on the calibration text): v_proj, k_proj and
 # down_proj lose the most when their groups grow from 32 to 64, so they keep group 32. MIX_BUDGET keeps
@@ -67,6 +68,22 @@ VARIANTS = {
     "w4-rtn-g32-e8-fz": dict(method="rtn", bits=4, group_size=32, embedding_bits=8, float_zero=True),
     "w4-gptq-g32-e8-fz": dict(method="gptq", bits=4, group_size=32, embedding_bits=8, float_zero=True),
     "w4-rtn-g32-fz": dict(method="rtn", bits=4, group_size=32, float_zero=True),
+    # Rotation (slimlm/quant/rotate.py: norms folded, residual stream and value heads rotated by random
+    # Hadamard matrices; the tied table is untied) and AWQ + GPTQ. "method": "none" = rotated, unquantized.
+    "w4-rot-float": dict(method="none", rotate="hadamard"),
+    "w4-rot-rtn-g64": dict(method="rtn", bits=4, group_size=64, rotate="hadamard"),
+    "w4-rot-rtn-g64-e8": dict(method="rtn", bits=4, group_size=64, embedding_bits=8, rotate="hadamard"),
+    "w4-rot-gptq-g64": dict(method="gptq", bits=4, group_size=64, rotate="hadamard"),
+    "w4-rot-gptq-g64-e8": dict(method="gptq", bits=4, group_size=64, embedding_bits=8, rotate="hadamard"),
+    "w4-rot-gptq-g64-e8-fz": dict(method="gptq", **FZ8, rotate="hadamard"),
+    "w4-awqgptq-g64": dict(method="awq-gptq", bits=4, group_size=64),
+    "w4-awqgptq-g64-e8": dict(method="awq-gptq", bits=4, group_size=64, embedding_bits=8),
+    "w4-rot-awqgptq-g64": dict(method="awq-gptq", bits=4, group_size=64, rotate="hadamard"),
+    "w4-rot-awqgptq-g64-e8": dict(
+        method="awq-gptq", bits=4, group_size=64, embedding_bits=8, rotate="hadamard"
+    ),
+    "w4-rot-gptq-g32-e8": dict(method="gptq", bits=4, group_size=32, embedding_bits=8, rotate="hadamard"),
+    "w4-rot-gptq-g32": dict(method="gptq", bits=4, group_size=32, rotate="hadamard"),
     "w8-channel": dict(method="rtn", bits=8, group_size=-1),
     "w8-g64": dict(method="rtn", bits=8, group_size=64),
     "w8-g32": dict(method="rtn", bits=8, group_size=32),
@@ -174,6 +191,14 @@ def main() -> None:
                 "recipe": f"llama-quantize --allow-requantize {spec}",
                 "bits_per_weight": gguf_bits_per_weight(path),
             }
+        elif "rotate" in spec:  # rotated and quantized in float32 (as `slimlm quantize` does), run in bf16
+            model = copy.deepcopy(base).float()
+            if spec["method"] == "none":
+                config = {"rotate": rotate_model(model, spec["rotate"])}
+            else:
+                config = quantize_model(model, calib_batches=calib, progress=False, **spec)
+            model.to(torch.bfloat16)
+            row = {"recipe": config, "bits_per_weight": 8 * quantized_weight_bytes(model) / n_params}
         else:
             model = copy.deepcopy(base)
             config = quantize_model(model, calib_batches=calib, progress=False, **spec)

@@ -13,7 +13,12 @@ from slimlm.errors import SlimlmError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="source model (default: the embedded smollm2-135m)")
-    p.add_argument("--method", choices=("rtn", "awq", "gptq"), default="awq")
+    p.add_argument(
+        "--method",
+        choices=("rtn", "awq", "gptq", "awq-gptq"),
+        default="awq",
+        help="awq-gptq: AWQ's scales folded in, then GPTQ",
+    )
     p.add_argument("--bits", type=int, default=4, help="8 or 4")
     p.add_argument(
         "--group-size",
@@ -69,6 +74,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=G,...",
         help="per-linear group sizes, e.g. self_attn.v_proj=32,mlp.down_proj=32 (every layer) or "
         "3.mlp.down_proj=32 (layer 3 only); the rest use --group-size",
+    )
+    p.add_argument(
+        "--rotate",
+        choices=("none", "hadamard", "orthogonal"),
+        default="none",
+        help="fold the norms and rotate the residual stream and value heads before quantizing "
+        "(QuaRot-style, weight-only; a tied embedding is untied: one more table). Llama family only",
     )
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--quiet", "-q", action="store_true")
@@ -153,12 +165,14 @@ def run(args: argparse.Namespace) -> int:
         float_zero=args.zero == "float",
         embedding_bits=args.embedding_bits,
         group_sizes=args.group_sizes,
+        rotate=args.rotate,
     )
     seconds = time.perf_counter() - start
     if batches is not None:  # `slimlm eval` warns when this text overlaps what it scores
         qconfig["calibration"] = str(Path(args.calib_file).resolve()) if args.calib_file else "default"
     with staged_output(out) as tmp:  # an interrupted quantize leaves no half-written checkpoint
-        save_quantized(loaded.model, qconfig, tmp, loaded.config.to_hf_dict())
+        # a rotation may have untied the embedding: the model's own config says so
+        save_quantized(loaded.model, qconfig, tmp, loaded.model.config.to_hf_dict())
         save_tokenizer(loaded.tokenizer, tmp)
     q_bytes = quantized_weight_bytes(loaded.model)
     print(

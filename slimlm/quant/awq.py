@@ -129,6 +129,31 @@ def awq_quantize_layer(
     read one tensor share one object); they are updated in place as scales are folded. Returns the
     quantized weight of every linear in `stats`.
     """
+    modules = awq_fold_scales(layer, stats, bits, group_size, sym, grid, float_zero)
+    result = {}
+    for name, input_stats in stats.items():
+        linear = modules[name]
+        if clip and not name.endswith(NO_CLIP):
+            max_val = awq_search_clip(
+                linear.weight, input_stats, bits, group_size, sym, grid, float_zero=float_zero
+            )
+            _clamp_groups(linear.weight, max_val.to(linear.weight.dtype), group_size)
+        result[name] = rtn_quantize(linear.weight.detach(), bits, group_size, sym, float_zero)
+    return result
+
+
+@torch.no_grad()
+def awq_fold_scales(
+    layer: nn.Module,
+    stats: dict[str, InputStats],
+    bits: int,
+    group_size: int,
+    sym: bool = False,
+    grid: int = 20,
+    float_zero: bool = False,
+) -> dict[str, nn.Module]:
+    """Search and fold one decoder layer's AWQ scales (updating `stats` in place); returns the layer's
+    modules by name. AWQ + GPTQ (quantize.py) runs GPTQ on the weights and statistics this leaves."""
     modules = dict(layer.named_modules())
     for producer_name, consumer_names in getattr(layer, "awq_scale_groups", SCALE_GROUPS):  # per family
         producer = modules.get(producer_name)
@@ -146,17 +171,7 @@ def awq_quantize_layer(
         fold_scale(producer, consumers, scale)
         for unique in {id(stats[n]): stats[n] for n in consumer_names}.values():
             unique.divide_inputs(scale)
-
-    result = {}
-    for name, input_stats in stats.items():
-        linear = modules[name]
-        if clip and not name.endswith(NO_CLIP):
-            max_val = awq_search_clip(
-                linear.weight, input_stats, bits, group_size, sym, grid, float_zero=float_zero
-            )
-            _clamp_groups(linear.weight, max_val.to(linear.weight.dtype), group_size)
-        result[name] = rtn_quantize(linear.weight.detach(), bits, group_size, sym, float_zero)
-    return result
+    return modules
 
 
 @torch.no_grad()

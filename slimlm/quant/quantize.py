@@ -24,16 +24,17 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.formats.weights import linear_group_size, quantize_embeddings_for
 from slimlm.progress import progress_bar
-from slimlm.quant.awq import awq_quantize_layer
+from slimlm.quant.awq import awq_fold_scales, awq_quantize_layer
 from slimlm.quant.embedding import QuantEmbedding, check_embeddings
 from slimlm.quant.gptq import gptq_quantize
 from slimlm.quant.head import head_input_stats, quantize_head
 from slimlm.quant.linear import QuantLinear, make_quant_linear
+from slimlm.quant.rotate import rotate_model
 from slimlm.quant.rtn import rtn_quantize
 from slimlm.quant.scheme import SUPPORTED_GROUP_SIZES, QuantizedWeight, check_scheme
 from slimlm.quant.stats import InputStats
 
-METHODS = ("rtn", "awq", "gptq")
+METHODS = ("rtn", "awq", "gptq", "awq-gptq")
 FORMAT_VERSION = 1
 
 
@@ -119,6 +120,8 @@ def quantize_model(
     float_zero: bool = False,
     embedding_bits: int | None = None,
     group_sizes: dict[str, int] | None = None,
+    rotate: str | None = None,
+    rotate_seed: int = 0,
 ) -> dict:
     """Quantize every nn.Linear inside the decoder layers in place, then, if `quantize_embeddings` says so
     (True/"quantize", False/"float", None/"auto": 4 bits only, see slimlm/formats/weights.py), the token
@@ -131,6 +134,8 @@ def quantize_model(
     `group_sizes` maps a linear's name inside a decoder layer (e.g. "mlp.down_proj", every layer) or in
     one layer ("3.mlp.down_proj") to its own group size (mixed precision: the sensitive tensors get
     smaller groups, i.e. more bits per weight; see benchmarks/weight_sensitivity.py).
+    `rotate` ("hadamard" | "orthogonal"): first fold the norms and rotate the model (quant/rotate.py;
+    a tied embedding is untied). "awq-gptq": AWQ's scales folded, then GPTQ instead of RTN.
     Returns the quantization section of the checkpoint config.
     """
     if method not in METHODS:
@@ -172,6 +177,8 @@ def quantize_model(
     if method != "rtn" and (not calib_batches or any(b.numel() == 0 for b in calib_batches)):
         raise SlimlmError(f"{method} needs calibration data: give at least one non-empty batch of token ids")
 
+    # after every check above: a refused call leaves the model as it was
+    rotation = rotate_model(model, rotate, rotate_seed) if rotate not in (None, "none") else None
     states = None
     if method == "rtn":
         with progress_bar("quantize (rtn)", total=len(layers), enabled=progress) as advance:
@@ -189,10 +196,11 @@ def quantize_model(
                 advance()
         with progress_bar(f"quantize ({method})", total=len(layers), enabled=progress) as advance:
             for i, (layer, linears) in enumerate(zip(layers, targets, strict=True)):
-                if method == "gptq":
+                if method in ("gptq", "awq-gptq"):
                     sizes = {name: linear_group_size(group_sizes, i, name, group_size) for name in linears}
+                    awq = awq_grid if method == "awq-gptq" else 0
                     states = _gptq_layer(layer, linears, states, run_layer, bits, group_size, sym,
-                                         act_order, damp, block_size, float_zero, sizes)  # fmt: skip
+                                         act_order, damp, block_size, float_zero, sizes, awq)  # fmt: skip
                 else:
                     states = _awq_layer(layer, linears, states, run_layer, bits, group_size, sym,
                                         awq_grid, awq_clip, float_zero, group_sizes)  # fmt: skip
@@ -201,7 +209,7 @@ def quantize_model(
     if quantize_embeddings:  # after the decoder: calibration above ran on the float embeddings
         stats = head_input_stats(model, states) if states is not None else None
         head_sym = True if embedding_bits == 8 else sym  # the 8-bit table is per-channel symmetric
-        head_method = quantize_head(model, method, stats, embedding_bits, group_size, head_sym, damp=damp,
+        head_method = quantize_head(model, "gptq" if method == "awq-gptq" else method, stats, embedding_bits, group_size, head_sym, damp=damp,
                                     block_size=block_size, grid=awq_grid, clip=awq_clip,
                                     float_zero=float_zero and not head_sym)  # fmt: skip
 
@@ -218,8 +226,12 @@ def quantize_model(
         config["zero"] = "float"
     if group_sizes:
         config["group_sizes"] = group_sizes
-    if method == "gptq":
+    if rotation is not None:
+        config["rotate"] = rotation
+    if method in ("gptq", "awq-gptq"):
         config.update(act_order=act_order, damp=damp, block_size=block_size)
+    if method == "awq-gptq":
+        config.update(grid=awq_grid)
     if method == "awq":
         config.update(grid=awq_grid, clip=awq_clip)
     if method != "rtn":
@@ -321,8 +333,10 @@ def _collect_stats(layer, linears, states, run_layer) -> tuple[dict[str, InputSt
 
 
 def _gptq_layer(layer, linears, states, run_layer, bits, group_size, sym, act_order, damp, block_size,
-                float_zero=False, group_sizes=None):  # fmt: skip
+                float_zero=False, group_sizes=None, awq_grid=0):  # fmt: skip
     stats, _ = _collect_stats(layer, linears, states, run_layer)
+    if awq_grid:  # AWQ + GPTQ: fold the scales AWQ finds (searched at the layer's default group size)
+        awq_fold_scales(layer, stats, bits, group_size, sym, awq_grid, float_zero)
     for name, linear in linears.items():
         gs = (group_sizes or {}).get(name, group_size)
         qweight = gptq_quantize(linear.weight, stats[name].hessian, bits, gs, sym, act_order,
