@@ -3,7 +3,7 @@
     python -m slimlm.bench.variants VARIANT [--threads 2 ...]   -> one JSON line on stdout
 
 VARIANT: bf16 (the GGUF dequantized), native (the GGUF's own Q4_1/Q8_0 blocks on the C kernel),
-w4g32 / w4g64 / w4g128 / w8 (slimlm RTN checkpoints, made once with `slimlm quantize` under the cache
+w4g32 / w4g64 / w4g128 / w8 / w4g64e8 / w4g64e8rot (slimlm RTN checkpoints, made once with `slimlm quantize` under the cache
 directory), llama.cpp (llama-cpp-python on the same GGUF).
 """
 
@@ -16,17 +16,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-VARIANTS = ("bf16", "native", "w4g32", "w4g64", "w4g128", "w8", "llama.cpp")
-CHECKPOINTS = {"w4g32": ("4", "32"), "w4g64": ("4", "64"), "w4g128": ("4", "128"), "w8": ("8", "-1")}
+VARIANTS = ("bf16", "native", "w4g32", "w4g64", "w4g128", "w8", "w4g64e8", "w4g64e8rot", "llama.cpp")
+# w4g64e8: the format of the recommended g64 method (int4 g64, 8-bit table; AWQ + GPTQ write the same
+# format, so RTN measures its speed); w4g64e8rot: the same rotated (an untied head beside the table).
+CHECKPOINTS = {"w4g32": ("4", "32"), "w4g64": ("4", "64"), "w4g128": ("4", "128"), "w8": ("8", "-1"),
+               "w4g64e8": ("4", "64", "--embedding-bits", "8"),
+               "w4g64e8rot": ("4", "64", "--embedding-bits", "8", "--rotate", "hadamard")}  # fmt: skip
 
 
 def checkpoint(variant: str, cache: Path) -> Path:
     """The RTN checkpoint of the embedded model for `variant`, quantized once (slimlm quantize)."""
-    bits, group = CHECKPOINTS[variant]
+    bits, group, *extra = CHECKPOINTS[variant]
     out = cache / f"smollm2-{variant}"
     if not (out / "config.json").exists():
         subprocess.run([sys.executable, "-m", "slimlm.cli", "quantize", "--bits", bits, "--group-size", group,
-                        "--method", "rtn", "--out", str(out), "--quiet"], check=True)  # fmt: skip
+                        "--method", "rtn", *extra, "--out", str(out), "--quiet"], check=True)  # fmt: skip
     return out
 
 

@@ -1,0 +1,37 @@
+"""The recommended group-64 4-bit method (docs/quantization.md: AWQ's scales folded, then GPTQ, 8-bit
+embedding table) keeps the embedded model's greedy answers to the 20 factual questions of
+tests/test_kv_answers.py on at least 16 of 20; prints the ones that changed. Calibration (16 x 512
+tokens of the pydoc calibration slice, as benchmarks/weight_fidelity.py) takes minutes on two cores, so
+this runs only with SLIMLM_SLOW_TESTS=1."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+from tests.test_kv_answers import QUESTIONS, _answers, bf16_model, reference  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("SLIMLM_SLOW_TESTS"), reason="minutes of AWQ + GPTQ calibration on SmolLM2"
+)
+
+
+@pytest.mark.parametrize("rotate", [None, "hadamard"])
+def test_awq_gptq_g64_keeps_the_answers(bf16_model, reference, rotate):  # noqa: F811
+    from slimlm.quant.calibration import calibration_batches
+    from slimlm.quant.quantize import quantize_model
+
+    quantized = copy.copy(bf16_model)
+    quantized.model = copy.deepcopy(bf16_model.model).float()
+    tok = bf16_model.tokenizer
+    calib = calibration_batches(lambda s: tok.encode(s, add_special_tokens=False), num_samples=16)
+    quantize_model(quantized.model, "awq-gptq", 4, 64, calib, progress=False, embedding_bits=8, rotate=rotate)
+    quantized.model.to(bf16_model.model.model.norm.weight.dtype)
+    quantized.config = quantized.model.config  # a rotation unties the table
+    answers = _answers(quantized, "bf16")
+    changed = [(q, a, b) for q, a, b in zip(QUESTIONS, reference, answers, strict=True) if a != b]
+    for q, a, b in changed:
+        print(f"w4 awq-gptq g64 (rotate {rotate}) changed {q!r}: bf16 {a!r} -> {b!r}")
+    assert len(changed) <= 4, changed
