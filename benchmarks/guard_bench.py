@@ -7,9 +7,11 @@ measures). For each library size it builds faiss exact (IndexFlatIP), faiss HNSW
 over the same vectors and reports build time, single-query search latency (median, p95), and
 recall@1 / recall@10 against the exact scan; rebuild costs; then the per-response cost slimlm's guard
 pays: embed one model answer + search the chosen index (`Guard.decide`, everything included), for
-answers of 1, 3 and 6 sentences, called on a worker thread as the server does, with 2 torch threads.
+answers of 1, 3, 7 and 14 sentences (~20 / 55 / 125 / 245 tokens), with 2 threads, comparing the
+query paths (ONNX Runtime fp32, PyTorch bf16 autocast, sentence-transformers' fp32 `encode`).
+`--agreement` instead checks that the served query path snaps like `encode` (no timing).
 
-    /work/wt/bin/quiet python benchmarks/guard_bench.py --latency-only   # per-response latency only
+    /work/wt/bin/quiet python benchmarks/guard_bench.py --latency-only --out benchmarks/results/guard_latency.json
     python benchmarks/guard_bench.py --sizes 10000                       # everything, 10k only
 Writes benchmarks/results/guard_bench.json.
 """
@@ -160,6 +162,8 @@ OPENERS = [
 
 
 REPEATS, BUILD_THREADS, THREADS = 100, 2, 1
+# answers of 1, 3, 7 and 14 support sentences: about 20, 55, 125 and 245 tokens
+ANSWER_SENTENCES = (1, 3, 7, 14)
 
 
 def _build_threads(on: bool) -> None:
@@ -288,6 +292,69 @@ def rebuilds(replies: Path, lib_dir: Path, embedder, entry: dict) -> None:
     entry["append_extended_index"] = report.index_extended
 
 
+def _decisions(lib, vectors: np.ndarray, thresholds: np.ndarray) -> list[tuple]:
+    """Per answer and threshold what the guard sends: the top reply's id, or a fallback."""
+    hits = lib.search(vectors, k=1)
+    out = []
+    for h in hits:
+        best = h[0] if h else None
+        out.append(tuple(best.reply.id if best and best.score >= t else "fallback" for t in thresholds))
+    return out
+
+
+def agreement(embedder, out: dict) -> None:
+    """Does the served query path snap like sentence-transformers' fp32 `encode`? On the shop's
+    labeled answers (the calibrate set) and on 700 synthetic answers of 1 to 14 sentences against
+    the 10k library, at every threshold of calibrate's grid: same reply or same fallback."""
+    from slimlm.guard.embedder import Embedder
+    from slimlm.guard.library import Library, _sha1, build
+
+    thresholds = np.round(np.arange(0.3, 0.95 + 1e-9, 0.025), 3)
+    root = Path(__file__).resolve().parents[1] / "examples" / "guard_shop"
+    labeled = [json.loads(x)["answer"] for x in (root / "labeled.jsonl").read_text().splitlines()]
+    synthetic_answers = [a for k in range(1, 15) for a in answers_of_length(k, 50, seed=11)]
+    paths = {"auto (served)": embedder, "torch bf16 autocast, every length": Embedder(query_precision="bf16")}
+    with tempfile.TemporaryDirectory() as tmp:
+        build(root / "replies.jsonl", Path(tmp) / "shop", embedder)
+        shop = Library(Path(tmp) / "shop")
+        texts = synthetic(10_000, seed=1)
+        big = Path(tmp) / "big"
+        big.mkdir()
+        np.save(big / "vectors.npy", cached_vectors(embedder, 10_000, seed=1))
+        np.save(big / "hashes.npy", _sha1(texts))
+        (big / "library.json").write_text(json.dumps({"model": embedder.model_id, "dim": embedder.dim}))
+        replies = Path(tmp) / "replies.jsonl"
+        replies.write_text(
+            "".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+        )
+        build(replies, big, embedder)
+        for set_name, lib, answers in (
+            ("shop labeled answers", shop, labeled),
+            ("synthetic answers vs 10k library", Library(big), synthetic_answers),
+        ):
+            ref = embedder.encode_unit(answers)
+            want = _decisions(lib, ref, thresholds)
+            tokens = [embedder.count_tokens([a]) for a in answers]
+            entry = {
+                "answers": len(answers),
+                "tokens_min_max": [min(tokens), max(tokens)],
+                "thresholds": len(thresholds),
+            }
+            for name, e in paths.items():
+                got_v = np.vstack([e.encode_query([a]) for a in answers])
+                got = _decisions(lib, got_v, thresholds)
+                diff = sum(
+                    g != w for gs, ws in zip(got, want, strict=True) for g, w in zip(gs, ws, strict=True)
+                )
+                entry[name] = {
+                    "min_cosine_vs_encode": round(float((got_v * ref).sum(1).min()), 7),
+                    "decisions_differing": diff,
+                    "decisions": len(answers) * len(thresholds),
+                }
+            out[set_name] = entry
+            print(json.dumps({set_name: entry}, indent=1), file=sys.stderr)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -302,6 +369,11 @@ def main() -> int:
         "--latency-only",
         action="store_true",
         help="only the per-response guard latency (no index comparison, no rebuilds)",
+    )
+    ap.add_argument(
+        "--agreement",
+        action="store_true",
+        help="only check that the served query path snaps like encode (no timing; run under cpu)",
     )
     ap.add_argument("--build-threads", type=int, default=2, help="faiss threads while building indexes")
     ap.add_argument("--repeats", type=int, default=100, help="timed calls per measurement")
@@ -324,6 +396,12 @@ def main() -> int:
     from slimlm.guard.policy import Guard
 
     embedder = Embedder()
+    if args.agreement:
+        found: dict = {"model": embedder.model_id}
+        agreement(embedder, found)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(found, indent=1) + "\n")
+        return 0
     answers = [f"Model answer: {s}" for s in synthetic(args.queries, seed=7)]
     queries = embedder.encode_unit(answers)
     results = {
@@ -336,23 +414,32 @@ def main() -> int:
         "sizes": {},
     }
     # the server runs Guard.decide on the engine's thread (the main thread, between decode steps);
-    # the same calls on a worker thread are measured too (what asyncio.to_thread would give)
+    # with --replicas in the Ray ingress, on a worker thread (asyncio.to_thread): measured too
     pool = ThreadPoolExecutor(1)
-    lengths = {"1 sentence": 1, "3 sentences": 3, "6 sentences": 6}
-    by_length = {k: answers_of_length(v, 50, seed=7) for k, v in lengths.items()}
+    by_length = {f"{k} sentences": answers_of_length(k, 50, seed=7) for k in ANSWER_SENTENCES}
     results["answer_tokens_median"] = {
         k: int(statistics.median(embedder.count_tokens([a]) for a in v)) for k, v in by_length.items()
     }
-    results["embed_one_answer"] = {
-        k: timed(lambda v=v: embedder.encode_query([random.choice(v)]), REPEATS) for k, v in by_length.items()
-    }
-    results["embed_one_answer_fp32_encode"] = {
+    embedder.prepare_query()
+    results["onnx_query_path"] = embedder._onnx is not None or embedder.onnx_reason
+    paths = {"auto (served)": embedder}
+    if embedder._onnx is not None:
+        paths["onnx runtime fp32, every length"] = Embedder(query_precision="onnx")
+    paths["torch bf16 autocast, every length"] = Embedder(query_precision="bf16")
+    results["embed_one_answer"] = {}
+    for name, e in paths.items():
+        results["embed_one_answer"][name] = {
+            k: timed(lambda e=e, v=v: e.encode_query([random.choice(v)]), REPEATS)
+            for k, v in by_length.items()
+        }
+    results["embed_one_answer"]["fp32 encode (sentence-transformers)"] = {
         k: timed(lambda v=v: embedder.encode_unit([random.choice(v)]), REPEATS) for k, v in by_length.items()
     }
-    results["embed_one_answer_worker_thread"] = {
+    results["embed_one_answer"]["auto, on a worker thread"] = {
         k: timed(lambda v=v: pool.submit(embedder.encode_query, [random.choice(v)]).result(), REPEATS)
         for k, v in by_length.items()
     }
+    del paths
     for n in args.sizes:
         texts = synthetic(n, seed=1)
         vectors = cached_vectors(embedder, n, seed=1)
@@ -384,6 +471,10 @@ def main() -> int:
                 k: timed(lambda g=guard, v=v: g.decide(random.choice(v), None, "u"), REPEATS)
                 for k, v in by_length.items()
             }
+            entry["search_only"] = timed(
+                lambda q=queries, g=guard: g.library.search(q[np.random.randint(len(q))][None, :], k=1),
+                REPEATS,
+            )
             entry["library_bytes"] = sum(p.stat().st_size for p in lib_dir.iterdir())
         results["sizes"][str(n)] = entry
         print(json.dumps({n: entry}, indent=1), file=sys.stderr)

@@ -46,17 +46,22 @@ class Frontend:
     module attribute would make cloudpickle copy the class and the modules it uses, and the router would
     then read another affinity table than the one this ingress fills)."""
 
-    def __init__(self, engines, prompt_side, settings, block_size: int) -> None:
+    def __init__(self, engines, prompt_side, settings, block_size: int, guard_spec=None) -> None:
         self.engines = engines
         self.prompt_side = prompt_side
         self.settings = settings
         self.block_size = block_size
+        self.guard_spec = guard_spec  # slimlm.cluster.guard_spec.GuardSpec: --guard / --embeddings
 
     def __serve_build_asgi_app__(self):
         from slimlm.server import create_app
 
         self.remote = RemoteEngine(self.engines, self.block_size)
         app = create_app(self.prompt_side, self.settings, engine=self.remote)
+        if self.guard_spec is not None:  # the same middleware and route as one `slimlm serve`
+            from slimlm.server.guard_route import install_guard
+
+            install_guard(app, *self.guard_spec.load())
         app.add_middleware(ReplicaHeader)
         return app
 

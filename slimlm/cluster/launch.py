@@ -129,6 +129,7 @@ def build_application(args: argparse.Namespace, settings, plan: ReplicaPlan):
     from ray.serve.config import RequestRouterConfig
 
     from slimlm.cluster.frontend import ingress_class
+    from slimlm.cluster.guard_spec import GuardSpec
     from slimlm.cluster.prompt_side import load_prompt_side
     from slimlm.cluster.replica import EngineReplica
     from slimlm.commands.common import engine_config_from_args
@@ -154,14 +155,18 @@ def build_application(args: argparse.Namespace, settings, plan: ReplicaPlan):
     else:
         replica_options["num_replicas"] = plan.replicas
     engines = serve.deployment(EngineReplica, **replica_options).bind(engine_args(args), plan.threads)
+    guard_spec = GuardSpec.from_args(args)
+    frontend_actor: dict = {"num_cpus": 0}
+    if guard_spec is not None:  # the guard embeds answers in the ingress: as many threads as a replica
+        frontend_actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(plan.threads)}}
     frontend = serve.deployment(
         ingress_class(),
         name="Frontend",
-        num_replicas=1,
-        ray_actor_options={"num_cpus": 0},
+        num_replicas=1,  # one ingress: the guard's counters for /metrics live in one place
+        ray_actor_options=frontend_actor,
         max_ongoing_requests=args.max_concurrent_requests + 64,  # slimlm's own limit answers 429 first
     )
-    return frontend.bind(engines, prompt_side, settings, block_size)
+    return frontend.bind(engines, prompt_side, settings, block_size, guard_spec)
 
 
 class ClusterServer:

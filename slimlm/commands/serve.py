@@ -81,10 +81,7 @@ def run(args: argparse.Namespace) -> int:
     )
     guard, embedder = guard_from_args(args)  # a bad library or fallbacks file fails before the model loads
     if wants_cluster(args):  # engine replicas on Ray Serve (slimlm/cluster)
-        if guard is not None or embedder is not None:
-            raise SlimlmError(
-                "--guard and --embeddings are not served by --replicas yet; run one slimlm serve"
-            )
+        del guard, embedder  # checked; the ingress loads its own copy (slimlm/cluster/guard_spec.py)
         from slimlm.cluster.launch import run_cluster
 
         return run_cluster(args, settings)

@@ -21,7 +21,7 @@ from slimlm.guard import INSTALL_HINT
 
 DEFAULT_MODEL_ID = "all-MiniLM-L6-v2"
 CACHE_ENV = "SLIMLM_CACHE"
-QUERY_PRECISIONS = ("auto", "bf16", "fp32")
+QUERY_PRECISIONS = ("auto", "onnx", "bf16", "fp32")
 
 
 def bf16_supported() -> bool:
@@ -117,10 +117,16 @@ class Embedder:
             raise SlimlmError(
                 f"embedding query precision must be one of {', '.join(QUERY_PRECISIONS)}, got {query_precision!r}"
             )
-        # guard queries (one answer per response) run in bf16 autocast where the CPU has native bf16:
-        # the latency budget is per response, the vectors stay within cosine 0.9999 of encode's
-        # (tests/guard/test_guard_query_fast.py, docs/guard.md); library builds and /v1/embeddings stay fp32
-        self.query_bf16 = query_precision == "bf16" or (query_precision == "auto" and bf16_supported())
+        # guard queries (one answer per response): "auto" runs answers up to onnx_query.MAX_TOKENS
+        # tokens on ONNX Runtime (fp32, what encode computes, with less overhead per call) and longer
+        # ones in bf16 autocast where the CPU has native bf16 (within cosine 0.9999 of encode's), the
+        # faster of the two at each length (docs/guard.md); library builds and /v1/embeddings stay encode
+        self.query_precision = query_precision
+        self.query_bf16 = query_precision == "bf16" or (
+            query_precision in ("auto", "onnx") and bf16_supported()
+        )
+        self._onnx = None
+        self.onnx_reason = "not tried yet" if query_precision in ("auto", "onnx") else "not asked for"
         if model_dir is None:
             path = default_model_dir()
             self.model_id = DEFAULT_MODEL_ID
@@ -168,16 +174,41 @@ class Embedder:
         norms = np.linalg.norm(v, axis=1, keepdims=True)
         return v / np.maximum(norms, 1e-12)
 
+    def prepare_query(self) -> None:
+        """Set up the ONNX Runtime query path now (export once, cached; a few seconds) rather than on
+        the first guarded response. Raises only when it was asked for explicitly ("onnx")."""
+        if self.query_precision not in ("auto", "onnx") or self._onnx is not None:
+            return
+        if self.onnx_reason == "not tried yet":
+            import torch
+
+            from slimlm.guard.onnx_query import OnnxQuery
+
+            self._onnx, self.onnx_reason = OnnxQuery.create(
+                self.model, self.path, cache_dir(), torch.get_num_threads()
+            )
+        if self._onnx is None and self.query_precision == "onnx":
+            raise SlimlmError(f"the ONNX Runtime query path is unavailable: {self.onnx_reason}")
+
     def encode_query(self, texts: list[str]) -> np.ndarray:
         """Unit vectors for a few texts at once (the guard's per-response call), with less overhead
-        than `encode`: one padded batch straight through the model's modules, under inference_mode,
-        in bf16 autocast when `query_bf16`. Equal to `encode_unit` within cosine 0.9999."""
+        than `encode`: one padded batch, on ONNX Runtime (fp32) when it is set up and the batch is
+        short enough, else straight through the model's modules under inference_mode, in bf16
+        autocast when `query_bf16`. Equal to `encode_unit` within cosine 0.9999."""
         import torch
 
+        from slimlm.guard.onnx_query import MAX_TOKENS
+
+        self.prepare_query()
         lock = getattr(self, "_lock", None) or threading.Lock()
         preprocess = getattr(self.model, "preprocess", None) or self.model.tokenize
         with lock, torch.inference_mode():
             features = preprocess(texts)
+            onnx = getattr(self, "_onnx", None)
+            if onnx is not None and (
+                self.query_precision == "onnx" or features["input_ids"].shape[1] <= MAX_TOKENS
+            ):
+                return onnx.embed(features)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.query_bf16):
                 out = self.model.forward(features)
             v = out["sentence_embedding"].float().numpy()

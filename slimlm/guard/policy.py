@@ -140,4 +140,7 @@ def load_guard(
         raise SlimlmError(f"--guard-mode must be one of {', '.join(MODES)}, got {mode!r}")
     fb = Fallbacks.load(fallbacks) if fallbacks else None
     lib = Library(library)
-    return Guard(lib, embedder or Embedder(embedding_model), threshold, fb, mode)
+    embedder = embedder or Embedder(embedding_model)
+    if hasattr(embedder, "prepare_query"):
+        embedder.prepare_query()  # the ONNX query path's one-time export: at startup, not on a response
+    return Guard(lib, embedder, threshold, fb, mode)
