@@ -1,6 +1,6 @@
 """The real Gemma 3 270M on the C decode kernel: bf16 weights against a float32 run of the same weights,
-and `--weights native` (Q4_K -> int4 g32, Q5_0 / Q8_0 -> int8 g32, Q6_K in its own 6-bit form) against the
-float32 model holding the file's dequantized values."""
+and `--weights native` (Q4_K -> int4 g32, Q8_0 -> int8 g32, Q5_0 and Q6_K in their own forms at the file's
+bytes) against the float32 model holding the file's dequantized values."""
 
 from __future__ import annotations
 
@@ -79,9 +79,9 @@ def gemma_native():
     return load("gemma3-270m", dtype="bfloat16", progress=False, weights="native")
 
 
-def test_q6_k_tensors_are_held_exactly_at_the_files_bytes(gemma_native):
-    """The 9 Q6_K down projections: their own form, equal to the gguf package's dequantizer, and as many
-    bytes as the file's blocks."""
+def test_q6_k_and_q5_0_tensors_are_held_exactly_at_the_files_bytes(gemma_native):
+    """The 9 Q6_K down projections and the Q5_0 gate/up: their own forms, equal to the gguf package's
+    dequantizer, and as many bytes as the file's blocks."""
     gguf = pytest.importorskip("gguf")
     from slimlm.kernels.qlinear import KernelLinear
     from slimlm.loading.gemma3_model import gemma3_model_path
@@ -96,6 +96,14 @@ def test_q6_k_tensors_are_held_exactly_at_the_files_bytes(gemma_native):
         expected = gguf.quants.dequantize(t.data, t.tensor_type)
         assert torch.equal(down.dequantized_weight(), torch.from_numpy(np.ascontiguousarray(expected)))
         assert down.kernel_weight().nbytes == t.n_bytes
+    tensors = {t.name: t for t in reader.tensors}
+    for i, layer in enumerate(gemma_native.model.model.layers):  # gate/up: Q5_0 in every layer
+        gate_up = layer.mlp.gate_up_proj
+        assert gate_up.kernel_weight().describe() == "q5_0 g32"
+        parts = [tensors[f"blk.{i}.ffn_{p}.weight"] for p in ("gate", "up")]
+        expected = np.concatenate([gguf.quants.dequantize(t.data, t.tensor_type) for t in parts])
+        assert torch.equal(gate_up.dequantized_weight(), torch.from_numpy(expected))
+        assert gate_up.kernel_weight().nbytes == sum(t.n_bytes for t in parts)
 
 
 def test_native_greedy_on_the_kernel_equals_the_pytorch_path(gemma_native):
@@ -120,8 +128,9 @@ def test_native_greedy_on_the_kernel_equals_the_pytorch_path(gemma_native):
             equal += 1
             continue
         (first, lp1), (second, lp2) = ref.logprobs[split].top[:2]
-        # seen once: an exact tie in the PyTorch path's bf16 logits, 0.001 nats apart in the kernel's
-        assert {got.token_ids[split], ref.token_ids[split]} == {first, second} and lp1 - lp2 < 0.1
+        # seen: the same position of the first prompt, its two candidates 0.0 and 0.125 nats apart in
+        # the PyTorch path (two builds of the weights' GEMMs), 0.001 nats in the kernel's float32
+        assert {got.token_ids[split], ref.token_ids[split]} == {first, second} and lp1 - lp2 < 0.25
     assert equal >= 2
 
 
@@ -130,7 +139,7 @@ def test_native_weights_run_on_the_kernel_close_to_the_dequantized_float32_model
     assert native.notes == []  # every quantized tensor of the file runs natively
     llm = LLM.from_loaded(native, weights_layout="plain", max_num_seqs=1, kv_cache_tokens=256)
     assert llm.engine.decode_backend == "C kernel"
-    assert llm.engine.backend.weights.startswith("int4 g32, int8 g32, q6_k g16 (C kernel layout)")
+    assert llm.engine.backend.weights.startswith("int4 g32, int8 g32, q5_0 g32, q6_k g16 (C kernel layout)")
     ids = gemma_f32.tokenizer.encode(PROMPT)
     fused = _kernel(native.model, ids)
     expected = _incremental(gemma_f32.model, ids)  # the file's values, dequantized, in float32

@@ -22,7 +22,8 @@
 #include "numerics.h"
 
 #define QBLOCK 32
-#include "gemm_q6.h" /* GGUF Q6_K blocks (bits 6): their own tiles, dispatched below */
+#include "gemm_q5.h" /* GGUF Q5_0 blocks (bits 5): their own tiles, dispatched below */
+#include "gemm_q6.h" /* GGUF Q6_K blocks (bits 6): likewise */
 
 /* x[k] (read as x[perm[i]] under act-order) -> int8 q[k], per 32-block scale[k/32] and the block's
  * value sum[k/32] = scale * sum(q). The AVX-512 loop does the same float operations lane by lane
@@ -89,6 +90,8 @@ static void embed_row(const slim_weight *w, int64_t row, const float *div, float
         for (int64_t i = 0; i < k; i++) out[i] = bf16_to_f32(((const bf16 *)w->data)[row * k + i]);
     } else if (w->bits == 6) {
         q6_embed_row(w, row, out);
+    } else if (w->bits == 5) {
+        q5_embed_row(w, row, out);
     } else {
         for (int64_t i = 0; i < k; i++) {
             int64_t g = i / w->group;
@@ -215,8 +218,8 @@ QTILE_FN(qtiles_8f, 0, 0)
 /* y[b, n] = W[n, :] . x[b, :] for quantized W, from the prepared activations of quantize_act_row. */
 static void qgemm(const slim_weight *w, const int8_t *xq, const float *xs, const float *xsum, float *y, int64_t ldy,
                   int64_t batch, int threads) {
-    if (w->bits == 6) {
-        q6gemm(w, xq, xs, y, ldy, batch, threads);
+    if (w->bits == 6 || w->bits == 5) {
+        (w->bits == 6 ? q6gemm : q5gemm)(w, xq, xs, y, ldy, batch, threads);
         return;
     }
     int64_t tiles = (w->rows + 15) / 16;

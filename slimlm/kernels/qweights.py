@@ -25,6 +25,10 @@ def kernel_scheme_reason(bits: int, group: int, k: int) -> str | None:
         from slimlm.kernels.qweights_q6 import q6k_scheme_reason
 
         return q6k_scheme_reason(k)
+    if (bits, group) == (5, 32):  # GGUF Q5_0, its own tiles (qweights_q5.py)
+        from slimlm.kernels.qweights_q5 import q5_0_scheme_reason
+
+        return q5_0_scheme_reason(k)
     if bits not in (4, 8):
         return f"the C kernel runs 4- and 8-bit weights, not {bits}-bit"
     if k % QBLOCK:
@@ -58,8 +62,8 @@ class KernelWeight:
         return self.codes.numel() + self.scales.numel() * self.scales.element_size() + perm
 
     def describe(self) -> str:
-        if self.bits == 6:
-            return "q6_k g16"
+        if self.bits in (5, 6):
+            return {5: "q5_0 g32", 6: "q6_k g16"}[self.bits]
         return f"int{self.bits} " + ("per-channel" if self.group == self.k else f"g{self.group}")
 
 
@@ -73,7 +77,9 @@ def pack(
 ) -> KernelWeight:
     """codes uint8 [rows, k] (< 2^bits), d and m float [rows, k / group] -> the kernel's layout."""
     rows, k = codes.shape
-    reason = kernel_scheme_reason(bits, group, k)
+    reason = (
+        kernel_scheme_reason(bits, group, k) if bits in (4, 8) else f"pack() makes int4/int8, not {bits}-bit"
+    )
     if reason:
         raise ValueError(reason)
     pad = -rows % TILE
@@ -120,6 +126,10 @@ def dequantize(w: KernelWeight) -> torch.Tensor:
         from slimlm.kernels.qweights_q6 import dequantize_q6k
 
         return dequantize_q6k(w)
+    if w.bits == 5:
+        from slimlm.kernels.qweights_q5 import dequantize_q5_0
+
+        return dequantize_q5_0(w)
     codes, d, m = unpack(w)
     v = codes.float().view(w.rows, -1, w.group) * d.unsqueeze(-1) + m.unsqueeze(-1)
     v = v.view(w.rows, w.k)
@@ -142,6 +152,10 @@ def concat(weights: list[KernelWeight]) -> KernelWeight:
         from slimlm.kernels.qweights_q6 import concat_q6k
 
         return concat_q6k(weights)
+    if weights[0].bits == 5:
+        from slimlm.kernels.qweights_q5 import concat_q5_0
+
+        return concat_q5_0(weights)
     parts = [unpack(w) for w in weights]
     first = weights[0]
     return pack(

@@ -1,16 +1,16 @@
-"""GGUF files run on their own blocks (`--weights native`): Q4_0, Q4_1, Q4_K, Q5_0 and Q8_0 tensors go
-straight into the C kernel's int4/int8 layout (slimlm/kernels/qweights.py), without dequantizing.
+"""GGUF files run on their own blocks (`--weights native`): Q4_0, Q4_1, Q4_K, Q5_0, Q6_K and Q8_0
+tensors go straight into the C kernel's layouts (slimlm/kernels/qweights*.py), without dequantizing.
 
-Each 32-weight block keeps its exact values: Q4_1 is d * q + m as stored; Q4_0 is d * (q - 8), i.e.
-m = -8 d; Q8_0 is d * q with signed q, stored as code q + 128 and m = -128 d (all exact in fp16, so
-the kernel keeps llama.cpp's bytes per weight). Q4_K's 8 sub-blocks of 32 per 256 each have a 6-bit
-scale and minimum: d * sc and -dmin * m make them int4 g32 groups exactly. Q5_0 (d * (q - 16), q < 32)
-is exact as int8 g32 codes (3 more bits per weight than the file). Q6_K keeps its own form and bytes
-(6-bit codes, int8 scale per 16, fp16 d per 256: kernels/qweights_q6.py). llama.cpp's Q/K row order (interleaved RoPE pairs)
-is undone on the codes and scales. Tensors of other types (F32/F16 norms, k-quants) are dequantized
-into the model as usual, and each quantized one that could not run natively gets a note for the memory
-report. q/k/v (and gate/up) run natively only when all parts have one native type; else all are
-dequantized (the kernel fuses them).
+Each block keeps its exact values: Q4_1 is d * q + m as stored; Q4_0 is d * (q - 8), i.e. m = -8 d;
+Q8_0 is d * q with signed q, stored as code q + 128 and m = -128 d (all exact in fp16). Q4_K's 8
+sub-blocks of 32 per 256 each have a 6-bit scale and minimum: d * sc and -dmin * m make them int4 g32
+groups exactly. Q5_0 (d * (q - 16), q < 32) and Q6_K (d * sc * (q - 32), an int8 sc per 16) keep their
+own forms at the file's bytes (kernels/qweights_q5.py, qweights_q6.py); a Q5_0 part fused with a Q8_0
+one (q/k beside v) is widened to int8 g32 instead, also exact. llama.cpp's Q/K row order (interleaved
+RoPE pairs) is undone on the codes and scales. Tensors of other types (F32/F16 norms, other k-quants)
+are dequantized into the model as usual, and each quantized one that could not run natively gets a
+note for the memory report. q/k/v (and gate/up) run natively only when all parts have one kernel form;
+else all are dequantized (the kernel fuses them).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from slimlm.errors import SlimlmError
 
 Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 2, 3, 6, 8, 12, 14
 NATIVE = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q8_0: "Q8_0", Q4_K: "Q4_K", Q6_K: "Q6_K"}
-NATIVE_BITS = {Q4_0: 4, Q4_1: 4, Q5_0: 8, Q8_0: 8, Q4_K: 4, Q6_K: 6}  # the kernel format each type goes to
+NATIVE_BITS = {Q4_0: 4, Q4_1: 4, Q5_0: 5, Q8_0: 8, Q4_K: 4, Q6_K: 6}  # the kernel format each type goes to
+# Fused with a part of another width (Gemma's q/k Q5_0 beside a Q8_0 v), Q5_0 goes to int8 g32 (exact).
+WIDENED_BITS = {Q5_0: 8}
 FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16
 WEIGHTS_CHOICES = ("float", "native")
 
@@ -42,7 +44,7 @@ def block_codes(raw: np.ndarray, qtype: int) -> tuple[torch.Tensor, torch.Tensor
 
         codes, d, m = (q4_k_groups if qtype == Q4_K else q5_0_groups)(raw)
         return (torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(np.ascontiguousarray(d)),
-                torch.from_numpy(np.ascontiguousarray(m)), NATIVE_BITS[qtype])  # fmt: skip
+                torch.from_numpy(np.ascontiguousarray(m)), WIDENED_BITS.get(qtype, NATIVE_BITS[qtype]))  # fmt: skip
     size = {Q4_0: 18, Q4_1: 20, Q8_0: 34}[qtype]
     blocks = raw.reshape(rows, -1, size)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
@@ -98,10 +100,12 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
             src = sources.get(name)
             return src if src is not None and src.info.qtype in NATIVE else None
 
-        def kernel_weight(name: str):
+        def kernel_weight(name: str, widen: bool = False):
             src = sources[name]
             if src.info.qtype == Q6_K:
                 return _q6k_weight(file, src)
+            if src.info.qtype == Q5_0 and not widen:
+                return _q5_0_weight(file, src)
             codes, d, m, bits = block_codes(file.raw(src.info), src.info.qtype)
             heads = src.unpermute_heads
             w = pack(_hf_rows(codes, heads), _hf_rows(d, heads), _hf_rows(m, heads), bits, 32)
@@ -120,13 +124,15 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
                         names = [f"{prefix}{mod_name}.{p}.weight" for p in parts]
                         kinds = {sources[n].info.qtype if native(n) else None for n in names}
                         bias_names = [n.removesuffix("weight") + "bias" for n in names]
-                        if None in kinds or len({NATIVE_BITS[k] for k in kinds}) > 1:
+                        widen = None not in kinds and len({NATIVE_BITS[k] for k in kinds}) > 1
+                        widen = widen and len({WIDENED_BITS.get(k, NATIVE_BITS[k]) for k in kinds}) == 1
+                        if None in kinds or (len({NATIVE_BITS[k] for k in kinds}) > 1 and not widen):
                             for n in names:
                                 qtype = sources[n].info.qtype
                                 if qtype not in FLOAT_TYPES:
                                     dequantized[_type_name(qtype)] = dequantized.get(_type_name(qtype), 0) + 1
                             continue
-                        weights = [kernel_weight(n) for n in names]
+                        weights = [kernel_weight(n, widen) for n in names]
                         biases = [sources.get(b) for b in bias_names]
                         bias = None
                         if any(b is not None for b in biases):
@@ -178,6 +184,17 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
     loaded = LoadedModel(model.eval(), config, tokenizer, gen, path)
     loaded.notes = notes
     return loaded
+
+
+def _q5_0_weight(file, src):
+    from slimlm.kernels.qweights_q5 import pack_q5_0
+    from slimlm.loading.gguf_kquants import q5_0_groups
+
+    heads = src.unpermute_heads
+    codes, d, _ = (torch.from_numpy(np.ascontiguousarray(a)) for a in q5_0_groups(file.raw(src.info)))
+    w = pack_q5_0(_hf_rows(codes, heads), _hf_rows(d, heads))
+    file.release(src.info)
+    return w
 
 
 def _q6k_weight(file, src):

@@ -95,10 +95,23 @@ def write_model(path, linear_type, embed_type, tied=True, odd=None):
 
 @pytest.mark.parametrize(
     "linear_type,embed_type,tied",
-    [(T.Q4_1, T.Q8_0, True), (T.Q4_0, T.Q8_0, False), (T.Q8_0, T.Q4_1, True)],
+    [(T.Q4_1, T.Q8_0, True), (T.Q4_0, T.Q8_0, False), (T.Q8_0, T.Q4_1, True), (T.Q5_0, T.Q5_0, True)],
 )
 def test_native_blocks_match_a_float32_run_of_the_dequantized_file(tmp_path, linear_type, embed_type, tied):
     path = write_model(tmp_path / "tiny.gguf", linear_type, embed_type, tied)
+    check_native_run(path)
+
+
+def test_q5_0_beside_a_q8_0_part_goes_to_int8_exactly(tmp_path):
+    """Gemma 3's Q4_K_M has q/k Q5_0 with a Q8_0 v in half its layers: the kernel fuses q/k/v, so there
+    the Q5_0 parts are widened to int8 g32 (exact) instead of dequantized."""
+    path = write_model(tmp_path / "mixed.gguf", T.Q5_0, T.Q8_0, odd={"blk.1.attn_v.weight": T.Q8_0})
+    model = check_native_run(path)
+    assert model.model.layers[1].self_attn.qkv_proj.kernel_weight().describe() == "int8 g32"
+    assert model.model.layers[0].self_attn.qkv_proj.kernel_weight().describe() == "q5_0 g32"
+
+
+def check_native_run(path):
     reference = load(str(path), dtype="float32", progress=False).model
     native = load(str(path), dtype="bfloat16", weights="native", progress=False)
     model = native.model
@@ -127,6 +140,7 @@ def test_native_blocks_match_a_float32_run_of_the_dequantized_file(tmp_path, lin
     clear = (top2[:, 0] - top2[:, 1]) > 2 * err  # random tiny models have near-ties; those may flip
     assert clear.sum() >= len(tokens) // 2
     assert torch.equal(fused.argmax(-1)[clear], expected.argmax(-1)[clear])
+    return model
 
 
 def test_types_without_a_native_path_are_dequantized_with_a_note(tmp_path):
