@@ -1,6 +1,6 @@
 """Which int4 KV remedies help, alone and combined (issue 19): a fake-quantized attention sweep.
 
-    python benchmarks/kv_fidelity_sweep.py [--tokens 4096] [--texts tune,pydoc,gpl3] [--variants a,b,...]
+    python benchmarks/kv_fidelity_sweep.py [--tokens 2048] [--texts pydoc,gpl3] [--variants a,b,...]
 
 Each variant quantizes and dequantizes K and V exactly as a KV pool of that layout would store them
 and runs attention over what was stored, in a dense float32 forward of each 512-token window:
@@ -19,7 +19,10 @@ p99 KL(ref || variant) of the next-token distribution, top-1 agreement.
 
 Texts: "tune" = the calibration slice of pydoc_data.topics (the variant choice is made on it);
 "pydoc" = the evaluation slice; "gpl3" = /usr/share/common-licenses/GPL-3 (Debian's copy of the GNU
-GPL v3, plain English legal prose). Writes benchmarks/results/kv_fidelity_sweep.json (or --out).
+GPL v3, plain English legal prose); 2,048 tokens of each in 512-token windows by default, the windows of
+benchmarks/weight_fidelity.py. Results merge into benchmarks/results/kv_fidelity.json (or --out) text by
+text and variant by variant (a variant already there is skipped unless --force), with each variant's
+bytes per token and KV head.
 """
 
 from __future__ import annotations
@@ -68,6 +71,14 @@ VARIANTS = {
     "int4-g16-res": Scheme(k_group=16, v_group=16, residual=True),
     "int4-kivi-g32-res": Scheme(k_channel=True, v_group=32, residual=True, rotate=False),
     "k8v4-g32-res": Scheme(8, 4, v_group=32, residual=True),
+    "int8-g32": Scheme(8, 8, k_group=32, v_group=32),
+    "int8-g16": Scheme(8, 8, k_group=16, v_group=16),
+    "int8-kivi-res": Scheme(8, 8, k_channel=True, residual=True),
+    "int8-res": Scheme(8, 8, residual=True),
+    "int4-kivi-vg32-res-rot": Scheme(k_channel=True, v_group=32, residual=True),
+    "int4-kivi-vg16-res-rot": Scheme(k_channel=True, v_group=16, residual=True),
+    "k8v4-res": Scheme(8, 4, residual=True),
+    "k8v4-g32-res-rot": Scheme(8, 4, v_group=32, residual=True),
 }
 
 
@@ -142,48 +153,69 @@ def window_logits(model, ids: torch.Tensor, attention) -> torch.Tensor:
     return model.compute_logits(hidden)
 
 
+def bytes_per_token(sc: Scheme, head_dim: int) -> float:
+    """K + V bytes per token and KV head as a pool of this layout stores them (staging not counted):
+    codes, plus an fp16 scale and uint8 zero per group per token, or per channel per block for KIVI keys."""
+    total = 0.0
+    for bits, group, channel in ((sc.k_bits, sc.k_group, sc.k_channel), (sc.v_bits, sc.v_group, False)):
+        total += head_dim * bits / 8
+        total += 3 * head_dim / sc.block if channel else 3 * head_dim // (group or head_dim)
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--texts", default="tune,pydoc,gpl3")
+    ap.add_argument("--texts", default="pydoc,gpl3")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/kv_fidelity_sweep.json")
+    ap.add_argument("--out", default="benchmarks/results/kv_fidelity.json")
+    ap.add_argument("--force", action="store_true", help="run variants already in --out again")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # Results merge into --out text by text and variant by variant, so a long sweep runs in parts.
+    out_path = Path(args.out)
+    saved = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    if saved and (saved.get("tokens_per_text"), saved.get("context")) != (args.tokens, args.context):
+        raise SystemExit(f"{out_path} holds another window setting; use another --out")
+    saved.update(tokens_per_text=args.tokens, context=args.context)
     loaded = load(None, dtype="float32", progress=False)
     model, config = loaded.model, loaded.config
     names = args.variants.split(",")
-    results = {}
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    saved.setdefault("variants", {}).update(
+        {n: {**VARIANTS[n].__dict__, "bytes_per_token_head": bytes_per_token(VARIANTS[n], config.head_dim)}
+         for n in names}
+    )  # fmt: skip
+    results = saved.setdefault("results", {})
     for text in args.texts.split(","):
+        done = results.setdefault(text, {})
+        todo = [n for n in names if args.force or n not in done]
+        if not todo:
+            continue
         ids = loaded.tokenizer.encode(named_text(text), add_special_tokens=False)[: args.tokens + 1]
-        stats = {n: FidelityStats() for n in names}
+        stats = {n: FidelityStats() for n in todo}
         start = time.perf_counter()
         for w in range(0, len(ids) - args.context, args.context):
             window = torch.tensor(ids[w : w + args.context + 1])
             ref = window_logits(model, window[:-1], SimAttention(config, None))
-            for n in names:
+            for n in todo:
                 logits = window_logits(model, window[:-1], SimAttention(config, VARIANTS[n]))
                 stats[n].add(ref, logits, window[1:])
             print(f"  {text} window {w // args.context}: {time.perf_counter() - start:.0f} s", flush=True)
-        results[text] = {n: s.summary() for n, s in stats.items()}
-        for n in names:
-            r = results[text][n]
+        for n in todo:
+            r = done[n] = stats[n].summary()
             print(
-                f"{text:6s} {n:20s} dppl {r['delta_ppl_pct']:+7.3f}%  KL {r['kl_mean']:.4f} "
+                f"{text:6s} {n:24s} dppl {r['delta_ppl_pct']:+7.3f}%  KL {r['kl_mean']:.4f} "
                 f"p99 {r['kl_p99']:.4f}  top1 {r['top1_agree']:.4f}",
                 flush=True,
             )
-    out = {
-        "tokens_per_text": args.tokens,
-        "context": args.context,
-        "variants": {n: VARIANTS[n].__dict__ for n in names},
-        "results": results,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(saved, indent=2))
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":

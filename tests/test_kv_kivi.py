@@ -5,6 +5,7 @@ feeding the same tokens, on the C decode kernel, and through the engine (slots g
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -28,16 +29,18 @@ def _fake_quant(x: torch.Tensor, dim: int) -> torch.Tensor:
     return (torch.round(x / s + z).clamp(0, 15) - z) * s
 
 
-def _reference(q, k, v, block: int, scale: float) -> torch.Tensor:
+def _reference(q, k, v, block: int, scale: float, v_group: int = 0) -> torch.Tensor:
     """One sequence's causal attention as the rule says: a query at t reads the blocks before its own
-    per-channel (K) / per-token (V) int4, its own block up to t in bf16; all turned by the rotation."""
+    per-channel (K) / per-token, per `v_group` channels (V) int4, its own block up to t in bf16; all
+    turned by the rotation."""
     rot = rotation_matrix(q.shape[-1])
     q, k, v = q @ rot, (k @ rot).bfloat16().float(), (v @ rot).bfloat16().float()
-    t = q.shape[0]
+    t, d = q.shape[0], q.shape[-1]
     n = t // block * block
     kq, vq = k.clone(), v.clone()
     kq[:n] = _fake_quant(k[:n].view(-1, block, *k.shape[1:]), 1).view(n, *k.shape[1:])
-    vq[:n] = _fake_quant(v[:n], -1)
+    g = v_group or d
+    vq[:n] = _fake_quant(v[:n].unflatten(-1, (d // g, g)), -1).flatten(-2)
     pos = torch.arange(t)
     own = (pos[None, :] // block) == (pos[:, None] // block)
     rep = q.shape[1] // k.shape[1]
@@ -49,8 +52,17 @@ def _reference(q, k, v, block: int, scale: float) -> torch.Tensor:
     return out.transpose(0, 1) @ rot.T
 
 
+@pytest.fixture(params=[0, 8], ids=["v-whole-head", "v-groups-of-8"])
+def v_group(request, monkeypatch):
+    """The pool's value scale group: the whole head, and groups that split these tiny heads (the
+    format's own preferred group applies at SmolLM2's head_dim 64; tests/test_kv_formats.py)."""
+    fmt = dataclasses.replace(Int4KiviPagedKVCache.format, v_group=request.param)
+    monkeypatch.setattr(Int4KiviPagedKVCache, "format", fmt)
+    return request.param
+
+
 @pytest.mark.parametrize("chunks", [[13], [1] * 13, [3, 6, 4]])
-def test_pool_attends_by_the_rule_however_the_tokens_come(chunks):
+def test_pool_attends_by_the_rule_however_the_tokens_come(chunks, v_group):
     config = tiny_config()
     gen = torch.Generator().manual_seed(0)
     t, layers = sum(chunks), config.num_hidden_layers
@@ -83,8 +95,9 @@ def test_pool_attends_by_the_rule_however_the_tokens_come(chunks):
         start += n
     got = torch.cat(outs, dim=1)
     for i in range(layers):
-        expected = _reference(q[i], k[i], v[i], 4, cache.scale)
+        expected = _reference(q[i], k[i], v[i], 4, cache.scale, v_group)
         torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-4)
+    assert cache.v_scale.shape[-1] == config.head_dim // (v_group or config.head_dim)
     # 13 tokens: blocks 5, 0, 3 full and quantized, block 1 holds one staged token
     assert cache.stage_of.tolist().count(-1) == 5 and int(cache.stage_of[1]) >= 0
 
@@ -126,7 +139,7 @@ def _incremental(model, cache, tokens, table):
     return torch.stack(rows)
 
 
-def test_c_kernel_reads_and_writes_the_int4_pool_as_pytorch_does():
+def test_c_kernel_reads_and_writes_the_int4_pool_as_pytorch_does(v_group):
     from slimlm.kernels.fused_decode import FusedDecoder
     from slimlm.models.prepack import prepare_linears
 
@@ -142,6 +155,7 @@ def test_c_kernel_reads_and_writes_the_int4_pool_as_pytorch_does():
         return c
 
     cache = pool(torch.bfloat16)
+    assert cache.v_group == v_group  # head_dim 16: groups of 8 split it
     decoder, why = FusedDecoder.create(model, cache, max_ctx=32)
     assert why == "C kernel", why
     fused = torch.cat([decoder.decode([t], [p], [table]) for p, t in enumerate(tokens[:-1])])

@@ -8,9 +8,9 @@ from slimlm.engine.llm import LLM
 from slimlm.plan.inference import kv_block_bytes, kv_staging_bytes, weight_bytes
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "fp16", "int8", "int4", "k8v4"])
 def test_planner_kv_bytes_equal_the_engine_pool(smollm, kv_dtype):
-    if kv_dtype in ("int8", "int4"):
+    if kv_dtype in ("int8", "int4", "k8v4"):
         pytest.importorskip("slimlm.kv.quantized")
     llm = LLM.from_loaded(smollm, kv_cache_tokens=4096, block_size=16, kv_dtype=kv_dtype, max_num_seqs=8)
     report = llm.memory_report()

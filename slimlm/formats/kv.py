@@ -17,15 +17,15 @@ SCALE_ZERO_BYTES = 3  # fp16 scale + uint8 zero point, per group of channels, pe
 class KVFormat:
     k_bits: int
     v_bits: int
-    group: int  # preferred channels per scale for 4-bit per-token vectors (0: one scale for the head)
+    k_group: int = 0  # preferred channels per scale of per-token keys (0: one scale for the head)
+    v_group: int = 0  # the same for values
     key_channels: bool = False  # KIVI: keys scaled per channel within a block, staged in bf16 until full
 
     def groups(self, head_dim: int) -> tuple[int, int]:
-        """Channels per scale of K and of V at this head_dim (0 = the whole head); 8-bit vectors keep
-        one scale per head, 4-bit ones take `group` where it divides the head into several groups."""
-        return tuple(
-            effective_group(head_dim, self.group) if bits == 4 else 0 for bits in (self.k_bits, self.v_bits)
-        )
+        """Channels per scale of K and of V at this head_dim (0 = the whole head): the preferred group
+        where it divides the head into several even groups. Per-channel keys have no per-token group."""
+        k_group = 0 if self.key_channels else effective_group(head_dim, self.k_group)
+        return k_group, effective_group(head_dim, self.v_group)
 
     def block_head_bytes(self, head_dim: int, block_size: int) -> int:
         """K and V of one block of tokens for one KV head: codes plus scales and zero points."""
@@ -60,9 +60,9 @@ def effective_group(head_dim: int, group: int) -> int:
 
 
 KV_FORMATS = {
-    "int8": KVFormat(8, 8, 0),
-    # int4: KIVI keys, whole-head values, both turned; chosen on a tuning text, reported on others
+    "int8": KVFormat(8, 8),
+    # int4: KIVI keys, both turned; chosen on a tuning text, reported on others
     # (benchmarks/kv_fidelity_sweep.py, docs/kv_cache.md)
-    "int4": KVFormat(4, 4, 0, key_channels=True),
-    "k8v4": KVFormat(8, 4, 0),  # values whole-head: 8-bit keys already make it the closest (tuning text)
+    "int4": KVFormat(4, 4, key_channels=True),
+    "k8v4": KVFormat(8, 4),  # values whole-head: 8-bit keys already make it the closest (tuning text)
 }

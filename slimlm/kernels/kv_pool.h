@@ -60,7 +60,7 @@ static inline bf16 *staged(const slim_model *m, bf16 *stage, int64_t block, int6
 }
 
 /* The int4 pool's block `block` is full: quantize its staged tokens for KV head g. Keys get a scale and
- * zero per channel over the block (slimlm/kv/kivi.quantize_channels), values one per token. */
+ * zero per channel over the block (slimlm/kv/kivi.quantize_channels), values one per token and v_group. */
 static void quantize_block(const slim_model *m, const slim_layer *l, int64_t g, int64_t block) {
     int64_t d = m->head_dim, bs = m->block_size;
     float x[MAX_HEAD_DIM];
@@ -91,7 +91,9 @@ static void quantize_block(const slim_model *m, const slim_layer *l, int64_t g, 
         }
         for (int64_t i = 0; i < d / 2; i++) codes[i] = (uint8_t)(q[i] | (q[i + d / 2] << 4));
         for (int64_t i = 0; i < d; i++) x[i] = bf16_to_f32(vt[i]);
-        quantize_vector(x, d, 4, 0, (uint8_t *)l->v_cache + th * (d / 2), l->v_scale + th, l->v_zero + th);
+        int64_t vg = groups_of(m, m->v_group);
+        quantize_vector(x, d, 4, m->v_group, (uint8_t *)l->v_cache + th * (d / 2), l->v_scale + th * vg,
+                        l->v_zero + th * vg);
     }
 }
 

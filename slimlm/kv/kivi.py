@@ -141,7 +141,7 @@ class Int4KiviPagedKVCache(QuantizedPagedKVCache):
         for b0 in range(lo, full_end, bs):  # blocks complete after this step: quantize them
             block = table[b0 // bs]
             kc, ks, kz = quantize_channels(ek[b0 - lo : b0 - lo + bs])
-            vc, vs, vz = quantize(ev[b0 - lo : b0 - lo + bs], 4)
+            vc, vs, vz = quantize(ev[b0 - lo : b0 - lo + bs], 4, self.v_group)
             self.k_codes[layer, block], self.k_scale[layer, block], self.k_zero[layer, block] = kc, ks, kz
             self.v_codes[layer, block] = vc
             self.v_scale[layer, block] = vs.view(self.v_scale.shape[2:])
