@@ -154,7 +154,8 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0, heads:
         raise SlimlmError(f"cannot rotate this model: its final norm is {type(inner.norm).__name__}, "
                           "not a plain RMSNorm whose gain folds into lm_head (Gemma 3's 1 + w norms)")  # fmt: skip
     parts = [_layer_parts(layer, i) for i, layer in enumerate(inner.layers)]
-    q = random_rotation(config.hidden_size, kind, seed)
+    q = random_rotation(config.hidden_size, kind, seed)  # both before any change: a refusal leaves
+    r = random_rotation(config.head_dim, kind, seed + 1) if heads else None  # the model as it was
 
     untied = head.weight is embed.weight
     if untied:  # see the module docstring: the head and the lookup table differ once rotated
@@ -183,7 +184,6 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0, heads:
 
     record = {"kind": kind, "seed": seed, "heads": bool(heads), "untied": untied}
     if heads:
-        r = random_rotation(config.head_dim, kind, seed + 1)
         d = config.head_dim  # one R for every value head, so every query head's output is rotated by R
         for layer in inner.layers:
             attn = layer.self_attn
