@@ -313,7 +313,7 @@ def agreement(embedder, out: dict) -> None:
     root = Path(__file__).resolve().parents[1] / "examples" / "guard_shop"
     labeled = [json.loads(x)["answer"] for x in (root / "labeled.jsonl").read_text().splitlines()]
     synthetic_answers = [a for k in range(1, 15) for a in answers_of_length(k, 50, seed=11)]
-    paths = {"auto (served)": embedder, "torch bf16 autocast, every length": Embedder(query_precision="bf16")}
+    paths = {"auto (served)": embedder, "torch bf16 autocast": Embedder(query_precision="bf16")}
     with tempfile.TemporaryDirectory() as tmp:
         build(root / "replies.jsonl", Path(tmp) / "shop", embedder)
         shop = Library(Path(tmp) / "shop")
@@ -422,10 +422,12 @@ def main() -> int:
     }
     embedder.prepare_query()
     results["onnx_query_path"] = embedder._onnx is not None or embedder.onnx_reason
-    paths = {"auto (served)": embedder}
-    if embedder._onnx is not None:
-        paths["onnx runtime fp32, every length"] = Embedder(query_precision="onnx")
-    paths["torch bf16 autocast, every length"] = Embedder(query_precision="bf16")
+    # auto is ONNX Runtime fp32 when onnxruntime is installed (onnx_query_path above)
+    paths = {
+        "auto (served)": embedder,
+        "torch fp32 modules": Embedder(query_precision="fp32"),
+        "torch bf16 autocast": Embedder(query_precision="bf16"),
+    }
     results["embed_one_answer"] = {}
     for name, e in paths.items():
         results["embed_one_answer"][name] = {

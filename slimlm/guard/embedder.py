@@ -117,14 +117,12 @@ class Embedder:
             raise SlimlmError(
                 f"embedding query precision must be one of {', '.join(QUERY_PRECISIONS)}, got {query_precision!r}"
             )
-        # guard queries (one answer per response): "auto" runs answers up to onnx_query.MAX_TOKENS
-        # tokens on ONNX Runtime (fp32, what encode computes, with less overhead per call) and longer
-        # ones in bf16 autocast where the CPU has native bf16 (within cosine 0.9999 of encode's), the
-        # faster of the two at each length (docs/guard.md); library builds and /v1/embeddings stay encode
+        # guard queries (one answer per response): "auto" runs them on ONNX Runtime in fp32 (what encode
+        # computes, with less overhead per call), else through the PyTorch modules in fp32. bf16 autocast
+        # is faster on long answers but only on request: its cosine 0.9999 still changed snapping
+        # decisions against encode's vectors, the ones calibrate picks the threshold with (docs/guard.md)
         self.query_precision = query_precision
-        self.query_bf16 = query_precision == "bf16" or (
-            query_precision in ("auto", "onnx") and bf16_supported()
-        )
+        self.query_bf16 = query_precision == "bf16"
         self._onnx = None
         self.onnx_reason = "not tried yet" if query_precision in ("auto", "onnx") else "not asked for"
         if model_dir is None:
@@ -192,12 +190,10 @@ class Embedder:
 
     def encode_query(self, texts: list[str]) -> np.ndarray:
         """Unit vectors for a few texts at once (the guard's per-response call), with less overhead
-        than `encode`: one padded batch, on ONNX Runtime (fp32) when it is set up and the batch is
-        short enough, else straight through the model's modules under inference_mode, in bf16
-        autocast when `query_bf16`. Equal to `encode_unit` within cosine 0.9999."""
+        than `encode`: one padded batch, on ONNX Runtime (fp32) when it is set up, else straight
+        through the model's modules under inference_mode (in bf16 autocast when `query_bf16`).
+        Equal to `encode_unit` within cosine 0.999999 (bf16: 0.9999)."""
         import torch
-
-        from slimlm.guard.onnx_query import MAX_TOKENS
 
         self.prepare_query()
         lock = getattr(self, "_lock", None) or threading.Lock()
@@ -205,9 +201,7 @@ class Embedder:
         with lock, torch.inference_mode():
             features = preprocess(texts)
             onnx = getattr(self, "_onnx", None)
-            if onnx is not None and (
-                self.query_precision == "onnx" or features["input_ids"].shape[1] <= MAX_TOKENS
-            ):
+            if onnx is not None:
                 return onnx.embed(features)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.query_bf16):
                 out = self.model.forward(features)

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SHOP = ROOT / "examples" / "guard_shop"
 API_KEY = "guard-key"
 THRESHOLD = 0.6
-# scores of guard decisions vs sentence-transformers' fp32 encode: the guard's query path runs in
-# bf16 where the CPU has it (its vectors are within cosine 0.9999: test_guard_query_fast.py)
+# scores of guard decisions vs sentence-transformers' fp32 encode: the guard's query path is fp32 by
+# default; bf16 on request is within cosine 0.9999 of encode (test_guard_query_fast.py)
 QUERY_SCORE_TOL = 2e-3
 
 

@@ -275,6 +275,15 @@ def test_serve_guard_flags_fail_before_loading_the_model(tmp_path, shop_lib, cap
     bad.write_text('{"greeting": ["hi"]}')
     assert main(["serve", "--guard", str(shop_lib), "--guard-fallbacks", str(bad)]) == 2
     assert "universal fallback 'default' is missing" in capsys.readouterr().err
+    # with --replicas the same one-line errors, before any Ray process starts
+    assert main(["serve", "--replicas", "1", "--guard", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a guard library" in err and len(err.splitlines()) == 1
+    assert main(["serve", "--replicas", "1", "--guard", str(shop_lib), "--guard-fallbacks", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "universal fallback 'default' is missing" in err and len(err.splitlines()) == 1
+    ray = pytest.importorskip("ray", reason="install slimlm[cluster]")
+    assert not ray.is_initialized()
 
 
 def test_embeddings_alone_without_a_guard(smollm, embedder, st_model):
