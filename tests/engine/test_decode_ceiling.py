@@ -26,7 +26,9 @@ def test_the_engine_runs_below_its_matmul_only_ceiling(smollm):
     # The engine does the same matmuls plus attention, norms and sampling: it cannot be faster.
     assert 0 < r["engine_decode_tok_s"] < r["matmul_only_tok_s"]
     # The report stores GB/s; converting back rounds in the last bit, so compare with a relative tolerance.
-    assert r["bandwidth_bound_tok_s"] == pytest.approx(r["read_bandwidth_gb_s"] * 1e9 / r["weight_bytes"], rel=1e-12)
+    assert r["bandwidth_bound_tok_s"] == pytest.approx(
+        r["read_bandwidth_gb_s"] * 1e9 / r["weight_bytes"], rel=1e-12
+    )
 
 
 def test_read_bandwidth_is_a_rate():
