@@ -26,6 +26,7 @@
  * cores: 22 -> 14 ms per token), and each thread still streams long runs of rows in address order,
  * which "dynamic" chunks broke (12 against 9 ms per token).
  */
+#include "attend_bf16.h"
 #include "family.h"
 #include "gemm.h"
 #include "gemm_q.h"
@@ -146,6 +147,17 @@ int slim_decode(const slim_model *m, int64_t batch, const int64_t *tokens, const
             for (int64_t g = 0; g < kvh; g++)
                 kv_write(m, l, g, block, pos % m->block_size, row + (h + g) * d, row + (h + kvh + g) * d);
         }
+#ifdef __AVX512BF16__
+        if (m->kv_bits == 16 && d % 16 == 0) { /* the bf16 pool: a KV head's query heads together */
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+            for (int64_t bg = 0; bg < batch * kvh; bg++) {
+                int64_t b = bg / kvh, g = bg % kvh, ctx = positions[b] + 1, per = h / kvh;
+                int64_t lo = (l->window > 0 && ctx > l->window) ? ctx - l->window : 0;
+                attend_group_bf16(m, l, qkv + b * nqkv + g * per * d, per, g, tables + b * n_table, lo, ctx,
+                                  attn + b * h * d + g * per * d);
+            }
+        } else
+#endif
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
         for (int64_t bj = 0; bj < batch * h; bj++) {
             int64_t b = bj / h, j = bj % h, ctx = positions[b] + 1;
