@@ -44,6 +44,23 @@ def auto_weights_layout(max_num_seqs: int, dtype: torch.dtype, c_kernel: bool = 
     return "plain" if c_kernel or one_stream else "packed"
 
 
+def quantized_layout(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """How the loader should build a quantized checkpoint for this engine: "kernel" (straight into the
+    C kernel's layout, held once) where `choose_backend` would repack it anyway: a bf16 CPU engine that
+    lays its weights out and has the kernel's library (fast, unless --decode-kernel c). Otherwise
+    "torch" (PyTorch's QuantLinear modules, which the torch path runs). Decided before loading because
+    the PyTorch copy is never built in the "kernel" form; a checkpoint the kernel cannot run is loaded
+    the "torch" way by the loader itself (slimlm/loading/quantized.py)."""
+    if config.decode_kernel == "torch" or config.weights_layout == KEEP_LAYOUT:
+        return "torch"
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return "torch"
+    from slimlm.kernels.library import library
+
+    lib, _ = library(False, True, require_fast=config.decode_kernel == "auto")
+    return "kernel" if lib is not None else "torch"
+
+
 def _lay_out(model, config: EngineConfig, c_kernel: bool) -> str:
     layout = config.weights_layout
     if layout == KEEP_LAYOUT:

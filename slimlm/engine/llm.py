@@ -58,16 +58,19 @@ class LLM:
     ) -> None:
         """`weights`: "native" runs a GGUF's Q4_0/Q4_1/Q8_0 blocks as they are, "float" dequantizes
         them to `dtype` (slimlm.loading.load)."""
-        from slimlm.loading import load
+        from slimlm.engine.backend import quantized_layout
+        from slimlm.loading import load, parse_dtype
 
         engine_config = _engine_config(engine_config, engine_kwargs, weights_layout, "auto")
         self.device = torch_device(device)
+        dtype = resolve_dtype(dtype, self.device)
         loaded = load(
             model,
-            dtype=resolve_dtype(dtype, self.device),
+            dtype=dtype,
             device=self.device,
             progress=progress,
             weights=weights,
+            quantized_layout=quantized_layout(engine_config, self.device, parse_dtype(dtype)),
         )
         self._init(loaded, engine_config)
 

@@ -82,7 +82,7 @@ def quantized_reason(model: nn.Module) -> str | None:
         reason = kernel_scheme_reason(t.bits, t.group_size, t.in_features)
         if reason:
             return f"the embedding table: {reason}"
-    if isinstance(head, QuantLinear):
+    if isinstance(head, QuantLinear | KernelLinear):
         if head.perm is not None:
             return "an act-order lm_head"
         reason = kernel_scheme_reason(head.bits, head.group_size, head.in_features)
@@ -118,13 +118,15 @@ def _table_weight(embed, chunk: int = 4096):
 @torch.no_grad()
 def to_kernel_layout(model: nn.Module) -> int:
     """Replace every QuantLinear / QuantEmbedding by the kernel's modules, in place (call after
-    `quantized_reason` says None); q/k/v and gate/up are fused. Returns how many modules were replaced."""
+    `quantized_reason` says None); q/k/v and gate/up are fused, also where they are KernelLinears already
+    (loaded straight into this layout, one per checkpoint tensor). Returns how many modules were replaced."""
     QuantLinear, QuantEmbedding = _quant_types()
     changed = 0
     for layer in model.model.layers:
         for module in (layer.self_attn, layer.mlp):
             for fused, linears in list(_groups(module)):
-                if not isinstance(linears[0], QuantLinear):
+                kernel_parts = len(linears) > 1 and isinstance(linears[0], KernelLinear)  # loaded unfused
+                if not isinstance(linears[0], QuantLinear) and not kernel_parts:
                     continue
                 new = _kernel_linear(linears)
                 if fused is None:

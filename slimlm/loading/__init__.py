@@ -53,16 +53,21 @@ def load(
     device: str | torch.device = "cpu",
     progress: bool = True,
     weights: str = "float",
+    quantized_layout: str = "torch",
 ) -> LoadedModel:
     """Load weights, config and tokenizer. `model`: HF dir, .gguf file, alias, or None (embedded default).
     `weights` "native" runs a GGUF's Q4_0/Q4_1/Q4_K/Q5_0/Q8_0 blocks as they are (slimlm.loading.gguf_native);
-    "float" (default) dequantizes them to `dtype`. Quantized HF checkpoints load quantized either way."""
+    "float" (default) dequantizes them to `dtype`. Quantized HF checkpoints load quantized either way, as
+    PyTorch's QuantLinear modules (`quantized_layout` "torch": training, QLoRA) or straight into the C
+    kernel's layout ("kernel": one copy; the engine asks for it, slimlm.engine.backend.quantized_layout)."""
     import time
 
     start = time.perf_counter()
     from slimlm.loading.gguf_native import check_weights_choice, load_gguf_native
 
     check_weights_choice(weights)
+    if quantized_layout not in ("torch", "kernel"):
+        raise SlimlmError(f"unknown quantized_layout {quantized_layout!r}; choose torch or kernel")
     torch_dtype = parse_dtype(dtype)
     path = resolve_model_path(model)
     if path.is_file():
@@ -75,7 +80,7 @@ def load(
 
         if (error := incomplete_output_error(path)) is not None:
             raise error
-        loaded = _load_hf_dir(path, torch_dtype, device, progress)
+        loaded = _load_hf_dir(path, torch_dtype, device, progress, quantized_layout)
     else:
         raise SlimlmError(f"{path} is neither a file nor a directory")
     loaded.load_seconds = time.perf_counter() - start
@@ -132,7 +137,9 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype, device, progress: bool) -> LoadedModel:
+def _load_hf_dir(
+    path: Path, dtype: torch.dtype, device, progress: bool, quantized_layout: str = "torch"
+) -> LoadedModel:
     from slimlm.loading.safetensors_dir import (
         count_tensors,
         iter_safetensors,
@@ -148,7 +155,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, device, progress: bool) -> Load
     if config.quantization:
         from slimlm.loading.quantized import load_quantized_dir
 
-        model = load_quantized_dir(path, config, files, dtype, device, progress)
+        model = load_quantized_dir(path, config, files, dtype, device, progress, quantized_layout)
     else:
         model = build_model(config, dtype, device)
         fill_weights(model, iter_safetensors(files), count_tensors(files), f"loading {path.name}", progress)

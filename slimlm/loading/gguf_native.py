@@ -77,7 +77,7 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
     from slimlm.loading import LoadedModel, _one_torch_thread
     from slimlm.loading.gguf_file import GGUFFile, config_and_tokenizer, gguf_weights
     from slimlm.loading.weights import fill_weights
-    from slimlm.models import MODEL_CLASSES
+    from slimlm.models import materialize_empty, meta_model
     from slimlm.models.prepack import FUSIONS
     from slimlm.models.rope import RotaryEmbedding
 
@@ -92,8 +92,7 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
         config, tokenizer = config_and_tokenizer(file)
         config.torch_dtype = str(dtype).removeprefix("torch.")
         file.drop_metadata()
-        with torch.device("meta"):
-            model = MODEL_CLASSES[config.family](config)
+        model = meta_model(config)  # no storage, no init: the kernel's modules go straight in
         sources = dict(gguf_weights(file, config))
 
         def native(name: str):
@@ -163,9 +162,7 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
             elif not tied and head_name in sources and sources[head_name].info.qtype not in FLOAT_TYPES:
                 name = _type_name(sources[head_name].info.qtype)
                 dequantized[name] = dequantized.get(name, 0) + 1
-            for module in model.modules():
-                if not isinstance(module, KernelLinear | KernelEmbedding):
-                    module.to_empty(device="cpu", recurse=False)
+            materialize_empty(model, dtype, "cpu")  # only what is still on meta
             for param in model.parameters():
                 param.data = param.data.to(dtype)
             model.model.rotary_emb = RotaryEmbedding(config, device="cpu")

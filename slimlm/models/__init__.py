@@ -35,9 +35,8 @@ def build_model(
     and left untouched until the loader writes the weights into it, so no random init is ever computed
     and no weight is ever held twice.
     """
-    with torch.device("meta"), _no_param_init():
-        model = MODEL_CLASSES[config.family](config)
-    _materialize_empty(model, dtype, device)
+    model = meta_model(config)
+    materialize_empty(model, dtype, device)
     # Buffers are not loaded from checkpoints: recompute them on the real device.
     model.init_buffers(device)
     if config.tie_word_embeddings:
@@ -45,8 +44,16 @@ def build_model(
     return model.eval()
 
 
-def _materialize_empty(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Replace every meta parameter/buffer by uninitialised storage on `device`, floating ones in `dtype`.
+def meta_model(config: ModelConfig) -> LlamaForCausalLM:
+    """The model's skeleton on the meta device: no storage, no random init (see `_no_param_init`).
+    Loaders swap real modules into it (quantized, C kernel layout), then `materialize_empty` the rest."""
+    with torch.device("meta"), _no_param_init():
+        return MODEL_CLASSES[config.family](config)
+
+
+def materialize_empty(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Replace every meta parameter/buffer by uninitialised storage on `device`, floating ones in `dtype`;
+    tensors that are already real (modules a loader swapped in) are left as they are.
 
     `model.to(dtype).to_empty(device)` does the same, but its meta `empty_like` goes through torch._refs
     and imports sympy (~0.5 s). Tied parameters stay tied (one new tensor per meta tensor).
@@ -65,7 +72,7 @@ def _materialize_empty(model: torch.nn.Module, dtype: torch.dtype, device: torch
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, t in table.items():
-                if t is not None:
+                if t is not None and t.is_meta:
                     table[name] = empty(t)
 
 

@@ -23,6 +23,7 @@ GPTQ (quant_method "gptq"):
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -116,6 +117,64 @@ def load_quantized_state(
     `model` is the float skeleton (any device; meta works if `device` is given). Returns the entries of
     `state_dict` that are not quantized linears (embeddings, norms, lm_head) for the caller to load.
     """
+    entries = quantized_entries(model, state_dict, quant_config)
+    for entry in entries:
+        if entry.is_embedding:
+            _load_embedding(model, entry, device)
+            continue
+        linear = entry.module
+        qweight = entry.read()
+        target = _target_device(device, linear.weight)
+        bias = entry.tensors.get("bias")
+        if bias is not None:
+            bias = bias.to(target, linear.weight.dtype if linear.weight.is_floating_point() else None)
+        parent_name, _, child = entry.prefix.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make_quant_linear(qweight.map_tensors(lambda t, d=target: t.to(d)), bias))
+    return rest_of_state(state_dict, entries)
+
+
+@dataclass
+class QuantEntry:
+    """One quantized module of a checkpoint: its tensors (memory-mapped views) and the skeleton's module.
+    `read()` unpacks them into a QuantizedWeight, checked against the module's shape; `read(rows)` only
+    those output rows (slimlm's layout: rows are stored whole), so a vocab-sized table can be converted
+    a few thousand rows at a time."""
+
+    prefix: str
+    module: nn.Module
+    tensors: dict[str, torch.Tensor]
+    method: str
+    quant_config: dict
+
+    @property
+    def is_embedding(self) -> bool:
+        return isinstance(self.module, nn.Embedding)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        m = self.module
+        return (m.num_embeddings, m.embedding_dim) if self.is_embedding else (m.out_features, m.in_features)
+
+    def read(self, rows: slice | None = None) -> QuantizedWeight:
+        tensors = self.tensors
+        if rows is not None:
+            if self.method != "slimlm":
+                raise ValueError("row slices are read from slimlm's layout only")
+            tensors = {k: v[rows] if k in ("qweight", "scales", "zeros") else v for k, v in tensors.items()}
+        qweight = _READERS[self.method](tensors, self.quant_config, self.prefix)
+        out, k = self.shape
+        expected = (out if rows is None else len(range(out)[rows]), k)
+        _check_shape(self.prefix, "table" if self.is_embedding else "weight", qweight, expected)
+        return qweight
+
+
+def quantized_entries(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], quant_config: dict
+) -> list[QuantEntry]:
+    """The checkpoint's quantized modules, checked against the skeleton `model` (nothing unpacked yet)."""
+    from slimlm.quant.embedding import EMBED_PATH
+
     method = str(quant_config.get("quant_method", "")).lower()
     if method not in QUANT_METHODS:
         raise SlimlmError(
@@ -125,28 +184,26 @@ def load_quantized_state(
     prefixes = sorted(k.removesuffix(".qweight") for k in state_dict if k.endswith(".qweight"))
     if not prefixes:
         raise SlimlmError("the checkpoint config says it is quantized but no tensor ends in .qweight")
-    consumed = set()
+    entries = []
     for prefix in prefixes:
         try:
-            linear = model.get_submodule(prefix)
+            module = model.get_submodule(prefix)
         except AttributeError:
             raise SlimlmError(f"the checkpoint quantizes {prefix}, which this model does not have") from None
-        tensors = _tensors_under(state_dict, prefix)
-        consumed.update(prefix + "." + k for k in tensors)
-        if isinstance(linear, nn.Embedding) and method == "slimlm":
-            _load_embedding(model, prefix, linear, tensors, quant_config, device)
-            continue
-        if not isinstance(linear, nn.Linear):
+        if isinstance(module, nn.Embedding) and method == "slimlm":
+            if prefix != EMBED_PATH:
+                raise SlimlmError(
+                    f"the checkpoint quantizes the embedding {prefix}; slimlm expects {EMBED_PATH}"
+                )
+        elif not isinstance(module, nn.Linear):
             raise SlimlmError(f"the checkpoint quantizes {prefix}, which is not a linear layer in this model")
-        qweight = _READERS[method](tensors, quant_config, prefix)
-        _check_shape(prefix, "weight", qweight, (linear.out_features, linear.in_features))
-        target = _target_device(device, linear.weight)
-        bias = tensors.get("bias")
-        if bias is not None:
-            bias = bias.to(target, linear.weight.dtype if linear.weight.is_floating_point() else None)
-        parent_name, _, child = prefix.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make_quant_linear(qweight.map_tensors(lambda t, d=target: t.to(d)), bias))
+        entries.append(QuantEntry(prefix, module, _tensors_under(state_dict, prefix), method, quant_config))
+    return entries
+
+
+def rest_of_state(state_dict: dict[str, torch.Tensor], entries: list[QuantEntry]) -> dict[str, torch.Tensor]:
+    """The entries of `state_dict` that no quantized module consumed (norms, float embeddings, lm_head)."""
+    consumed = {e.prefix + "." + k for e in entries for k in e.tensors}
     return {k: v for k, v in state_dict.items() if k not in consumed}
 
 
@@ -169,13 +226,11 @@ def _target_device(device, weight: torch.Tensor) -> torch.device:
     return torch.device("cpu") if target.type == "meta" else target
 
 
-def _load_embedding(model, prefix, embed, tensors, quant_config, device) -> None:
-    from slimlm.quant.embedding import EMBED_PATH, install_embedding
+def _load_embedding(model, entry: QuantEntry, device) -> None:
+    from slimlm.quant.embedding import install_embedding
 
-    if prefix != EMBED_PATH:
-        raise SlimlmError(f"the checkpoint quantizes the embedding {prefix}; slimlm expects {EMBED_PATH}")
-    qweight = _read_slimlm(tensors, quant_config, prefix)
-    _check_shape(prefix, "table", qweight, (embed.num_embeddings, embed.embedding_dim))
+    embed, tensors = entry.module, entry.tensors
+    qweight = entry.read()
     target = _target_device(device, embed.weight)
     bias = tensors.get("bias")
     bias = None if bias is None else bias.to(target, embed.weight.dtype)
