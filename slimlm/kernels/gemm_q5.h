@@ -112,16 +112,7 @@ static void q5gemm(const slim_weight *w, const int8_t *xq, const float *xs, floa
 #pragma omp parallel for num_threads(threads) schedule(guided, 2)
     for (int64_t t = 0; t < tiles; t++) {
         int64_t nv = w->rows - t * 16 < 16 ? w->rows - t * 16 : 16, b0 = 0;
-        for (; b0 + 8 <= batch; b0 += 8) Q5_TILE_CALL(8);
-        switch (batch - b0) {
-        case 7: Q5_TILE_CALL(7); break;
-        case 6: Q5_TILE_CALL(6); break;
-        case 5: Q5_TILE_CALL(5); break;
-        case 4: Q5_TILE_CALL(4); break;
-        case 3: Q5_TILE_CALL(3); break;
-        case 2: Q5_TILE_CALL(2); break;
-        case 1: Q5_TILE_CALL(1); break;
-        }
+        FOR_TILES_OF_8(b0, batch, Q5_TILE_CALL);
     }
 #else
 #pragma omp parallel for num_threads(threads) schedule(guided, 2)

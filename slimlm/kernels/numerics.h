@@ -160,3 +160,19 @@ static inline float f16_to_f32(uint16_t h) {
     memcpy(&f, &bits, 4);
     return f;
 }
+
+/* Runs CALL(NB) over sequences b0 .. batch-1: tiles of 8, then one tile of the remainder. NB is a literal
+   in each call, so every tile width compiles to its own unrolled code (the Q5_0 and Q6_K GEMMs). */
+#define FOR_TILES_OF_8(b0, batch, CALL) \
+    do { \
+        for (; (b0) + 8 <= (batch); (b0) += 8) CALL(8); \
+        switch ((batch) - (b0)) { \
+        case 7: CALL(7); break; \
+        case 6: CALL(6); break; \
+        case 5: CALL(5); break; \
+        case 4: CALL(4); break; \
+        case 3: CALL(3); break; \
+        case 2: CALL(2); break; \
+        case 1: CALL(1); break; \
+        } \
+    } while (0)
