@@ -85,6 +85,9 @@ VARIANTS = {
     "w4-awqgptq-g64-e8-fz": dict(method="awq-gptq", **FZ8),
     "w4-awqgptq-g32-e8": dict(method="awq-gptq", bits=4, group_size=32, embedding_bits=8),
     "w4-awqgptq-g32-e8-fz": dict(method="awq-gptq", **{**FZ8, "group_size": 32}),
+    "w4-rot-awqgptq-g32-e8": dict(
+        method="awq-gptq", bits=4, group_size=32, embedding_bits=8, rotate="hadamard"
+    ),
     "w4-rot-gptq-g32-e8": dict(method="gptq", bits=4, group_size=32, embedding_bits=8, rotate="hadamard"),
     "w4-rot-gptq-g32": dict(method="gptq", bits=4, group_size=32, rotate="hadamard"),
     "w8-channel": dict(method="rtn", bits=8, group_size=-1),
