@@ -187,27 +187,18 @@ static inline __attribute__((always_inline)) void qgemm_tile(const slim_weight *
     for (int c = 0; c < nb; c++) _mm512_mask_storeu_ps(y + c * ldy + tile * 16, mask, acc[c]);
 }
 
-/* Every sequence of the step on one tile, 8 at a time; each remainder width is its own specialisation. */
-#define QTILES_OVER_SEQUENCES(FOUR, F16)                                                                      \
-    do {                                                                                                      \
-        int64_t nblk = w->k / QBLOCK, b0 = 0;                                                                 \
-        for (; b0 + 8 <= batch; b0 += 8)                                                                      \
-            qgemm_tile(w, t, xq + b0 * w->k, xs + b0 * nblk, xsum + b0 * nblk, y + b0 * ldy, ldy, nv, 8, FOUR, F16); \
-        switch (batch - b0) {                                                                                 \
-        case 7: qgemm_tile(w, t, xq + b0 * w->k, xs + b0 * nblk, xsum + b0 * nblk, y + b0 * ldy, ldy, nv, 7, FOUR, F16); break; \
-        case 6: qgemm_tile(w, t, xq + b0 * w->k, xs + b0 * nblk, xsum + b0 * nblk, y + b0 * ldy, ldy, nv, 6, FOUR, F16); break; \
-        case 5: qgemm_tile(w, t, xq + b0 * w->k, xs + b0 * nblk, xsum + b0 * nblk, y + b0 * ldy, ldy, nv, 5, FOUR, F16); break; \
-        case 4: qgemm_tile(w, t, xq + b0 * w->k, xs + b0 * nblk, xsum + b0 * nblk, y + b0 * ldy, ldy, nv, 4, FOUR, F16); break; \
-        case 3: qgemm_tile(w, t, xq + b0 * w->k, xs + b0 * nblk, xsum + b0 * nblk, y + b0 * ldy, ldy, nv, 3, FOUR, F16); break; \
-        case 2: qgemm_tile(w, t, xq + b0 * w->k, xs + b0 * nblk, xsum + b0 * nblk, y + b0 * ldy, ldy, nv, 2, FOUR, F16); break; \
-        case 1: qgemm_tile(w, t, xq + b0 * w->k, xs + b0 * nblk, xsum + b0 * nblk, y + b0 * ldy, ldy, nv, 1, FOUR, F16); break; \
-        }                                                                                                     \
-    } while (0)
+/* Every sequence of the step on one tile, 8 at a time; each remainder width is its own specialisation
+ * (FOR_TILES_OF_8, shared with the Q5_0 / Q6_K GEMMs). four / f16 are compile-time constants in each
+ * function below, so the always-inlined tile is specialised on them as on nb. */
+#define QTILE_CALL(NB) \
+    qgemm_tile(w, t, xq + b0 * w->k, xs + b0 * nblk, xsum + b0 * nblk, y + b0 * ldy, ldy, nv, NB, four, f16)
 
 #define QTILE_FN(NAME, FOUR, F16)                                                                        \
     static void NAME(const slim_weight *w, int64_t t, int64_t nv, const int8_t *xq, const float *xs,     \
                      const float *xsum, float *y, int64_t ldy, int64_t batch) {                          \
-        QTILES_OVER_SEQUENCES(FOUR, F16);                                                                \
+        const int four = FOUR, f16 = F16;                                                                \
+        int64_t nblk = w->k / QBLOCK, b0 = 0;                                                            \
+        FOR_TILES_OF_8(b0, batch, QTILE_CALL);                                                           \
     }
 QTILE_FN(qtiles_4h, 1, 1)
 QTILE_FN(qtiles_4f, 1, 0)

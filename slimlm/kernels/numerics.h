@@ -162,7 +162,7 @@ static inline float f16_to_f32(uint16_t h) {
 }
 
 /* Runs CALL(NB) over sequences b0 .. batch-1: tiles of 8, then one tile of the remainder. NB is a literal
-   in each call, so every tile width compiles to its own unrolled code (the Q5_0 and Q6_K GEMMs). */
+   in each call, so every tile width compiles to its own unrolled code (the int4/int8, Q5_0 and Q6_K GEMMs). */
 #define FOR_TILES_OF_8(b0, batch, CALL) \
     do { \
         for (; (b0) + 8 <= (batch); (b0) += 8) CALL(8); \
