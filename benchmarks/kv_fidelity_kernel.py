@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from slimlm.eval.fidelity import FidelityStats, log_probs
+from slimlm.eval.fidelity import FidelityStats, log_probs, summary_line
 from slimlm.eval.texts import named_text
 from slimlm.kernels.fused_decode import FusedDecoder
 from slimlm.kv import make_kv_cache
@@ -117,11 +117,7 @@ def main() -> None:
             row["bytes_per_token"] = kv_bytes_per_token(loaded.config, d, BLOCK)
             row.update(per)
             for t, r in per.items():
-                print(
-                    f"{t:6s} {d:6s} dppl {r['delta_ppl_pct']:+7.3f}%  KL {r['kl_mean']:.4f} "
-                    f"p99 {r['kl_p99']:.4f}  top1 {r['top1_agree']:.4f}",
-                    flush=True,
-                )
+                print(f"{t:6s} {d:6s} {summary_line(r)}", flush=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(saved, indent=2))
     print(f"wrote {out_path}")

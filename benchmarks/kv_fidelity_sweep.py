@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from slimlm.eval.fidelity import FidelityStats
+from slimlm.eval.fidelity import FidelityStats, summary_line
 from slimlm.eval.texts import named_text
 from slimlm.kv.metadata import AttnMetadata
 from slimlm.kv.quant_ops import rotation_matrix
@@ -208,11 +208,7 @@ def main() -> None:
             print(f"  {text} window {w // args.context}: {time.perf_counter() - start:.0f} s", flush=True)
         for n in todo:
             r = done[n] = stats[n].summary()
-            print(
-                f"{text:6s} {n:24s} dppl {r['delta_ppl_pct']:+7.3f}%  KL {r['kl_mean']:.4f} "
-                f"p99 {r['kl_p99']:.4f}  top1 {r['top1_agree']:.4f}",
-                flush=True,
-            )
+            print(f"{text:6s} {n:24s} {summary_line(r)}", flush=True)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(saved, indent=2))
     print(f"wrote {out_path}")

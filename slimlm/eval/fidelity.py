@@ -51,3 +51,8 @@ class FidelityStats:
             "kl_p99": float(torch.quantile(kl.double(), 0.99)),
             "top1_agree": self.agree / self.tokens,
         }
+
+
+def summary_line(r: dict) -> str:
+    """One progress line of a FidelityStats.summary() for the fidelity benchmarks."""
+    return f"dppl {r['delta_ppl_pct']:+7.3f}%  KL {r['kl_mean']:.4f} p99 {r['kl_p99']:.4f}  top1 {r['top1_agree']:.4f}"
