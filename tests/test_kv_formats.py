@@ -17,7 +17,7 @@ from slimlm.kv import kv_cache_class, make_kv_cache
 from slimlm.kv.metadata import AttnMetadata
 from slimlm.plan.inference import kv_block_bytes, kv_staging_bytes
 from tests.test_kv_quant import SMOLLM_SHAPE, tiny_config
-from tests.tiny_models import make_hf_model, slimlm_from_hf
+from tests.tiny_models import make_hf_model, paged_decode_logits, slimlm_from_hf
 
 # name -> (k_group, v_group) the test gives the format; tiny heads are 16 or 32 wide, SmolLM2's 64
 GROUPS = {"int8": (8, 8), "k8v4": (4, 8), "int4": (0, 8)}
@@ -54,22 +54,6 @@ def test_planner_bytes_equal_the_grouped_pool(grouped, block_size):
         assert cache.nbytes == 6 * kv_block_bytes(config, grouped, block_size) + staging
 
 
-def _paged_logits(model, cache, tokens, table):
-    rows, bs = [], cache.block_size
-    with torch.inference_mode():
-        for pos, token in enumerate(tokens):
-            meta = AttnMetadata(
-                query_lens=[1],
-                context_lens=[pos + 1],
-                block_tables=torch.tensor([table]),
-                slot_mapping=torch.tensor([table[pos // bs] * bs + pos % bs]),
-            )
-            rows.append(
-                model.compute_logits(model(torch.tensor([token]), torch.tensor([pos]), cache, meta))[0]
-            )
-    return torch.stack(rows)
-
-
 @pytest.mark.skipif(build.load_kernel("decode_cpu") is None, reason="C decode kernel unavailable")
 def test_kernel_reads_and_writes_grouped_pools_as_pytorch_does(grouped):
     """Tiny Llama (head_dim 16): the kernel over a grouped pool against a float32 model over the same
@@ -93,8 +77,8 @@ def test_kernel_reads_and_writes_grouped_pools_as_pytorch_does(grouped):
     decoder, why = FusedDecoder.create(model, cache, max_ctx=32)
     assert why == "C kernel", why
     fused = torch.cat([decoder.decode([t], [p], [table]) for p, t in enumerate(tokens[:-1])])
-    expected = _paged_logits(reference, pool(torch.float32), tokens, table)
-    eager = _paged_logits(model, pool(torch.bfloat16), tokens, table)
+    expected = paged_decode_logits(reference, pool(torch.float32), tokens, table)
+    eager = paged_decode_logits(model, pool(torch.bfloat16), tokens, table)
     fused_err = (fused - expected[:-1]).abs().max()
     assert fused_err < 0.02 * expected.abs().max()
     assert fused_err <= (eager[:-1] - expected[:-1]).abs().max()

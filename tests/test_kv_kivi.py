@@ -17,7 +17,7 @@ from slimlm.kv.kivi import Int4KiviPagedKVCache
 from slimlm.kv.metadata import AttnMetadata
 from slimlm.kv.quant_ops import rotation_matrix
 from tests.test_kv_quant import tiny_config
-from tests.tiny_models import make_hf_model, slimlm_from_hf
+from tests.tiny_models import make_hf_model, paged_decode_logits, slimlm_from_hf
 
 
 def _fake_quant(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -125,20 +125,6 @@ def test_staging_slots_run_out_with_a_clear_error():
     cache.prepare_decode([1], [[4]])
 
 
-def _incremental(model, cache, tokens, table):
-    rows = []
-    with torch.inference_mode():
-        for p, tok in enumerate(tokens):
-            meta = AttnMetadata(
-                [1],
-                [p + 1],
-                block_tables=torch.tensor([table]),
-                slot_mapping=torch.tensor([table[p // 4] * 4 + p % 4]),
-            )
-            rows.append(model.compute_logits(model(torch.tensor([tok]), torch.tensor([p]), cache, meta))[0])
-    return torch.stack(rows)
-
-
 def test_c_kernel_reads_and_writes_the_int4_pool_as_pytorch_does(v_group):
     from slimlm.kernels.fused_decode import FusedDecoder
     from slimlm.models.prepack import prepare_linears
@@ -159,8 +145,8 @@ def test_c_kernel_reads_and_writes_the_int4_pool_as_pytorch_does(v_group):
     decoder, why = FusedDecoder.create(model, cache, max_ctx=32)
     assert why == "C kernel", why
     fused = torch.cat([decoder.decode([t], [p], [table]) for p, t in enumerate(tokens[:-1])])
-    expected = _incremental(reference, pool(torch.float32), tokens, table)
-    eager = _incremental(model, pool(torch.bfloat16), tokens, table)
+    expected = paged_decode_logits(reference, pool(torch.float32), tokens, table)
+    eager = paged_decode_logits(model, pool(torch.bfloat16), tokens, table)
     fused_err = (fused - expected[:-1]).abs().max()
     assert fused_err < 0.02 * expected.abs().max()
     assert fused_err <= (eager[:-1] - expected[:-1]).abs().max()

@@ -153,3 +153,23 @@ def cached_decode_logits(
             hidden = model(ids[0, t : t + 1], torch.tensor([t]), cache, AttnMetadata.single(1, t + 1))
             outs.append(model.compute_logits(hidden))
     return torch.cat(outs), torch.cat(refs)
+
+
+def paged_decode_logits(model, cache, tokens: list[int], table: list[int]) -> torch.Tensor:
+    """slimlm's eager logits [len, vocab], one token a step through `cache.attend` (any paged pool) with
+    the sequence's blocks at `table`."""
+    from slimlm.kv.metadata import AttnMetadata
+
+    bs, rows = cache.block_size, []
+    with torch.inference_mode():
+        for pos, token in enumerate(tokens):
+            meta = AttnMetadata(
+                query_lens=[1],
+                context_lens=[pos + 1],
+                block_tables=torch.tensor([table]),
+                slot_mapping=torch.tensor([table[pos // bs] * bs + pos % bs]),
+            )
+            rows.append(
+                model.compute_logits(model(torch.tensor([token]), torch.tensor([pos]), cache, meta))[0]
+            )
+    return torch.stack(rows)

@@ -20,7 +20,7 @@ from slimlm.kv.metadata import AttnMetadata
 from slimlm.kv.paged import PagedKVCache
 from slimlm.kv.quantized import Int4PagedKVCache, Int8PagedKVCache, K8V4PagedKVCache
 from slimlm.models.prepack import prepare_linears
-from tests.tiny_models import make_hf_model, slimlm_from_hf
+from tests.tiny_models import make_hf_model, paged_decode_logits, slimlm_from_hf
 
 pytestmark = pytest.mark.skipif(
     build.load_kernel("decode_cpu") is None,
@@ -137,23 +137,6 @@ def test_odd_sizes_take_the_tail_paths_and_stay_exact():
         assert torch.equal(rows, together[i])
 
 
-def _paged_incremental_logits(model, cache, tokens: list[int], table: list[int]) -> torch.Tensor:
-    """Eager logits [len, vocab], one token per step through `cache.attend` (any paged pool)."""
-    bs, rows = cache.block_size, []
-    with torch.inference_mode():
-        for pos, token in enumerate(tokens):
-            meta = AttnMetadata(
-                query_lens=[1],
-                context_lens=[pos + 1],
-                block_tables=torch.tensor([table]),
-                slot_mapping=torch.tensor([table[pos // bs] * bs + pos % bs]),
-            )
-            rows.append(
-                model.compute_logits(model(torch.tensor([token]), torch.tensor([pos]), cache, meta))[0]
-            )
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize("pool", [Int8PagedKVCache, Int4PagedKVCache, K8V4PagedKVCache])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_kernel_on_quantized_kv_pools_is_closer_to_float32_than_pytorch_bf16(arch, pool):
@@ -173,8 +156,8 @@ def test_kernel_on_quantized_kv_pools_is_closer_to_float32_than_pytorch_bf16(arc
     decoder, why = FusedDecoder.create(model, pool_of(torch.bfloat16), max_ctx=32)
     assert why == "C kernel"
     fused = torch.cat([decoder.decode([t], [p], [table]) for p, t in enumerate(tokens)])
-    expected = _paged_incremental_logits(reference, pool_of(torch.float32), tokens, table)
-    eager_bf16 = _paged_incremental_logits(model, pool_of(torch.bfloat16), tokens, table)
+    expected = paged_decode_logits(reference, pool_of(torch.float32), tokens, table)
+    eager_bf16 = paged_decode_logits(model, pool_of(torch.bfloat16), tokens, table)
     fused_err = (fused - expected).abs().max()
     assert fused_err < 0.02 * expected.abs().max()
     assert fused_err <= (eager_bf16 - expected).abs().max()
@@ -199,7 +182,7 @@ def test_kernel_on_an_int4_pool_with_a_random_turn():
         c.prepare_blocks(range(4))
     decoder, _ = FusedDecoder.create(model, cache, max_ctx=16)
     fused = torch.cat([decoder.decode([t], [p], [[3, 1, 2]]) for p, t in enumerate(tokens)])
-    expected = _paged_incremental_logits(reference, ref_cache, tokens, [3, 1, 2])
+    expected = paged_decode_logits(reference, ref_cache, tokens, [3, 1, 2])
     assert (fused - expected).abs().max() < 0.02 * expected.abs().max()
     assert torch.equal(fused.argmax(-1), expected.argmax(-1))
 

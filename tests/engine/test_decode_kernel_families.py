@@ -20,9 +20,9 @@ from slimlm.kv.quantized import Int4PagedKVCache, Int8PagedKVCache, K8V4PagedKVC
 from slimlm.loading import LoadedModel
 from slimlm.models.prepack import prepare_linears
 from slimlm.quant.quantize import quantize_model
-from tests.engine.test_decode_kernel import _incremental_logits, _paged_incremental_logits
+from tests.engine.test_decode_kernel import _incremental_logits
 from tests.engine.test_decode_kernel_quant import dequantized_reference, kernel_decoder
-from tests.tiny_models import make_hf_model, slimlm_from_hf
+from tests.tiny_models import make_hf_model, paged_decode_logits, slimlm_from_hf
 
 pytestmark = pytest.mark.skipif(
     build.load_kernel("decode_cpu") is None,
@@ -105,8 +105,8 @@ def test_kernel_on_quantized_kv_pools(arch, pool):
     decoder, why = FusedDecoder.create(model, pool_of(torch.bfloat16), max_ctx=32)
     assert why == "C kernel"
     fused = torch.cat([decoder.decode([t], [p], [TABLE]) for p, t in enumerate(tokens)])
-    expected = _paged_incremental_logits(reference, pool_of(torch.float32), tokens, TABLE)
-    eager_bf16 = _paged_incremental_logits(model, pool_of(torch.bfloat16), tokens, TABLE)
+    expected = paged_decode_logits(reference, pool_of(torch.float32), tokens, TABLE)
+    eager_bf16 = paged_decode_logits(model, pool_of(torch.bfloat16), tokens, TABLE)
     _check(fused, expected, eager_bf16, slack=3.0, rel=0.15)
 
 
