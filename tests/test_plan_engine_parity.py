@@ -92,3 +92,53 @@ def test_planner_counts_an_8bit_table_and_per_linear_group_sizes():
     assert planned == allocated
     # without the checkpoint's choices the plan is the uniform w4 g64 one, which is smaller
     assert weight_bytes(loaded.config, fmt, group, dtype="bf16", quantize_embeddings=embeddings) < allocated
+
+
+@pytest.mark.parametrize(
+    "bits,group_size,embeddings,float_zero,embedding_bits",
+    [
+        (4, 64, True, False, None),
+        (4, 32, True, True, 8),
+        (8, 64, False, False, None),
+        (8, -1, True, False, None),
+    ],
+)
+def test_planner_kernel_layout_bytes_equal_what_the_engine_holds(
+    bits, group_size, embeddings, float_zero, embedding_bits
+):
+    """On a bf16 CPU engine the C kernel holds quantized weights in its own layout (rows padded to 16, (d, m)
+    per group in fp16 or float32, q/k/v and gate/up fused): `slimlm plan` on the checkpoint plans those
+    bytes (issue 15), not PyTorch's QuantLinear layout."""
+    from slimlm.commands.plan import (
+        _checkpoint_choices,
+        _checkpoint_zeros,
+        _weight_format,
+        quantized_runtime_layout,
+    )
+    from slimlm.loading import load
+    from slimlm.plan.serving import InferenceSettings, _weights_bytes
+    from slimlm.quant.quantize import quantize_model
+
+    loaded = load(None, dtype="bfloat16", progress=False)
+    qconfig = quantize_model(
+        loaded.model, "rtn", bits, group_size, progress=False, quantize_embeddings=embeddings,
+        float_zero=float_zero, embedding_bits=embedding_bits,
+    )  # fmt: skip
+    loaded.config.quantization = qconfig
+    fmt, group, quantize_embeddings = _weight_format("auto", "bf16", loaded.config, False)
+    settings = InferenceSettings(
+        weight_format=fmt, group_size=group, dtype="bf16", quantize_embeddings=quantize_embeddings,
+        **_checkpoint_choices("auto", loaded.config), **_checkpoint_zeros("auto", loaded.config),
+    )  # fmt: skip
+    settings.layout = quantized_runtime_layout(loaded.config, settings, "cpu")
+    llm = LLM.from_loaded(loaded, kv_cache_tokens=64, weights_layout="auto")  # as `LLM(path)` and serve do
+    report = llm.memory_report()
+    assert ("C kernel layout" in report["weights_format"]) == (settings.layout == "kernel")
+    if settings.layout != "kernel":
+        pytest.skip(f"the C kernel does not run here ({report['decode_kernel']})")
+    # the report counts buffers too: the rotary table is not a weight
+    rotary = sum(b.numel() * b.element_size() for n, b in loaded.model.named_buffers() if "rotary" in n)
+    assert _weights_bytes(loaded.config, settings) == report["weights_bytes"] - rotary
+    # and it is not the QuantLinear layout's figure: fp32 (d, m) for integer zeros, or an unquantized table
+    settings.layout = "torch"
+    assert _weights_bytes(loaded.config, settings) != report["weights_bytes"] - rotary

@@ -42,7 +42,11 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         "--weights", default="auto", help="auto | fp32 | bf16 | fp16 | w8 | w4 (default: the compute dtype)"
     )
     g.add_argument(
-        "--group-size", type=int, default=128, help="w8/w4 quantization group size (-1: per channel)"
+        "--group-size",
+        type=int,
+        default=None,
+        help="w8/w4 quantization group size (-1: per channel); default as `slimlm quantize`: the largest "
+        "of 128/64/32 that divides every input width of the model",
     )
     g.add_argument(
         "--embeddings", choices=("auto", "quantize", "float"), default="auto",
@@ -127,6 +131,36 @@ def _checkpoint_choices(requested: str, config) -> dict:
     return {"embedding_bits": q.get("embedding_bits"), "group_sizes": q.get("group_sizes")}
 
 
+def _checkpoint_zeros(requested: str, config) -> dict:
+    """A quantized checkpoint's symmetry and act-order, which change its bytes in the C kernel's layout."""
+    q = _checkpoint_quantization(requested, config)
+    if not q:
+        return {}
+    return {"sym": q.get("sym"), "act_order": bool(q.get("act_order"))}
+
+
+def quantized_runtime_layout(config, settings, device_kind: str) -> str:
+    """ "kernel" where the engine will hold these quantized weights in the C kernel's layout, as
+    engine/backend.py `quantized_layout` decides for this machine, else "torch"."""
+    from slimlm.plan.inference import FLOAT_BYTES
+
+    if settings.weight_format in FLOAT_BYTES or device_kind != "cpu" or settings.dtype != "bf16":
+        return "torch"
+    import torch
+
+    from slimlm.engine.backend import quantized_layout
+    from slimlm.plan.kernel_weights import kernel_reason
+
+    if quantized_layout(settings.engine, torch.device("cpu"), torch.bfloat16) != "kernel":
+        return "torch"
+    reason = kernel_reason(
+        config, {"w4": 4, "w8": 8}[settings.weight_format], settings.group_size,
+        quantize_embeddings=settings.quantize_embeddings, embedding_bits=settings.embedding_bits,
+        group_sizes=settings.group_sizes,
+    )  # fmt: skip
+    return "torch" if reason else "kernel"
+
+
 def _checkpoint_quantization(requested: str, config) -> dict | None:
     """The checkpoint's quantization config where `--weights auto` keeps a quantized checkpoint's format."""
     q = config.quantization or {}
@@ -146,6 +180,7 @@ def build_plan(args: argparse.Namespace):
     """(planned model, plan, suggestions) from parsed flags."""
     from slimlm.plan.devices import describe_device
     from slimlm.plan.models import resolve_model
+    from slimlm.plan.shapes import fitting_group_size
 
     pm = resolve_model(args.model)
     device_name = args.device if (args.device or args.device_memory) else _default_device()
@@ -157,10 +192,12 @@ def build_plan(args: argparse.Namespace):
 
         fmt, group, quantize_embeddings = _weight_format(args.weights, dtype, pm.config, args.embeddings)
         settings = InferenceSettings(
-            weight_format=fmt, group_size=group or args.group_size, dtype=dtype, context=args.context,
+            weight_format=fmt, group_size=group or args.group_size or fitting_group_size(pm.config), dtype=dtype, context=args.context,
             batch=args.batch, engine=engine_config_from_args(args), runtime_overheads=not args.no_overheads,
             quantize_embeddings=quantize_embeddings, **_checkpoint_choices(args.weights, pm.config),
+            **_checkpoint_zeros(args.weights, pm.config),
         )  # fmt: skip
+        settings.layout = quantized_runtime_layout(pm.config, settings, device.kind)
         plan = plan_inference(pm.config, device, settings)
         return pm, plan, suggest(plan)
     from slimlm.plan.training import TrainingSettings, plan_training, suggest_training

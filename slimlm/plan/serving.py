@@ -46,6 +46,11 @@ class InferenceSettings:
     # a quantized checkpoint's own choices (`quantize --embedding-bits / --group-sizes`), read from its config
     embedding_bits: int | None = None
     group_sizes: dict[str, int] | None = None
+    # how the engine will hold quantized weights: "torch" (QuantLinear) or "kernel" (the C kernel's layout,
+    # slimlm/plan/kernel_weights.py), and the checkpoint's choices that change the kernel's bytes
+    layout: str = "torch"
+    sym: bool | None = None  # None: quantize's default (symmetric at 8 bits)
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         self.weight_format = normalize_weight_format(self.weight_format)
@@ -163,6 +168,23 @@ def _kv_blocks(
     return budget.num_blocks, budget.source
 
 
+def _weights_bytes(config: ModelConfig, s: InferenceSettings) -> int:
+    """The weights as the engine will hold them: PyTorch's layout, or the C kernel's for quantized ones."""
+    if s.layout == "kernel" and s.weight_format not in FLOAT_BYTES:
+        from slimlm.plan.kernel_weights import kernel_weight_bytes
+
+        bits = {"w4": 4, "w8": 8}[s.weight_format]
+        return kernel_weight_bytes(
+            config, bits, s.group_size, dtype=s.dtype, quantize_embeddings=s.quantize_embeddings,
+            embedding_bits=s.embedding_bits, group_sizes=s.group_sizes,
+            sym=bits == 8 if s.sym is None else s.sym, act_order=s.act_order,
+        )  # fmt: skip
+    return weight_bytes(
+        config, s.weight_format, s.group_size, dtype=s.dtype, quantize_embeddings=s.quantize_embeddings,
+        embedding_bits=s.embedding_bits, group_sizes=s.group_sizes,
+    )  # fmt: skip
+
+
 def plan_inference(
     config: ModelConfig, device: Device, settings: InferenceSettings | None = None
 ) -> InferencePlan:
@@ -171,10 +193,7 @@ def plan_inference(
     engine = s.engine
     max_model_len = engine.max_model_len or config.max_position_embeddings
     context = s.context or min(4096, max_model_len)
-    weights = weight_bytes(
-        config, s.weight_format, s.group_size, dtype=s.dtype, quantize_embeddings=s.quantize_embeddings,
-        embedding_bits=s.embedding_bits, group_sizes=s.group_sizes,
-    )  # fmt: skip
+    weights = _weights_bytes(config, s)
     cuda_context = device.cuda_context_bytes if s.runtime_overheads else 0
     block_bytes = kv_block_bytes(config, s.kv_dtype, engine.block_size)
     free_after_weights = device.usable_bytes - cuda_context - weights
@@ -185,6 +204,7 @@ def plan_inference(
         s.weight_format
         if s.weight_format in FLOAT_BYTES
         else f"{s.weight_format} g{s.group_size}{'' if s.quantize_embeddings else ' (float embeddings)'}, rest {s.dtype}"
+        + (" (C kernel layout)" if s.layout == "kernel" else "")
     )
     components = [
         Component("weights", weights, True, fmt),

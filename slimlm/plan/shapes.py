@@ -52,6 +52,13 @@ def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     }
 
 
+def fitting_group_size(config: ModelConfig) -> int:
+    """`slimlm quantize`'s default group size: the largest of 128 / 64 / 32 dividing every decoder linear's
+    input width and the hidden size (quant/quantize.py `group_sizes_that_fit`); -1 (per channel) if none."""
+    widths = {k for _, k in linear_shapes(config).values()} | {config.hidden_size}
+    return next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), -1)
+
+
 def layer_params(config: ModelConfig, layer: int) -> list[ParamShape]:
     prefix = f"model.layers.{layer}."
     out = []
