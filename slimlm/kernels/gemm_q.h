@@ -204,6 +204,10 @@ QTILE_FN(qtiles_4h, 1, 1)
 QTILE_FN(qtiles_4f, 1, 0)
 QTILE_FN(qtiles_8h, 0, 1)
 QTILE_FN(qtiles_8f, 0, 0)
+#include "gemm_qpanel.h" /* many rows: the same sums on panels of unpacked tiles */
+#ifndef QPANEL_MIN_ROWS
+#define QPANEL_MIN_ROWS 32
+#endif
 #endif
 
 /* y[b, n] = W[n, :] . x[b, :] for quantized W, from the prepared activations of quantize_act_row. */
@@ -215,6 +219,7 @@ static void qgemm(const slim_weight *w, const int8_t *xq, const float *xs, const
     }
     int64_t tiles = (w->rows + 15) / 16;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (batch >= QPANEL_MIN_ROWS && qgemm_rows(w, xq, xs, xsum, y, ldy, batch, threads)) return;
     int four = w->bits == 4, f16 = w->scale_bits == 16;
 #pragma omp parallel for num_threads(threads) schedule(guided, 2)
     for (int64_t t = 0; t < tiles; t++) {
