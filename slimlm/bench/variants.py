@@ -86,6 +86,10 @@ def measure(
     kv_tokens = (concurrency + 1) * (prompt_len + gen_len + 16)
     from slimlm.engine.llm import LLM
 
+    # The process before any model: torch, slimlm and the engine imported (the same in every variant).
+    # Reported beside the peak so that what each variant itself adds can be compared too.
+    baseline_rss = _current_rss()
+
     if variant in CHECKPOINTS:
         model, weights = str(checkpoint(variant, cache)), "float"
     else:
@@ -110,6 +114,11 @@ def measure(
     else:
         result.update(_measure(runner, prompts[1:], prompts[0], gen_len, runs, log))
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if baseline_rss is not None:
+        result.update(
+            baseline_rss_bytes=baseline_rss,
+            peak_rss_above_baseline_bytes=result["peak_rss_bytes"] - baseline_rss,
+        )
     if variant != "llama.cpp":  # the read-bandwidth roofline: weight bytes streamed per token
         from slimlm.bench.ceiling import read_bandwidth
 
@@ -119,6 +128,18 @@ def measure(
                       roofline_tok_s=bandwidth / per_token,
                       roofline_fraction=result["decode_tok_s"] * per_token / bandwidth)  # fmt: skip
     return result
+
+
+def _current_rss() -> int | None:
+    """Resident bytes now (Linux /proc), or None where that cannot be read."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _lookup_only_bytes(model) -> int:
@@ -155,7 +176,13 @@ def run_variants(names: list[str], threads: int, runs: int, gen_len: int, prompt
         log(f"{variant} " + json.dumps({k: v for k, v in rows[variant].items() if k != "runs"}))
     base, peer = rows.get("bf16", {}), rows.get("llama.cpp", {})
     for r in rows.values():
-        for key in ("decode_tok_s", "throughput_tok_s", "ttft_s", "peak_rss_bytes"):
+        for key in (
+            "decode_tok_s",
+            "throughput_tok_s",
+            "ttft_s",
+            "peak_rss_bytes",
+            "peak_rss_above_baseline_bytes",
+        ):
             if key in r and key in base:
                 r[f"{key}_vs_bf16"] = r[key] / base[key]
             if key in r and key in peer:
@@ -165,7 +192,7 @@ def run_variants(names: list[str], threads: int, runs: int, gen_len: int, prompt
 
 def print_variants(rows: dict, log=print) -> None:
     log(f"{'variant':10} {'TTFT ms':>8} {'decode':>8} {'16-way':>8} {'RSS MiB':>8}  decode/bf16 decode/llama "
-        "16-way/bf16 RSS/bf16 roofline")  # fmt: skip
+        "16-way/bf16 RSS/bf16 roofline  RSS-base MiB (base)  /bf16")  # fmt: skip
     for name, r in rows.items():
         if "error" in r:
             log(f"{name:10} error: {r['error']}")
@@ -173,7 +200,9 @@ def print_variants(rows: dict, log=print) -> None:
         log(f"{name:10} {r['ttft_s'] * 1000:8.0f} {r['decode_tok_s']:8.1f} {r['throughput_tok_s']:8.1f} "
             f"{r['peak_rss_bytes'] / 2**20:8.0f}  {r.get('decode_tok_s_vs_bf16', 0):11.2f} "
             f"{r.get('decode_tok_s_vs_llama_cpp', 0):12.2f} {r.get('throughput_tok_s_vs_bf16', 0):11.2f} "
-            f"{r.get('peak_rss_bytes_vs_bf16', 0):8.2f} {r.get('roofline_fraction', 0):8.2f}")  # fmt: skip
+            f"{r.get('peak_rss_bytes_vs_bf16', 0):8.2f} {r.get('roofline_fraction', 0):8.2f}  "
+            f"{r.get('peak_rss_above_baseline_bytes', 0) / 2**20:12.0f} ({r.get('baseline_rss_bytes', 0) / 2**20:3.0f})  "
+            f"{r.get('peak_rss_above_baseline_bytes_vs_bf16', 0):5.2f}")  # fmt: skip
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ from torch import nn
 from slimlm.kernels.library import Weight, any_library
 from slimlm.kernels.qweights import QBLOCK, KernelWeight, dequantize
 
+ROW_CHUNK = 256  # rows per slim_linear call (prefill scratch; see KernelLinear.forward)
+
 
 class KernelLinear(nn.Module):
     """y = x W^T + b with W in the kernel's int4/int8 layout; inference only."""
@@ -44,16 +46,25 @@ class KernelLinear(nn.Module):
         return dequantize(self.kernel_weight()).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float().contiguous()
-        n, k = rows.shape
-        xq = torch.empty(n * k, dtype=torch.int8)
-        sums = torch.empty(2, n * (k // QBLOCK), dtype=torch.float32)
-        y = torch.empty(n, self.out_features, dtype=torch.float32)
+        flat = x.reshape(-1, self.in_features)
+        n, k = flat.shape
+        out = torch.empty(n, self.out_features, dtype=x.dtype)
+        # A long prefill runs ROW_CHUNK rows per call: the float32 input copy, int8 codes and float32
+        # result are scratch for one chunk, not for the whole prompt (that scratch was the largest part
+        # of a w4 prefill's peak RSS). Each row's result does not depend on the others in the call.
+        chunk = max(1, min(n, ROW_CHUNK))
+        xq = torch.empty(chunk * k, dtype=torch.int8)
+        sums = torch.empty(2, chunk * (k // QBLOCK), dtype=torch.float32)
+        y = torch.empty(chunk, self.out_features, dtype=torch.float32)
         weight = self.weight_struct()
-        any_library().slim_linear(ctypes.byref(weight), rows.data_ptr(), n, xq.data_ptr(), sums[0].data_ptr(),
-                                  sums[1].data_ptr(), None, y.data_ptr(), torch.get_num_threads())  # fmt: skip
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        for start in range(0, n, chunk):
+            rows = flat[start : start + chunk].float().contiguous()
+            m = rows.shape[0]
+            any_library().slim_linear(ctypes.byref(weight), rows.data_ptr(), m, xq.data_ptr(), sums[0].data_ptr(),
+                                      sums[1].data_ptr(), None, y.data_ptr(), torch.get_num_threads())  # fmt: skip
+            out[start : start + m] = y[:m]
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         perm = ", act_order" if self.perm is not None else ""

@@ -12,6 +12,7 @@ import torch
 
 from slimlm.config import ModelConfig
 from slimlm.errors import SlimlmError
+from slimlm.heap import release_free_heap
 from slimlm.loading.default_model import DEFAULT_ALIAS, default_model_path, resolve_model_path
 from slimlm.loading.weights import fill_weights
 from slimlm.models import build_model
@@ -84,6 +85,7 @@ def load(
     else:
         raise SlimlmError(f"{path} is neither a file nor a directory")
     loaded.load_seconds = time.perf_counter() - start
+    release_free_heap()  # the loader's temporaries (metadata, tokenizer build, conversions): slimlm/heap.py
     return loaded
 
 

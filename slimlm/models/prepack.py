@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.heap import release_free_heap
 
 PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 WEIGHTS_LAYOUTS = ("auto", "packed", "plain", "both")
@@ -135,7 +136,10 @@ def prepare_linears(model: nn.Module, layout: str, include_lm_head: bool = True)
         return PackedLinear(weight, bias, keep_plain) if pack else _plain_linear(weight, bias)
 
     changed = 0
-    for module in list(model.modules()):
+    # Only the modules with a fused slot (attention, MLP): a list of every module would keep the parts
+    # alive to the end, all of them beside their fused copies.
+    owners = [m for m in model.modules() if any(fused in vars(m) for fused, _ in FUSIONS)]
+    for module in owners:
         for fused_name, part_names in FUSIONS:
             parts = [getattr(module, p, None) for p in part_names]
             if fused_name in vars(module) and all(type(p) is nn.Linear for p in parts):
@@ -143,11 +147,17 @@ def prepare_linears(model: nn.Module, layout: str, include_lm_head: bool = True)
                 for p in part_names:
                     delattr(module, p)
                 changed += len(parts)
+                del parts
+                # The parts' storage is freed in the middle of the heap, where glibc keeps it resident
+                # (the fused copy never fits the hole): hand it back now, so the load's peak is one
+                # layer above the final size, not all the parts twice (slimlm/heap.py).
+                release_free_heap()
     if not pack:
         return changed
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or (name == "lm_head" and not include_lm_head):
-            continue
+    names = [name for name, module in model.named_modules()
+             if type(module) is nn.Linear and (name != "lm_head" or include_lm_head)]  # fmt: skip
+    for name in names:  # by name: a list of the modules would keep every replaced weight alive
+        module = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(
@@ -156,6 +166,8 @@ def prepare_linears(model: nn.Module, layout: str, include_lm_head: bool = True)
             convert(module.weight.detach(), None if module.bias is None else module.bias.detach()),
         )
         changed += 1
+        del module
+        release_free_heap()  # the plain weight just freed (as above)
     return changed
 
 
