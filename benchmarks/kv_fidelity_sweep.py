@@ -52,6 +52,9 @@ class Scheme:
     residual: bool = False
     rotate: bool = True
     block: int = 16
+    sink: int = 0  # the first `sink` tokens of the sequence read exact (attention sinks; needs residual)
+    window: int = 0  # blocks before the query's own also read exact (a longer residual; needs residual)
+    stage_bf16: bool = False  # exact reads rounded to bf16, as the pool's staging stores them
 
 
 VARIANTS = {
@@ -79,6 +82,15 @@ VARIANTS = {
     "int4-kivi-vg16-res-rot": Scheme(k_channel=True, v_group=16, residual=True),
     "k8v4-res": Scheme(8, 4, residual=True),
     "k8v4-g32-res-rot": Scheme(8, 4, v_group=32, residual=True),
+    # attention sinks (StreamingLLM, IntactKV, KVQuant) and a longer residual window (KIVI's R)
+    "int4-kivi-res-rot-sink16": Scheme(k_channel=True, residual=True, sink=16),
+    "int4-kivi-res-rot-sink32": Scheme(k_channel=True, residual=True, sink=32),
+    "int4-kivi-res-rot-sink64": Scheme(k_channel=True, residual=True, sink=64),
+    "int4-kivi-res-rot-win1": Scheme(k_channel=True, residual=True, window=1),
+    "int4-kivi-res-rot-win3": Scheme(k_channel=True, residual=True, window=3),
+    "int4-kivi-res-rot-win7": Scheme(k_channel=True, residual=True, window=7),
+    "int4-kivi-res-rot-sink16-win1": Scheme(k_channel=True, residual=True, sink=16, window=1),
+    "int4-kivi-res-rot-sink32-win1": Scheme(k_channel=True, residual=True, sink=32, window=1),
 }
 
 
@@ -119,6 +131,8 @@ class SimAttention:
         q, k, v = q.float(), k.float(), v.float()
         if sc is not None and sc.rotate:
             q, k, v = q @ self.rot, k @ self.rot, v @ self.rot
+        if sc is not None and sc.stage_bf16:  # what the pool's bf16 staging gives back
+            k, v = k.bfloat16().float(), v.bfloat16().float()
         if sc is None:
             kq, vq = k, v
         else:
@@ -132,7 +146,7 @@ class SimAttention:
         scores = qh @ kq_.transpose(1, 2) * self.scale
         if sc is not None and sc.residual:
             k_, v_ = (x.repeat_interleave(rep, 1).transpose(0, 1) for x in (k, v))
-            own = (pos[None, :] // sc.block) == (pos[:, None] // sc.block)  # own block: read exact
+            own = exact_reads(sc, pos)
             scores = torch.where(own, qh @ k_.transpose(1, 2) * self.scale, scores)
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
         if sc is not None and sc.residual:
@@ -143,6 +157,13 @@ class SimAttention:
         if sc is not None and sc.rotate:
             out = out @ self.rot.T
         return out
+
+
+def exact_reads(sc: Scheme, pos: torch.Tensor) -> torch.Tensor:
+    """[query, key] True where the key is read exact: the query's own block (and `window` blocks before
+    it), and the first `sink` tokens of the sequence."""
+    qb, kb = pos[:, None] // sc.block, pos[None, :] // sc.block
+    return (kb >= qb - sc.window) | (pos[None, :] < sc.sink)
 
 
 @torch.inference_mode()

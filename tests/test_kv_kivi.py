@@ -1,5 +1,5 @@
 """The int4 pool (slimlm/kv/kivi.py): KIVI keys per channel per block, the newest tokens staged in bf16
-until their block fills. Checked against a reference written from the rule itself, across ways of
+until their block fills, the first blocks of each sequence (attention sinks) kept in bf16. Checked against a reference written from the rule itself, across ways of
 feeding the same tokens, on the C decode kernel, and through the engine (slots given back)."""
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ def _fake_quant(x: torch.Tensor, dim: int) -> torch.Tensor:
     return (torch.round(x / s + z).clamp(0, 15) - z) * s
 
 
-def _reference(q, k, v, block: int, scale: float, v_group: int = 0) -> torch.Tensor:
+def _reference(q, k, v, block: int, scale: float, v_group: int = 0, sink_blocks: int = 0) -> torch.Tensor:
     """One sequence's causal attention as the rule says: a query at t reads the blocks before its own
-    per-channel (K) / per-token, per `v_group` channels (V) int4, its own block up to t in bf16; all
-    turned by the rotation."""
+    per-channel (K) / per-token, per `v_group` channels (V) int4, its own block up to t and the first
+    `sink_blocks` blocks in bf16; all turned by the rotation."""
     rot = rotation_matrix(q.shape[-1])
     q, k, v = q @ rot, (k @ rot).bfloat16().float(), (v @ rot).bfloat16().float()
     t, d = q.shape[0], q.shape[-1]
@@ -42,7 +42,7 @@ def _reference(q, k, v, block: int, scale: float, v_group: int = 0) -> torch.Ten
     g = v_group or d
     vq[:n] = _fake_quant(v[:n].unflatten(-1, (d // g, g)), -1).flatten(-2)
     pos = torch.arange(t)
-    own = (pos[None, :] // block) == (pos[:, None] // block)
+    own = ((pos[None, :] // block) == (pos[:, None] // block)) | (pos[None, :] // block < sink_blocks)
     rep = q.shape[1] // k.shape[1]
     qh = q.transpose(0, 1)
     kh, vh, kqh, vqh = (x.repeat_interleave(rep, 1).transpose(0, 1) for x in (k, v, kq, vq))
@@ -61,8 +61,17 @@ def v_group(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=[0, 1], ids=["no-sink", "sink-1-block"])
+def sink_blocks(request, monkeypatch):
+    """Leading blocks kept exact: none, and one block of these tests' 4 tokens (the shipped format keeps
+    32 tokens, which would cover the tiny sequences here whole)."""
+    fmt = dataclasses.replace(Int4KiviPagedKVCache.format, sink_tokens=4 * request.param)
+    monkeypatch.setattr(Int4KiviPagedKVCache, "format", fmt)
+    return request.param
+
+
 @pytest.mark.parametrize("chunks", [[13], [1] * 13, [3, 6, 4]])
-def test_pool_attends_by_the_rule_however_the_tokens_come(chunks, v_group):
+def test_pool_attends_by_the_rule_however_the_tokens_come(chunks, v_group, sink_blocks):
     config = tiny_config()
     gen = torch.Generator().manual_seed(0)
     t, layers = sum(chunks), config.num_hidden_layers
@@ -95,11 +104,12 @@ def test_pool_attends_by_the_rule_however_the_tokens_come(chunks, v_group):
         start += n
     got = torch.cat(outs, dim=1)
     for i in range(layers):
-        expected = _reference(q[i], k[i], v[i], 4, cache.scale, v_group)
+        expected = _reference(q[i], k[i], v[i], 4, cache.scale, v_group, sink_blocks)
         torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-4)
     assert cache.v_scale.shape[-1] == config.head_dim // (v_group or config.head_dim)
-    # 13 tokens: blocks 5, 0, 3 full and quantized, block 1 holds one staged token
-    assert cache.stage_of.tolist().count(-1) == 5 and int(cache.stage_of[1]) >= 0
+    # 13 tokens: blocks 5, 0, 3 full and quantized (5 kept staged as a sink), block 1 holds one staged token
+    assert cache.stage_of.tolist().count(-1) == 5 - sink_blocks and int(cache.stage_of[1]) >= 0
+    assert (int(cache.stage_of[5]) >= 0) == bool(sink_blocks)
 
 
 def test_per_channel_keys_beat_per_token_keys_on_outlier_channels():
@@ -125,7 +135,7 @@ def test_staging_slots_run_out_with_a_clear_error():
     cache.prepare_decode([1], [[4]])
 
 
-def test_c_kernel_reads_and_writes_the_int4_pool_as_pytorch_does(v_group):
+def test_c_kernel_reads_and_writes_the_int4_pool_as_pytorch_does(v_group, sink_blocks):
     from slimlm.kernels.fused_decode import FusedDecoder
     from slimlm.models.prepack import prepare_linears
 
@@ -162,20 +172,27 @@ def test_c_kernel_reads_and_writes_the_int4_pool_as_pytorch_does(v_group):
     with torch.inference_mode():
         last = model.compute_logits(model(torch.tensor([tokens[-1]]), torch.tensor([p]), cache, meta))[0]
     torch.testing.assert_close(last, eager[-1], atol=0.05 * eager[-1].abs().max().item(), rtol=0)
-    assert cache.stage_of.tolist().count(-1) == 11  # only the last, unfinished block keeps a slot
+    # only the last, unfinished block and the sink block keep a slot
+    assert cache.stage_of.tolist().count(-1) == 11 - sink_blocks
 
 
-def test_engine_gives_slots_back_and_preemption_keeps_the_tokens(smollm):
+def test_engine_gives_slots_back_and_preemption_keeps_the_tokens(smollm, monkeypatch):
     # float32, as the int8 preemption test: both runs stay on the PyTorch path (a bf16 model decodes
     # on the C kernel but recomputes preempted prompts in PyTorch, whose bf16 roundings differ)
     from slimlm.bench.workload import REFERENCE_PROMPTS
     from slimlm.engine.llm import LLM
     from slimlm.engine.params import SamplingParams
 
+    # one sink block of 8 (the shipped 32 tokens would hold these short prompts whole)
+    fmt = dataclasses.replace(Int4KiviPagedKVCache.format, sink_tokens=8)
+    monkeypatch.setattr(Int4KiviPagedKVCache, "format", fmt)
     greedy = SamplingParams(max_tokens=12, temperature=0)
     roomy = LLM.from_loaded(smollm, kv_cache_tokens=1024, block_size=8, kv_dtype="int4")
     expected = [o.token_ids for o in roomy.generate(REFERENCE_PROMPTS, greedy)]
-    assert (roomy.engine.cache.stage_of == -1).all()  # every finished sequence gave its slot back
+    # every finished sequence gave its slots back, but for its sink blocks kept in the prefix cache
+    held = torch.nonzero(roomy.engine.cache.stage_of >= 0).flatten().tolist()
+    assert held and set(held) <= set(roomy.engine.block_manager._evictable)
+    assert len(held) <= len(REFERENCE_PROMPTS) * roomy.engine.cache.sink_blocks
     tight = LLM.from_loaded(
         smollm, kv_cache_tokens=96, block_size=8, kv_dtype="int4", enable_prefix_caching=False
     )
@@ -198,3 +215,25 @@ def test_sdpa_reference_is_plain_attention_without_quantization():
     ).transpose(0, 1)
     got = _reference(q, k, v, block=16, scale=16**-0.5)  # one block: all read exact (bf16)
     torch.testing.assert_close(got, exact, atol=0.02, rtol=0)
+
+
+def test_cached_sink_blocks_give_their_slots_to_new_sequences(smollm):
+    """One sequence at a time, so the pool has (2 + 4 sink blocks) + 1 slots: each finished prompt
+    leaves its sink blocks cached with their slots, and the next prompt's sink blocks take them back
+    (the block manager forgets those cached blocks). Answers as with room for all; asking again for a
+    forgotten prompt recomputes it to the same answer."""
+    from slimlm.bench.workload import REFERENCE_PROMPTS
+    from slimlm.engine.llm import LLM
+    from slimlm.engine.params import SamplingParams
+
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    prompts = [" ".join([p] * 6) for p in REFERENCE_PROMPTS[:3]]  # past the 32 sink tokens
+    roomy = LLM.from_loaded(smollm, kv_cache_tokens=1024, block_size=8, kv_dtype="int4")
+    expected = [o.token_ids for o in roomy.generate(prompts, greedy)]
+    one = LLM.from_loaded(smollm, kv_cache_tokens=1024, block_size=8, kv_dtype="int4", max_num_seqs=1)
+    cache, manager = one.engine.cache, one.engine.block_manager
+    assert cache.sink_blocks == 4 and cache.stage_k.shape[1] == 7
+    assert [o.token_ids for o in one.generate(prompts, greedy)] == expected
+    assert [o.token_ids for o in one.generate(prompts[:1], greedy)] == expected[:1]
+    held = torch.nonzero(cache.stage_of >= 0).flatten().tolist()
+    assert held and set(held) <= set(manager._evictable)

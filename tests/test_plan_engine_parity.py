@@ -39,8 +39,9 @@ def test_int4_kv_holds_more_tokens_at_the_same_budget(smollm):
         for d in ("bf16", "int8", "int4")
     }
     assert tokens["int8"] >= 1.9 * tokens["bf16"]
-    # int4 (KIVI) blocks hold 3.24x bf16's tokens; its bf16 staging for 8 sequences comes out of the budget
-    assert tokens["int4"] >= 2.85 * tokens["bf16"]  # 2.93x here
+    # int4 (KIVI) blocks hold 3.24x bf16's tokens; its bf16 staging for 8 sequences (33 slots: 2 sink
+    # blocks, 2 unfinished blocks each, + 1; 11.9 MiB) comes out of the budget
+    assert tokens["int4"] >= 2.6 * tokens["bf16"]  # 2.65x here
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (8, -1)])

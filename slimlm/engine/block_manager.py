@@ -202,6 +202,16 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_tokens = 0
 
+    def forget_cached(self, block_id: int) -> bool:
+        """Drop one cached block nobody references (the int4 pool takes back a sink block's staging
+        slot); False when the block is in use or not cached."""
+        if block_id not in self._evictable:
+            return False
+        del self._evictable[block_id]
+        self._unregister(self.blocks[block_id])
+        self._never_used.append(block_id)
+        return True
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached block nobody references (e.g. before a cold-start benchmark)."""
         while self._evictable:

@@ -92,6 +92,8 @@ class LLMEngine:
         )
         # the int4 pool keeps unfinished blocks in staging slots: a freed one gives its slot back
         self.block_manager.on_release = getattr(self.cache, "release_block", None)
+        if hasattr(self.cache, "forget_cached"):  # and takes back cached sink blocks' slots when short
+            self.cache.forget_cached = self.block_manager.forget_cached
         self.eos_token_ids = list(model_config.eos_token_ids or tokenizer.eos_token_ids)
         self.scheduler = Scheduler(
             self.block_manager,

@@ -20,6 +20,20 @@ class KVFormat:
     k_group: int = 0  # preferred channels per scale of per-token keys (0: one scale for the head)
     v_group: int = 0  # the same for values
     key_channels: bool = False  # KIVI: keys scaled per channel within a block, staged in bf16 until full
+    sink_tokens: int = 0  # key_channels: the blocks holding a sequence's first tokens stay in bf16 staging
+
+    def sink_blocks(self, block_size: int) -> int:
+        """Leading blocks of every sequence kept exact (attention sinks): those that hold its first
+        `sink_tokens` tokens."""
+        return -(-self.sink_tokens // block_size) if self.key_channels else 0
+
+    def staging_slots(self, max_seqs: int, block_size: int) -> int:
+        """bf16 staging slots of a key_channels pool for `max_seqs` running sequences: each holds its
+        sink blocks and at most one unfinished block between steps, and one step may start a new block
+        while the previous one is being finished; 0 for pools without staging."""
+        if not self.key_channels:
+            return 0
+        return (2 + self.sink_blocks(block_size)) * max_seqs + 1
 
     def groups(self, head_dim: int) -> tuple[int, int]:
         """Channels per scale of K and of V at this head_dim (0 = the whole head): the preferred group
@@ -63,6 +77,7 @@ KV_FORMATS = {
     "int8": KVFormat(8, 8),
     # int4: KIVI keys, both turned; chosen on a tuning text, reported on others
     # (benchmarks/kv_fidelity_sweep.py, docs/kv_cache.md)
-    "int4": KVFormat(4, 4, key_channels=True),
+    # and the blocks of each sequence's first 32 tokens kept in bf16 (attention sinks, docs/kv_cache.md)
+    "int4": KVFormat(4, 4, key_channels=True, sink_tokens=32),
     "k8v4": KVFormat(8, 4),  # values whole-head: 8-bit keys already make it the closest (tuning text)
 }

@@ -145,7 +145,7 @@ int slim_decode(const slim_model *m, int64_t batch, const int64_t *tokens, const
                 for (int64_t j = 0; j < h + 2 * kvh; j++) turn(row + j * d, m->rotation, d, 0);
             int64_t pos = positions[b], block = tables[b * n_table + pos / m->block_size];
             for (int64_t g = 0; g < kvh; g++)
-                kv_write(m, l, g, block, pos % m->block_size, row + (h + g) * d, row + (h + kvh + g) * d);
+                kv_write(m, l, g, block, pos, row + (h + g) * d, row + (h + kvh + g) * d);
         }
 #ifdef __AVX512BF16__
         if (m->kv_bits == 16 && d % 16 == 0) { /* the bf16 pool: a KV head's query heads together */

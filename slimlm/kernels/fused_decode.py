@@ -187,7 +187,7 @@ class FusedDecoder:
             m.k_bits, m.v_bits = cache.k_bits, cache.v_bits
             m.k_group, m.v_group = cache.k_group, cache.v_group
         if key_channels:
-            m.key_channels, m.stage_of = 1, ptr(cache.stage_of)
+            m.key_channels, m.stage_of, m.sink_blocks = 1, ptr(cache.stage_of), cache.sink_blocks
         m.rotation = ptr(cache.rotation.float().contiguous()) if quantized else None
         m.embed = weight(_embed_table(model))
         embed = model.model.embed_tokens

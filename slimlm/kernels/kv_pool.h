@@ -97,10 +97,11 @@ static void quantize_block(const slim_model *m, const slim_layer *l, int64_t g, 
     }
 }
 
-/* Write one token's K and V (float32, RoPE applied, turned for quantized pools) for one KV head. */
-static void kv_write(const slim_model *m, const slim_layer *l, int64_t g, int64_t block, int64_t offset,
+/* Write the K and V of the token at position pos (float32, RoPE applied, turned for quantized pools)
+ * for one KV head. */
+static void kv_write(const slim_model *m, const slim_layer *l, int64_t g, int64_t block, int64_t pos,
                      const float *k, const float *v) {
-    int64_t d = m->head_dim;
+    int64_t d = m->head_dim, offset = pos % m->block_size;
     if (m->kv_bits == 16) {
         bf16 *kd = (bf16 *)l->k_cache + slot_offset(m, g, block, offset);
         bf16 *vd = (bf16 *)l->v_cache + slot_offset(m, g, block, offset);
@@ -116,7 +117,8 @@ static void kv_write(const slim_model *m, const slim_layer *l, int64_t g, int64_
             ks[i] = f32_to_bf16(k[i]);
             vs[i] = f32_to_bf16(v[i]);
         }
-        if (offset == m->block_size - 1) quantize_block(m, l, g, block);
+        /* a full block is quantized, but for the sequence's first (sink) blocks, which stay staged */
+        if (offset == m->block_size - 1 && pos / m->block_size >= m->sink_blocks) quantize_block(m, l, g, block);
         return;
     }
     int64_t th = token_head(m, g, block, offset), kg = groups_of(m, m->k_group), vg = groups_of(m, m->v_group);
@@ -248,9 +250,9 @@ static void attend_head(const slim_model *m, const slim_layer *l, const float *q
                 continue;
             }
 #endif
-            if (m->key_channels) { /* own block exact (staged), earlier ones per-channel int4 */
+            if (m->key_channels) { /* own and sink blocks exact (staged), the others per-channel int4 */
                 int64_t block = table[p / bs];
-                if (p / bs == own) {
+                if (p / bs == own || p / bs < m->sink_blocks) {
                     scores[t] = dot_bf16(staged(m, l->k_stage, block, kv_head, p % bs), q, d) * m->scale;
                 } else {
                     if (block != qs_block) { /* q times this block's channel scales, and the zero term */
@@ -283,7 +285,7 @@ static void attend_head(const slim_model *m, const slim_layer *l, const float *q
         for (int64_t t = 0; t < n; t++) {
             int64_t p = start + t;
             total += scores[t];
-            if (m->key_channels && p / bs == own) {
+            if (m->key_channels && (p / bs == own || p / bs < m->sink_blocks)) {
                 const bf16 *v = staged(m, l->v_stage, table[p / bs], kv_head, p % bs);
                 for (int64_t i = 0; i < d; i++) out[i] += scores[t] * bf16_to_f32(v[i]);
             } else

@@ -62,7 +62,7 @@ class Layer(ctypes.Structure):
 DIMS = ("hidden", "inter", "heads", "kv_heads", "head_dim", "layers", "vocab")
 CACHE_DIMS = (
     *("block_size", "num_blocks", "max_ctx", "threads", "kv_bits"),
-    *("k_bits", "v_bits", "k_group", "v_group", "key_channels"),
+    *("k_bits", "v_bits", "k_group", "v_group", "key_channels", "sink_blocks"),
 )
 
 

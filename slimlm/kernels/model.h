@@ -46,6 +46,7 @@ typedef struct {
     int64_t kv_bits;        /* 16: the bf16 pool; 8 or 4: the quantized pools */
     int64_t k_bits, v_bits, k_group, v_group; /* quantized pools: bits and channels per scale (0: head) */
     int64_t key_channels;   /* 1: keys scaled per channel per block, unfinished blocks staged (int4) */
+    int64_t sink_blocks;    /* key_channels: a sequence's first blocks stay staged (attention sinks) */
     int32_t *stage_of;      /* key_channels: [blocks] staging slot of each unfinished block, else -1 */
     float eps, scale;
     int64_t act;            /* the MLP's gate activation: 0 SiLU, 1 tanh-approximated GELU (GeGLU) */

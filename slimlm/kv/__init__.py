@@ -32,9 +32,9 @@ def kv_storage_dtype(kv_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
     return _FLOAT_KV.get(kv_dtype, compute_dtype)
 
 
-def staging_slots(max_seqs: int) -> int:
+def staging_slots(max_seqs: int, block_size: int = 16, kv_dtype: str = "int4") -> int:
     """bf16 staging slots of the int4 pool (slimlm/kv/kivi.py) for `max_seqs` running sequences."""
-    return 2 * max_seqs + 1
+    return _formats.KV_FORMATS[kv_dtype].staging_slots(max_seqs, block_size)
 
 
 def make_kv_cache(
@@ -49,7 +49,7 @@ def make_kv_cache(
     cls = kv_cache_class(kv_dtype)
     extra = {}
     if getattr(cls.__dict__.get("format"), "key_channels", False) and max_seqs is not None:
-        extra["staging_slots"] = staging_slots(max_seqs)
+        extra["staging_slots"] = staging_slots(max_seqs, block_size, kv_dtype_name(kv_dtype))
     cache = cls(
         config,
         num_blocks,

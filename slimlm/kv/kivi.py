@@ -6,16 +6,24 @@ channel's range is only known once its block is full, so a block's tokens wait i
 until the block fills; then the block is quantized and its slot freed. K and V are turned by the
 pool's rotation first, as in every quantized pool here.
 
-What a token reads is set by positions only: a query at position t reads every block before its own
-as quantized codes and its own block, up to t, exactly (bf16). Prefill, chunked prefill, decode,
+Attention sinks (StreamingLLM, IntactKV, KVQuant): attention mass piles up on a sequence's first tokens
+(BOS, the system prompt), and their keys and values are the largest, so the blocks that hold the first
+`format.sink_tokens` tokens are never quantized: they keep their staging slot for as long as the block
+lives (a fixed cost per sequence, not per token). A cached sink block nobody references keeps its slot
+too; when the slots run out, the pool asks the block manager to forget such a block (`forget_cached`)
+and takes its slot.
+
+What a token reads is set by positions only: a query at position t reads the sink blocks and its own
+block, up to t, exactly (bf16), and every other block before its own as quantized codes. Prefill, chunked prefill, decode,
 prefix-cache hits and preemption all give a token the same inputs (tests/test_kv_kivi.py).
 
 Storage per layer: key codes [blocks, block_size, KVH, D/2] with fp16 scales and uint8 zero points
 [blocks, KVH, D] per channel; value codes per token as in the int4 pool, one scale and zero per token
 and head; staging K and V, bf16 [slots, block_size, KVH, D]; and `stage_of` [blocks] (int32, -1 when
 the block has no slot), shared by all layers. A pool gets `staging_slots` slots (the engine passes
-2 x max_num_seqs + 1: a sequence holds at most one partial block between steps, and one step may
-start a new one while the previous is being finished).
+KVFormat.staging_slots: (2 + sink blocks) x max_num_seqs + 1: a sequence holds its sink blocks and at
+most one partial block between steps, and one step may start a new one while the previous is being
+finished).
 """
 
 from __future__ import annotations
@@ -63,7 +71,10 @@ class Int4KiviPagedKVCache(QuantizedPagedKVCache):
 
     def __init__(self, *args, staging_slots: int | None = None, **kwargs) -> None:
         self._slots_wanted = staging_slots
+        # the block manager's forget_cached (set by the engine): frees a cached sink block's slot
+        self.forget_cached = None
         super().__init__(*args, **kwargs)
+        self.sink_blocks = self.format.sink_blocks(self.block_size)
 
     def _allocate(self, num_layers: int, device) -> None:
         super()._allocate(num_layers, device)
@@ -86,10 +97,15 @@ class Int4KiviPagedKVCache(QuantizedPagedKVCache):
             return slot
         used = set(self.stage_of[self.stage_of >= 0].tolist())
         free = next((s for s in range(self.stage_k.shape[1]) if s not in used), None)
+        if free is None and self.forget_cached is not None:  # a cached sink block nobody uses gives way
+            for other in torch.nonzero(self.stage_of >= 0).flatten().tolist():
+                if other != block and self.forget_cached(other):
+                    free, self.stage_of[other] = int(self.stage_of[other]), -1
+                    break
         if free is None:
             raise SlimlmError(
                 f"the int4 KV pool's {self.stage_k.shape[1]} staging slots (one per unfinished block) are "
-                "all in use; lower the number of concurrent sequences"
+                "(sink blocks and unfinished blocks) are all in use; lower the number of concurrent sequences"
             )
         self.stage_of[block] = free
         return free
@@ -105,10 +121,11 @@ class Int4KiviPagedKVCache(QuantizedPagedKVCache):
             self._take_slot(table[pos // bs])
 
     def finish_decode(self, positions: list[int], tables: list[list[int]]) -> None:
-        """After a C-kernel decode step: blocks the step filled were quantized; free their slots."""
+        """After a C-kernel decode step: blocks the step filled were quantized (all but sink blocks);
+        free their slots."""
         bs = self.block_size
         for pos, table in zip(positions, tables, strict=True):
-            if pos % bs == bs - 1:
+            if pos % bs == bs - 1 and pos // bs >= self.sink_blocks:
                 self.stage_of[table[pos // bs]] = -1
 
     # ---- the PyTorch path ----
@@ -140,6 +157,11 @@ class Int4KiviPagedKVCache(QuantizedPagedKVCache):
         full_end = end // bs * bs
         for b0 in range(lo, full_end, bs):  # blocks complete after this step: quantize them
             block = table[b0 // bs]
+            if b0 // bs < self.sink_blocks:  # an attention sink: stays in its staging slot
+                slot = self._take_slot(block)
+                self.stage_k[layer, slot] = ek[b0 - lo : b0 - lo + bs]
+                self.stage_v[layer, slot] = ev[b0 - lo : b0 - lo + bs]
+                continue
             kc, ks, kz = quantize_channels(ek[b0 - lo : b0 - lo + bs])
             vc, vs, vz = quantize(ev[b0 - lo : b0 - lo + bs], 4, self.v_group)
             self.k_codes[layer, block], self.k_scale[layer, block], self.k_zero[layer, block] = kc, ks, kz
@@ -163,30 +185,27 @@ class Int4KiviPagedKVCache(QuantizedPagedKVCache):
         return stage[layer, slot, :n]
 
     def _free_filled(self, meta: AttnMetadata) -> None:
-        """After the last layer: blocks that were staged and are now complete give their slot back."""
+        """After the last layer: blocks this step completed give their slot back (if they held one: staged
+        before, or a stale slot of a reused cached block), except sink blocks."""
         bs = self.block_size
         for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
-            start = ctx - q_len
-            if start % bs and start // bs < ctx // bs:  # began this step unfinished, ended it full
-                self.stage_of[int(meta.block_tables[i, start // bs])] = -1
+            for b in range(max((ctx - q_len) // bs, self.sink_blocks), ctx // bs):
+                self.stage_of[int(meta.block_tables[i, b])] = -1
 
     def _attend_seq(self, layer, q, table, ctx, lo, exact_k, exact_v) -> torch.Tensor:
-        """q [T, H, D] at positions ctx - T .. ctx - 1: blocks before a query's own read quantized, its
-        own block exact. Keys are [quantized 0..lo) + [exact lo..ctx), with a per-query mask."""
+        """q [T, H, D] at positions ctx - T .. ctx - 1: blocks before a query's own read quantized (sink
+        blocks exact), its own block exact. Keys are [as read 0..lo) + [exact lo..ctx), with a per-query
+        mask."""
         bs, dtype = self.block_size, q.dtype
         t = q.shape[0]
         n_before = lo // bs
         parts_k, parts_v = [], []
         if n_before:
-            blocks = torch.tensor(table[:n_before], device=q.device)
-            parts_k.append(self._read_keys(layer, blocks))
-            parts_v.append(self._read_values(layer, blocks))
+            self._read_blocks(layer, table, 0, n_before, parts_k, parts_v)
         # quantized copies of the blocks this step completed (read by later queries of the step)
         full_end = ctx // bs * bs
         if full_end > lo:
-            blocks = torch.tensor(table[lo // bs : full_end // bs], device=q.device)
-            parts_k.append(self._read_keys(layer, blocks))
-            parts_v.append(self._read_values(layer, blocks))
+            self._read_blocks(layer, table, lo // bs, full_end // bs, parts_k, parts_v)
         quant_len = max(full_end, lo)
         keys = torch.cat([*parts_k, exact_k.to(dtype)]) if parts_k else exact_k.to(dtype)
         values = torch.cat([*parts_v, exact_v.to(dtype)]) if parts_v else exact_v.to(dtype)
@@ -203,6 +222,19 @@ class Int4KiviPagedKVCache(QuantizedPagedKVCache):
             qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=qh.shape[1] != kh.shape[1]
         )
         return out[0].transpose(0, 1)  # [T, H, D]
+
+    def _read_blocks(self, layer: int, table: list[int], first: int, end: int, parts_k, parts_v) -> None:
+        """Appends K and V of the sequence's blocks first..end-1 as read: sink blocks from their staging
+        slot, the others dequantized."""
+        sink_end = min(max(first, self.sink_blocks), end)
+        if sink_end > first:
+            slots = self.stage_of[torch.tensor(table[first:sink_end])].long()
+            parts_k.append(self.stage_k[layer, slots].flatten(0, 1).to(self.compute_dtype))
+            parts_v.append(self.stage_v[layer, slots].flatten(0, 1).to(self.compute_dtype))
+        if end > sink_end:
+            blocks = torch.tensor(table[sink_end:end], device=self.k_codes.device)
+            parts_k.append(self._read_keys(layer, blocks))
+            parts_v.append(self._read_values(layer, blocks))
 
     def _read_keys(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:
         codes = gather_blocks(self.k_codes[layer], blocks)  # [n, bs, KVH, D/2]

@@ -25,7 +25,8 @@ KV cache (`kv_bytes_per_token`, `kv_block_bytes`), per token:
   `slimlm.kv.quantized`);
   int4: layers x kv_heads x (2 x head_dim / 2 + 3 + 3 x head_dim / block_size): two elements a byte;
   values with a scale and zero per token and head, keys with one per channel per block (KIVI), and a
-  4-byte staging index per block; plus a fixed bf16 staging area (`kv_staging_bytes`);
+  4-byte staging index per block; plus a fixed bf16 staging area (`kv_staging_bytes`: per running
+  sequence its attention-sink blocks, the first 32 tokens, and its unfinished blocks);
   k8v4: layers x kv_heads x (head_dim + 3 + head_dim / 2 + 3).
 """
 
@@ -132,11 +133,12 @@ def kv_block_bytes(config: ModelConfig, kv_dtype: str, block_size: int) -> int:
 
 
 def kv_staging_bytes(config: ModelConfig, kv_dtype: str, block_size: int, max_num_seqs: int) -> int:
-    """The int4 pool's bf16 staging slots (slimlm/kv/kivi.py): 2 x max_num_seqs + 1 unfinished blocks."""
+    """The int4 pool's bf16 staging slots (slimlm/kv/kivi.py): (2 + sink blocks) x max_num_seqs + 1 blocks
+    (each sequence's attention-sink blocks and unfinished blocks)."""
     from slimlm.formats.kv import KV_FORMATS
 
     kind = normalize_kv_dtype(kv_dtype)
     if kind in FLOAT_BYTES or not KV_FORMATS[kind].key_channels:
         return 0
     per_slot = 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * 2
-    return (2 * max_num_seqs + 1) * per_slot
+    return KV_FORMATS[kind].staging_slots(max_num_seqs, block_size) * per_slot
