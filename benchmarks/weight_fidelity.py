@@ -90,6 +90,23 @@ VARIANTS = {
     ),
     "w4-rot-gptq-g32-e8": dict(method="gptq", bits=4, group_size=32, embedding_bits=8, rotate="hadamard"),
     "w4-rot-gptq-g32": dict(method="gptq", bits=4, group_size=32, rotate="hadamard"),
+    # Grid search per group (slimlm/quant/search.py, `--scale-search`): "mse" least squared rounding error,
+    # "imx" weighted by the importance matrix (E[x_j²] of the calibration inputs, as llama.cpp's imatrix);
+    # with rtn that is llama.cpp-style imatrix quantization, with gptq / awq-gptq the grid GPTQ starts from.
+    **{
+        f"w4-{m.replace('-', '')}-g64{e}{fz}-{tag}": dict(
+            method=m,
+            bits=4,
+            group_size=64,
+            scale_search=search,
+            **({"embedding_bits": 8} if e else {}),
+            **({"float_zero": True} if fz else {}),
+        )
+        for m in ("rtn", "gptq", "awq-gptq")
+        for e in ("", "-e8")
+        for fz in ("", "-fz")
+        for search, tag in (("mse", "mse"), ("imatrix", "imx"))
+    },  # fmt: skip
     "w8-channel": dict(method="rtn", bits=8, group_size=-1),
     "w8-g64": dict(method="rtn", bits=8, group_size=64),
     "w8-g32": dict(method="rtn", bits=8, group_size=32),
@@ -142,6 +159,47 @@ def evaluate(model, texts, refs, context) -> dict:
     return result
 
 
+def layout_of(name: str, row: dict) -> str | None:
+    """The layout in benchmarks/weight_decode_speed.py that decodes at this variant's speed."""
+    recipe = row.get("recipe")
+    if not isinstance(recipe, dict):
+        return name if name.startswith("llama.cpp-") else None
+    if "bits" not in recipe:
+        return None  # rotated, unquantized
+    if recipe["bits"] == 8:
+        return "w8-channel" if recipe["group_size"] == -1 else f"w8-g{recipe['group_size']}"
+    layout = f"w4-g{recipe['group_size']}" + ("-e8" if recipe.get("embedding_bits") == 8 else "")
+    if recipe.get("group_sizes"):
+        layout += "-" + name.rsplit("-", 1)[-1]  # mixb / mixk
+    return layout + ("-rot" if recipe.get("rotate") else "")
+
+
+def markdown_tables(saved: dict, speeds: dict, names: list[str]) -> str:
+    """docs/quantization.md's tables, one per text, with the decode tok/s of each variant's layout."""
+    lines = []
+    for text in ("pydoc", "gpl3"):
+        first = next(r["texts"][text] for r in saved["variants"].values() if text in r.get("texts", {}))
+        lines += [f"**{text}** ({saved['tokens_per_text']} scored tokens, reference perplexity {first['ref_ppl']:.3f})", "",
+                  "| variant | weight MiB | bits/weight | Δppl | KL mean | KL p99 | top-1 | decode tok/s (layout) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        base = speeds.get("bf16", {}).get("decode_tok_s")
+        if base:
+            lines.append(
+                f"| bf16 (reference) | {saved['reference']['params'] * 2 / 2**20:.1f} | 16.00 | — | — | — | — | {base:.0f} |"
+            )
+        for name in names:
+            row = saved["variants"].get(name)
+            if row is None or text not in row.get("texts", {}):
+                continue
+            r, layout = row["texts"][text], layout_of(name, row)
+            speed = speeds.get(layout, {}).get("decode_tok_s") if layout else None
+            speed_cell = f"{speed:.0f} ({layout})" if speed else "—"
+            lines.append(f"| {name} | {row['weight_bytes'] / 2**20:.1f} | {row['bits_per_weight']:.2f} | "
+                         f"{r['delta_ppl_pct']:+.2f}% | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1_agree']:.3f} | {speed_cell} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=2048)
@@ -154,7 +212,14 @@ def main() -> None:
     ap.add_argument("--gguf-cache", default=str(Path.home() / ".cache/slimlm/bench/requant"))
     ap.add_argument("--out", default="benchmarks/results/weight_fidelity.json")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the markdown tables of --out and stop")
+    ap.add_argument("--speeds", default="benchmarks/results/weight_decode_speed.json")
     args = ap.parse_args()
+    if args.table:
+        speeds = Path(args.speeds)
+        speeds = json.loads(speeds.read_text())["layouts"] if speeds.is_file() else {}
+        print(markdown_tables(json.loads(Path(args.out).read_text()), speeds, args.variants.split(",")))
+        return
     torch.set_num_threads(args.threads)
     out_path = Path(args.out)
     saved = json.loads(out_path.read_text()) if out_path.is_file() else {}

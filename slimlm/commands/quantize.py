@@ -27,7 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="128, 64, 32 or -1 (one scale per output channel); default: the largest of 128/64/32 that "
         "divides every input width of the model",
     )
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (awq, gptq)")
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        default=64,
+        help="calibration windows (awq, gptq, --scale-search imatrix)",
+    )
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
     p.add_argument(
         "--calib-file",
@@ -82,6 +87,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fold the norms and rotate the residual stream and value heads before quantizing "
         "(QuaRot-style, weight-only; a tied embedding is untied: one more table). Llama family only",
     )
+    p.add_argument(
+        "--scale-search",
+        choices=("minmax", "mse", "imatrix"),
+        default="minmax",
+        help="each 4/8-bit group's grid (rtn, gptq, awq-gptq): minmax (its min and max), mse (least squared "
+        "rounding error) or imatrix (error weighted by E[x^2] of each input column on the calibration text, "
+        "as llama.cpp's importance matrix; with rtn it calibrates too)",
+    )
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--quiet", "-q", action="store_true")
 
@@ -123,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
     from slimlm.tokenizer.save import save_tokenizer
 
     check_scheme(args.bits, 128 if args.group_size is None else args.group_size)
+    if args.method == "awq" and args.scale_search != "minmax":
+        raise SlimlmError(f"--scale-search {args.scale_search} applies to --method rtn, gptq and awq-gptq; "
+                          "awq picks its grids by its own clipping search (use --method awq-gptq)")  # fmt: skip
+    calibrated = args.method != "rtn" or args.scale_search == "imatrix"
     out = Path(args.out).expanduser().resolve()
     check_not_overlapping(out, resolve_model_path(args.model), "--out", "the source model")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -130,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calib_file:
         read_text_file(args.calib_file, "--calib-file")  # a binary file: one line, not a traceback
     text = load_text(args.calib_file) if args.calib_file else None
-    if text is not None and args.method != "rtn":
+    if text is not None and calibrated:
         from slimlm.eval.overlap import warn_overlap
         from slimlm.quant.calibration import eval_text
 
@@ -148,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         group_size = fits[0]
         group_note = f" (group size {group_size}: the largest of 128/64/32 dividing every input width)"
     batches = None
-    if args.method != "rtn":
+    if calibrated:
         encode = lambda t: loaded.tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
         batches = calibration_batches(encode, text, args.calib_samples, args.calib_seqlen)
     float_bytes = quantized_weight_bytes(loaded.model)
@@ -166,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         embedding_bits=args.embedding_bits,
         group_sizes=args.group_sizes,
         rotate=args.rotate,
+        scale_search=args.scale_search,
     )
     seconds = time.perf_counter() - start
     if batches is not None:  # `slimlm eval` warns when this text overlaps what it scores
@@ -176,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         save_tokenizer(loaded.tokenizer, tmp)
     q_bytes = quantized_weight_bytes(loaded.model)
     print(
-        f"{args.method} w{args.bits} g{group_size}: {float_bytes / 2**20:.1f} MiB fp32 -> {q_bytes / 2**20:.1f} MiB "
+        f"{args.method}{'' if args.scale_search == 'minmax' else ' + ' + args.scale_search} w{args.bits} g{group_size}: {float_bytes / 2**20:.1f} MiB fp32 -> {q_bytes / 2**20:.1f} MiB "
         f"in {seconds:.1f}s; wrote {out}{group_note}",
         file=sys.stderr,
     )

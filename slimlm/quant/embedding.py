@@ -153,9 +153,18 @@ def check_embeddings(model: nn.Module, bits: int, group_size: int) -> nn.Embeddi
 
 @torch.no_grad()
 def quantize_embeddings(
-    model: nn.Module, bits: int, group_size: int, sym: bool, float_zero: bool = False
+    model: nn.Module,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    float_zero: bool = False,
+    head_importance: torch.Tensor | None = None,
 ) -> None:
-    """RTN-quantize model.model.embed_tokens and lm_head in place (one shared table when tied)."""
+    """RTN-quantize model.model.embed_tokens and lm_head in place (one shared table when tied).
+
+    `head_importance` [hidden] (quant/search.py): the lm_head's (or the tied table's) grids are searched
+    with it; an untied embedding then gets the unweighted ("mse") search, as its errors see no activation.
+    """
     embed = check_embeddings(model, bits, group_size)
     group_size, sym = embedding_scheme(bits, group_size, sym)
     head = getattr(model, "lm_head", None)
@@ -164,11 +173,13 @@ def quantize_embeddings(
     if head is not None and not tied:
         check_scheme(bits, group_size, head.in_features, "lm_head")
     float_zero = float_zero and not sym
-    qweight = rtn_quantize(embed.weight.detach(), bits, group_size, sym, float_zero)
+    embed_imp = head_importance if tied or head_importance is None else torch.ones_like(head_importance)
+    qweight = rtn_quantize(embed.weight.detach(), bits, group_size, sym, float_zero, embed_imp)
     install_embedding(model, qweight, embed.weight.dtype, head.bias if tied else None)
     if head is not None and not tied:
         model.lm_head = make_quant_linear(
-            rtn_quantize(head.weight.detach(), bits, group_size, sym, float_zero), head.bias
+            rtn_quantize(head.weight.detach(), bits, group_size, sym, float_zero, head_importance),
+            head.bias,
         )
 
 

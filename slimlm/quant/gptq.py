@@ -14,6 +14,7 @@ import torch
 from slimlm.errors import SlimlmError
 from slimlm.quant.rtn import group_qparams
 from slimlm.quant.scheme import QuantizedWeight, check_scheme
+from slimlm.quant.search import importance_for, search_qparams
 
 
 def gptq_quantize(
@@ -26,8 +27,14 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     float_zero: bool = False,
+    scale_search: str = "minmax",
 ) -> QuantizedWeight:
-    """Quantize `weight` [out, in] with GPTQ given the layer-input Hessian [in, in]."""
+    """Quantize `weight` [out, in] with GPTQ given the layer-input Hessian [in, in].
+
+    `scale_search` (search.py): how each group's grid is chosen when GPTQ reaches the group, from the
+    error-updated weights: their min/max, or the grid that minimises the squared ("mse") or the
+    Hessian-diagonal-weighted ("imatrix") rounding error, before error feedback continues.
+    """
     out, n_in = weight.shape
     group_size = check_scheme(bits, group_size, n_in)
     w = weight.detach().float().clone()
@@ -39,6 +46,7 @@ def gptq_quantize(
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     h_inv_chol = _inverse_hessian_cholesky(h, damp)
+    importance = importance_for(scale_search, n_in, h / 2)  # h = 2·E[x xᵀ], permuted with the columns
 
     codes = torch.zeros(out, n_in, dtype=torch.uint8, device=w.device)
     n_groups = n_in // group_size
@@ -59,7 +67,11 @@ def gptq_quantize(
                 tail = max(0, col + group_size - end)
                 group = torch.cat([block[:, i : i + group_size], w[:, end : end + tail]], dim=1)
                 g = col // group_size
-                scales[:, g], zeros[:, g] = group_qparams(group, bits, sym, float_zero)
+                if importance is None:
+                    scales[:, g], zeros[:, g] = group_qparams(group, bits, sym, float_zero)
+                else:
+                    imp = importance[col : col + group_size].to(w.device)
+                    scales[:, g], zeros[:, g] = search_qparams(group, imp, bits, sym, float_zero)
             g = col // group_size
             q = torch.clamp(torch.round(block[:, i] / scales[:, g] + zeros[:, g]), 0, maxq)
             codes[:, col] = q.to(torch.uint8)

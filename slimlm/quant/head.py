@@ -22,6 +22,7 @@ from slimlm.quant.embedding import check_embeddings, embedding_scheme, install_e
 from slimlm.quant.gptq import gptq_quantize
 from slimlm.quant.linear import make_quant_linear
 from slimlm.quant.rtn import rtn_quantize
+from slimlm.quant.search import importance_for
 from slimlm.quant.stats import InputStats
 
 
@@ -60,13 +61,20 @@ def quantize_head(
     clip: bool = True,
     scale: bool | None = None,
     float_zero: bool = False,
+    scale_search: str = "minmax",
 ) -> str:
-    """Quantize the embedding and lm_head in place; returns the method the head actually got."""
+    """Quantize the embedding and lm_head in place; returns the method the head actually got.
+
+    `scale_search` (quant/search.py): the grids of rtn and gptq heads; "imatrix" weighs the head's input
+    columns by the calibration statistics (the unweighted search where there are none).
+    """
     embed = check_embeddings(model, bits, group_size)
     head = getattr(model, "lm_head", None)
     norm = final_norm(model)
     if method == "rtn" or stats is None or not isinstance(head, nn.Linear):
-        quantize_embeddings(model, bits, group_size, sym, float_zero)
+        search = "mse" if scale_search == "imatrix" and stats is None else scale_search
+        imp = importance_for(search, embed.embedding_dim, None if stats is None else stats.gram)
+        quantize_embeddings(model, bits, group_size, sym, float_zero, imp)
         return "rtn"
     tied = head.weight is embed.weight
     scale = not tied if scale is None else scale
@@ -74,7 +82,9 @@ def quantize_head(
     w = head.weight.detach().float().clone()
     lookup_scale = None
     if method == "gptq":
-        qweight = gptq_quantize(w, stats.hessian, bits, gs, sym, False, damp, block_size, float_zero)
+        qweight = gptq_quantize(
+            w, stats.hessian, bits, gs, sym, False, damp, block_size, float_zero, scale_search
+        )
     else:
         norm_weight = getattr(norm, "weight", None)
         if scale and isinstance(norm_weight, torch.Tensor) and norm_weight.shape == (w.shape[1],):
@@ -92,6 +102,9 @@ def quantize_head(
     if tied:
         install_embedding(model, qweight, dtype, head.bias, lookup_scale=lookup_scale)
     else:
-        install_embedding(model, rtn_quantize(embed.weight.detach(), bits, gs, sym, float_zero), dtype)
+        embed_imp = importance_for("minmax" if scale_search == "minmax" else "mse", w.shape[1])
+        install_embedding(
+            model, rtn_quantize(embed.weight.detach(), bits, gs, sym, float_zero, embed_imp), dtype
+        )
         model.lm_head = make_quant_linear(qweight, head.bias)
     return method

@@ -32,6 +32,7 @@ from slimlm.quant.linear import QuantLinear, make_quant_linear
 from slimlm.quant.rotate import rotate_model
 from slimlm.quant.rtn import rtn_quantize
 from slimlm.quant.scheme import SUPPORTED_GROUP_SIZES, QuantizedWeight, check_scheme
+from slimlm.quant.search import check_scale_search, importance_for
 from slimlm.quant.stats import InputStats
 
 METHODS = ("rtn", "awq", "gptq", "awq-gptq")
@@ -122,6 +123,7 @@ def quantize_model(
     group_sizes: dict[str, int] | None = None,
     rotate: str | None = None,
     rotate_seed: int = 0,
+    scale_search: str = "minmax",
 ) -> dict:
     """Quantize every nn.Linear inside the decoder layers in place, then, if `quantize_embeddings` says so
     (True/"quantize", False/"float", None/"auto": 4 bits only, see slimlm/formats/weights.py), the token
@@ -136,10 +138,17 @@ def quantize_model(
     smaller groups, i.e. more bits per weight; see benchmarks/weight_sensitivity.py).
     `rotate` ("hadamard" | "orthogonal"): first fold the norms and rotate the model (quant/rotate.py;
     a tied embedding is untied). "awq-gptq": AWQ's scales folded, then GPTQ instead of RTN.
+    `scale_search` ("minmax" | "mse" | "imatrix", quant/search.py): how rtn, gptq and awq-gptq choose
+    each group's grid; "imatrix" weighs each input column by its calibration inputs' mean square (with
+    rtn it needs calibration batches too: llama.cpp's importance-matrix quantization).
     Returns the quantization section of the checkpoint config.
     """
     if method not in METHODS:
         raise SlimlmError(f"unknown quantization method {method!r}: use one of {', '.join(METHODS)}")
+    check_scale_search(scale_search)
+    if method == "awq" and scale_search != "minmax":
+        raise SlimlmError(f"--scale-search {scale_search} applies to rtn, gptq and awq-gptq; awq picks its "
+                          "grids by its own clipping search (use --method awq-gptq to combine them)")  # fmt: skip
     check_scheme(bits, group_size)
     layers = decoder_layers(model)
     if any(isinstance(m, QuantLinear | QuantEmbedding) for m in model.modules()):
@@ -174,18 +183,21 @@ def quantize_model(
         check_embeddings(model, embedding_bits, group_size)
     sym = bits == 8 if sym is None else sym
     float_zero = bool(float_zero) and not sym
-    if method != "rtn" and (not calib_batches or any(b.numel() == 0 for b in calib_batches)):
-        raise SlimlmError(f"{method} needs calibration data: give at least one non-empty batch of token ids")
+    calibrated = method != "rtn" or scale_search == "imatrix"
+    if calibrated and (not calib_batches or any(b.numel() == 0 for b in calib_batches)):
+        what = method if method != "rtn" else "--scale-search imatrix"
+        raise SlimlmError(f"{what} needs calibration data: give at least one non-empty batch of token ids")
 
     # after every check above: a refused call leaves the model as it was
     rotation = rotate_model(model, rotate, rotate_seed) if rotate not in (None, "none") else None
     states = None
-    if method == "rtn":
+    if not calibrated:
         with progress_bar("quantize (rtn)", total=len(layers), enabled=progress) as advance:
             for i, (layer, linears) in enumerate(zip(layers, targets, strict=True)):
                 for name, linear in linears.items():
                     gs = linear_group_size(group_sizes, i, name, group_size)
-                    qweight = rtn_quantize(linear.weight.detach(), bits, gs, sym, float_zero)
+                    imp = importance_for(scale_search, linear.in_features)
+                    qweight = rtn_quantize(linear.weight.detach(), bits, gs, sym, float_zero, imp)
                     _swap(layer, name, qweight, linear.bias)
                 advance()
     else:
@@ -196,11 +208,14 @@ def quantize_model(
                 advance()
         with progress_bar(f"quantize ({method})", total=len(layers), enabled=progress) as advance:
             for i, (layer, linears) in enumerate(zip(layers, targets, strict=True)):
-                if method in ("gptq", "awq-gptq"):
-                    sizes = {name: linear_group_size(group_sizes, i, name, group_size) for name in linears}
+                sizes = {name: linear_group_size(group_sizes, i, name, group_size) for name in linears}
+                if method == "rtn":  # with the importance matrix
+                    states = _imatrix_layer(layer, linears, states, run_layer, bits, sym, float_zero, sizes)
+                elif method in ("gptq", "awq-gptq"):
                     awq = awq_grid if method == "awq-gptq" else 0
                     states = _gptq_layer(layer, linears, states, run_layer, bits, group_size, sym,
-                                         act_order, damp, block_size, float_zero, sizes, awq)  # fmt: skip
+                                         act_order, damp, block_size, float_zero, sizes, awq,
+                                         scale_search)  # fmt: skip
                 else:
                     states = _awq_layer(layer, linears, states, run_layer, bits, group_size, sym,
                                         awq_grid, awq_clip, float_zero, group_sizes)  # fmt: skip
@@ -211,7 +226,8 @@ def quantize_model(
         head_sym = True if embedding_bits == 8 else sym  # the 8-bit table is per-channel symmetric
         head_method = quantize_head(model, "gptq" if method == "awq-gptq" else method, stats, embedding_bits, group_size, head_sym, damp=damp,
                                     block_size=block_size, grid=awq_grid, clip=awq_clip,
-                                    float_zero=float_zero and not head_sym)  # fmt: skip
+                                    float_zero=float_zero and not head_sym,
+                                    scale_search=scale_search)  # fmt: skip
 
     if isinstance(embeddings, bool):
         embeddings = "quantize" if embeddings else "float"
@@ -226,6 +242,8 @@ def quantize_model(
         config["zero"] = "float"
     if group_sizes:
         config["group_sizes"] = group_sizes
+    if scale_search != "minmax":
+        config["scale_search"] = scale_search
     if rotation is not None:
         config["rotate"] = rotation
     if method in ("gptq", "awq-gptq"):
@@ -234,7 +252,7 @@ def quantize_model(
         config.update(grid=awq_grid)
     if method == "awq":
         config.update(grid=awq_grid, clip=awq_clip)
-    if method != "rtn":
+    if calibrated:
         config["calibration"] = {
             "batches": len(calib_batches),
             "tokens": sum(b.numel() for b in calib_batches),
@@ -333,17 +351,28 @@ def _collect_stats(layer, linears, states, run_layer) -> tuple[dict[str, InputSt
 
 
 def _gptq_layer(layer, linears, states, run_layer, bits, group_size, sym, act_order, damp, block_size,
-                float_zero=False, group_sizes=None, awq_grid=0):  # fmt: skip
+                float_zero=False, group_sizes=None, awq_grid=0, scale_search="minmax"):  # fmt: skip
     stats, _ = _collect_stats(layer, linears, states, run_layer)
     if awq_grid:  # AWQ + GPTQ: fold the scales AWQ finds (searched at the layer's default group size)
         awq_fold_scales(layer, stats, bits, group_size, sym, awq_grid, float_zero)
     for name, linear in linears.items():
         gs = (group_sizes or {}).get(name, group_size)
         qweight = gptq_quantize(linear.weight, stats[name].hessian, bits, gs, sym, act_order,
-                                damp, block_size, float_zero)  # fmt: skip
+                                damp, block_size, float_zero, scale_search)  # fmt: skip
         _swap(layer, name, qweight, linear.bias)
     # GPTQ feeds the next layer this layer's quantized outputs, so later layers compensate earlier errors.
     return [run_layer(layer, state) for state in states]
+
+
+def _imatrix_layer(layer, linears, states, run_layer, bits, sym, float_zero, group_sizes):
+    """RTN on grids searched with the importance matrix (E[x_j²] per input column, from the float
+    inputs as llama.cpp's imatrix collects them); the next layer sees this layer's float outputs."""
+    stats, next_states = _collect_stats(layer, linears, states, run_layer)
+    for name, linear in linears.items():
+        imp = importance_for("imatrix", linear.in_features, stats[name].gram)
+        qweight = rtn_quantize(linear.weight.detach(), bits, group_sizes[name], sym, float_zero, imp)
+        _swap(layer, name, qweight, linear.bias)
+    return next_states
 
 
 def _awq_layer(layer, linears, states, run_layer, bits, group_size, sym, grid, clip, float_zero=False,

@@ -50,12 +50,26 @@ def quantize_to_codes(
 
 
 def rtn_quantize(
-    weight: torch.Tensor, bits: int, group_size: int, sym: bool = False, float_zero: bool = False
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool = False,
+    float_zero: bool = False,
+    importance: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """Quantize `weight` [out, in] group-wise by rounding to the nearest grid point."""
+    """Quantize `weight` [out, in] group-wise by rounding to the nearest grid point.
+
+    `importance` [in] (search.importance_for): each group's grid is searched to minimise the weighted
+    rounding error instead of spanning the group's min/max (search.py).
+    """
     out, n_in = weight.shape
     group_size = check_scheme(bits, group_size, n_in)
-    scales, zeros = group_qparams(weight.view(out, n_in // group_size, group_size), bits, sym, float_zero)
+    if importance is None:
+        scales, zeros = group_qparams(weight.view(out, n_in // group_size, group_size), bits, sym, float_zero)
+    else:
+        from slimlm.quant.search import searched_qparams  # search.py builds on group_qparams above
+
+        scales, zeros = searched_qparams(weight, importance, bits, group_size, sym, float_zero and not sym)
     codes = quantize_to_codes(weight, scales, zeros, bits, group_size)
     return QuantizedWeight(codes, scales, zeros, bits, group_size)
 
