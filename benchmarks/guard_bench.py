@@ -8,7 +8,8 @@ over the same vectors and reports build time, single-query search latency (media
 recall@1 / recall@10 against the exact scan; rebuild costs; then the per-response cost slimlm's guard
 pays: embed one model answer + search the chosen index (`Guard.decide`, everything included), for
 answers of 1, 3, 7 and 14 sentences (~20 / 55 / 125 / 245 tokens), with 2 threads, comparing the
-query paths (ONNX Runtime fp32, PyTorch bf16 autocast, sentence-transformers' fp32 `encode`).
+query paths (ONNX Runtime fp32 on the transformer-optimized graph and on the plain export, PyTorch fp32
+and bf16 autocast, sentence-transformers' fp32 `encode`).
 `--agreement` instead checks that the served query path snaps like `encode` (no timing).
 
     /work/wt/bin/quiet python benchmarks/guard_bench.py --latency-only --out benchmarks/results/guard_latency.json
@@ -313,7 +314,11 @@ def agreement(embedder, out: dict) -> None:
     root = Path(__file__).resolve().parents[1] / "examples" / "guard_shop"
     labeled = [json.loads(x)["answer"] for x in (root / "labeled.jsonl").read_text().splitlines()]
     synthetic_answers = [a for k in range(1, 15) for a in answers_of_length(k, 50, seed=11)]
-    paths = {"auto (served)": embedder, "torch bf16 autocast": Embedder(query_precision="bf16")}
+    paths = {
+        "auto (served)": embedder,
+        "onnxruntime fp32, plain graph": Embedder(onnx_optimize=False),
+        "torch bf16 autocast": Embedder(query_precision="bf16"),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         build(root / "replies.jsonl", Path(tmp) / "shop", embedder)
         shop = Library(Path(tmp) / "shop")
@@ -396,8 +401,9 @@ def main() -> int:
     from slimlm.guard.policy import Guard
 
     embedder = Embedder()
+    embedder.prepare_query()
     if args.agreement:
-        found: dict = {"model": embedder.model_id}
+        found: dict = {"model": embedder.model_id, "query_path": embedder.query_path}
         agreement(embedder, found)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(found, indent=1) + "\n")
@@ -421,10 +427,13 @@ def main() -> int:
         k: int(statistics.median(embedder.count_tokens([a]) for a in v)) for k, v in by_length.items()
     }
     embedder.prepare_query()
-    results["onnx_query_path"] = embedder._onnx is not None or embedder.onnx_reason
-    # auto is ONNX Runtime fp32 when onnxruntime is installed (onnx_query_path above)
+    results["query_path"] = embedder.query_path
+    # auto is ONNX Runtime fp32 on the optimized graph when onnxruntime is installed (query_path above)
+    plain = Embedder(onnx_optimize=False)
+    plain.prepare_query()
     paths = {
         "auto (served)": embedder,
+        "onnxruntime fp32, plain graph": plain,
         "torch fp32 modules": Embedder(query_precision="fp32"),
         "torch bf16 autocast": Embedder(query_precision="bf16"),
     }
