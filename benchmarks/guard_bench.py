@@ -8,7 +8,8 @@ over the same vectors and reports build time, single-query search latency (media
 recall@1 / recall@10 against the exact scan; rebuild costs; then the per-response cost slimlm's guard
 pays: embed one model answer + search the chosen index (`Guard.decide`, everything included), for
 answers of 1, 3, 7 and 14 sentences (~20 / 55 / 125 / 245 tokens), with 2 threads, comparing the
-query paths (ONNX Runtime fp32, PyTorch bf16 autocast, sentence-transformers' fp32 `encode`).
+query paths (ONNX Runtime fp32 on the transformer-optimized graph and on the plain export, PyTorch fp32
+and bf16 autocast, sentence-transformers' fp32 `encode`).
 `--agreement` instead checks that the served query path snaps like `encode` (no timing).
 
     /work/wt/bin/quiet python benchmarks/guard_bench.py --latency-only --out benchmarks/results/guard_latency.json
@@ -302,54 +303,66 @@ def _decisions(lib, vectors: np.ndarray, thresholds: np.ndarray) -> list[tuple]:
     return out
 
 
+SHOP = Path(__file__).resolve().parents[1] / "examples" / "guard_shop"
+# calibrate's threshold grid
+GRID = np.round(np.arange(0.3, 0.95 + 1e-9, 0.025), 3)
+
+
+def agreement_sets(embedder, tmp: str) -> list[tuple]:
+    """(name, library, answers): the shop's labeled answers (the calibrate set) against the shop
+    library, and 700 synthetic answers of 1 to 14 sentences against the 10k library."""
+    from slimlm.guard.library import Library, _sha1, build
+
+    labeled = [json.loads(x)["answer"] for x in (SHOP / "labeled.jsonl").read_text().splitlines()]
+    synthetic_answers = [a for k in range(1, 15) for a in answers_of_length(k, 50, seed=11)]
+    build(SHOP / "replies.jsonl", Path(tmp) / "shop", embedder)
+    texts = synthetic(10_000, seed=1)
+    big = Path(tmp) / "big"
+    big.mkdir()
+    np.save(big / "vectors.npy", cached_vectors(embedder, 10_000, seed=1))
+    np.save(big / "hashes.npy", _sha1(texts))
+    (big / "library.json").write_text(json.dumps({"model": embedder.model_id, "dim": embedder.dim}))
+    replies = Path(tmp) / "replies.jsonl"
+    replies.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    build(replies, big, embedder)
+    return [
+        ("shop labeled answers", Library(Path(tmp) / "shop"), labeled),
+        ("synthetic answers vs 10k library", Library(big), synthetic_answers),
+    ]
+
+
 def agreement(embedder, out: dict) -> None:
     """Does the served query path snap like sentence-transformers' fp32 `encode`? On the shop's
     labeled answers (the calibrate set) and on 700 synthetic answers of 1 to 14 sentences against
     the 10k library, at every threshold of calibrate's grid: same reply or same fallback."""
     from slimlm.guard.embedder import Embedder
-    from slimlm.guard.library import Library, _sha1, build
 
-    thresholds = np.round(np.arange(0.3, 0.95 + 1e-9, 0.025), 3)
-    root = Path(__file__).resolve().parents[1] / "examples" / "guard_shop"
-    labeled = [json.loads(x)["answer"] for x in (root / "labeled.jsonl").read_text().splitlines()]
-    synthetic_answers = [a for k in range(1, 15) for a in answers_of_length(k, 50, seed=11)]
-    paths = {"auto (served)": embedder, "torch bf16 autocast": Embedder(query_precision="bf16")}
+    paths = {
+        "auto (served)": embedder,
+        "onnxruntime fp32, plain graph": Embedder(onnx_optimize=False),
+        "torch bf16 autocast": Embedder(query_precision="bf16"),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        build(root / "replies.jsonl", Path(tmp) / "shop", embedder)
-        shop = Library(Path(tmp) / "shop")
-        texts = synthetic(10_000, seed=1)
-        big = Path(tmp) / "big"
-        big.mkdir()
-        np.save(big / "vectors.npy", cached_vectors(embedder, 10_000, seed=1))
-        np.save(big / "hashes.npy", _sha1(texts))
-        (big / "library.json").write_text(json.dumps({"model": embedder.model_id, "dim": embedder.dim}))
-        replies = Path(tmp) / "replies.jsonl"
-        replies.write_text(
-            "".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts))
-        )
-        build(replies, big, embedder)
-        for set_name, lib, answers in (
-            ("shop labeled answers", shop, labeled),
-            ("synthetic answers vs 10k library", Library(big), synthetic_answers),
-        ):
+        for set_name, lib, answers in agreement_sets(embedder, tmp):
             ref = embedder.encode_unit(answers)
-            want = _decisions(lib, ref, thresholds)
+            want = _decisions(lib, ref, GRID)
             tokens = [embedder.count_tokens([a]) for a in answers]
             entry = {
                 "answers": len(answers),
                 "tokens_min_max": [min(tokens), max(tokens)],
-                "thresholds": len(thresholds),
+                "thresholds": len(GRID),
             }
             for name, e in paths.items():
                 got_v = np.vstack([e.encode_query([a]) for a in answers])
-                got = _decisions(lib, got_v, thresholds)
+                got = _decisions(lib, got_v, GRID)
                 diff = sum(
                     g != w for gs, ws in zip(got, want, strict=True) for g, w in zip(gs, ws, strict=True)
                 )
                 entry[name] = {
+                    "query_path": e.query_path,
                     "min_cosine_vs_encode": round(float((got_v * ref).sum(1).min()), 7),
                     "decisions_differing": diff,
-                    "decisions": len(answers) * len(thresholds),
+                    "decisions": len(answers) * len(GRID),
                 }
             out[set_name] = entry
             print(json.dumps({set_name: entry}, indent=1), file=sys.stderr)
@@ -396,8 +409,9 @@ def main() -> int:
     from slimlm.guard.policy import Guard
 
     embedder = Embedder()
+    embedder.prepare_query()
     if args.agreement:
-        found: dict = {"model": embedder.model_id}
+        found: dict = {"model": embedder.model_id, "query_path": embedder.query_path}
         agreement(embedder, found)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(found, indent=1) + "\n")
@@ -421,10 +435,13 @@ def main() -> int:
         k: int(statistics.median(embedder.count_tokens([a]) for a in v)) for k, v in by_length.items()
     }
     embedder.prepare_query()
-    results["onnx_query_path"] = embedder._onnx is not None or embedder.onnx_reason
-    # auto is ONNX Runtime fp32 when onnxruntime is installed (onnx_query_path above)
+    results["query_path"] = embedder.query_path
+    # auto is ONNX Runtime fp32 on the optimized graph when onnxruntime is installed (query_path above)
+    plain = Embedder(onnx_optimize=False)
+    plain.prepare_query()
     paths = {
         "auto (served)": embedder,
+        "onnxruntime fp32, plain graph": plain,
         "torch fp32 modules": Embedder(query_precision="fp32"),
         "torch bf16 autocast": Embedder(query_precision="bf16"),
     }

@@ -110,7 +110,11 @@ class Embedder:
     """One sentence-transformers model on the CPU; calls are serialized (one forward at a time)."""
 
     def __init__(
-        self, model_dir: str | Path | None = None, device: str = "cpu", query_precision: str = "auto"
+        self,
+        model_dir: str | Path | None = None,
+        device: str = "cpu",
+        query_precision: str = "auto",
+        onnx_optimize: bool = True,
     ) -> None:
         st = require("sentence_transformers")
         if query_precision not in QUERY_PRECISIONS:
@@ -123,6 +127,8 @@ class Embedder:
         # decisions against encode's vectors, the ones calibrate picks the threshold with (docs/guard.md)
         self.query_precision = query_precision
         self.query_bf16 = query_precision == "bf16"
+        # ONNX Runtime's transformer optimizer over the export (fused fp32 kernels); off only to compare
+        self.onnx_optimize = onnx_optimize
         self._onnx = None
         self.onnx_reason = "not tried yet" if query_precision in ("auto", "onnx") else "not asked for"
         if model_dir is None:
@@ -183,10 +189,19 @@ class Embedder:
             from slimlm.guard.onnx_query import OnnxQuery
 
             self._onnx, self.onnx_reason = OnnxQuery.create(
-                self.model, self.path, cache_dir(), torch.get_num_threads()
+                self.model, self.path, cache_dir(), torch.get_num_threads(), self.onnx_optimize
             )
         if self._onnx is None and self.query_precision == "onnx":
             raise SlimlmError(f"the ONNX Runtime query path is unavailable: {self.onnx_reason}")
+
+    @property
+    def query_path(self) -> str:
+        """Which path `encode_query` takes now, and why not a faster one (for logs and benchmarks)."""
+        onnx = getattr(self, "_onnx", None)
+        if onnx is not None:
+            return f"{onnx.kind} ({onnx.notes})" if onnx.notes else onnx.kind
+        torch_path = "PyTorch bf16 autocast" if self.query_bf16 else "PyTorch fp32"
+        return f"{torch_path} (ONNX Runtime: {self.onnx_reason})"
 
     def encode_query(self, texts: list[str]) -> np.ndarray:
         """Unit vectors for a few texts at once (the guard's per-response call), with less overhead
