@@ -6,7 +6,7 @@
 The speed of a quantized checkpoint depends on its layout (bits, group sizes, table bits, an untied
 head), not on the method that chose its codes: RTN, GPTQ, AWQ + GPTQ and the grid searches write the
 same tensors. So one RTN checkpoint per layout (`slimlm quantize`, cached under --cache) stands for
-every variant of that layout; `LAYOUT_OF` in benchmarks/weight_fidelity.py maps each variant to one.
+every variant of that layout; `layout_of` in benchmarks/weight_fidelity.py maps each variant to one.
 Float zero points run the same kernel layout (w = d·code + m per group) and are not measured apart.
 llama.cpp's files run on slimlm's C kernel with `--weights native` (their own blocks). Each layout
 decodes `--gen-len` greedy tokens after a 128-token prompt through the engine (the C kernel where it

@@ -68,6 +68,7 @@ VARIANTS = {
     "w4-rtn-g32-e8-fz": dict(method="rtn", bits=4, group_size=32, embedding_bits=8, float_zero=True),
     "w4-gptq-g32-e8-fz": dict(method="gptq", bits=4, group_size=32, embedding_bits=8, float_zero=True),
     "w4-rtn-g32-fz": dict(method="rtn", bits=4, group_size=32, float_zero=True),
+    "w4-rtn-g64-fz": dict(method="rtn", bits=4, group_size=64, float_zero=True),
     # Rotation (slimlm/quant/rotate.py: norms folded, residual stream and value heads rotated by random
     # Hadamard matrices; the tied table is untied) and AWQ + GPTQ. "method": "none" = rotated, unquantized.
     "w4-rot-float": dict(method="none", rotate="hadamard"),
@@ -177,9 +178,13 @@ def layout_of(name: str, row: dict) -> str | None:
 def markdown_tables(saved: dict, speeds: dict, names: list[str]) -> str:
     """docs/quantization.md's tables, one per text, with the decode tok/s of each variant's layout."""
     lines = []
+    titles = {
+        "pydoc": "pydoc_data.topics evaluation slice",
+        "gpl3": "GPL-3 (/usr/share/common-licenses/GPL-3)",
+    }
     for text in ("pydoc", "gpl3"):
         first = next(r["texts"][text] for r in saved["variants"].values() if text in r.get("texts", {}))
-        lines += [f"**{text}** ({saved['tokens_per_text']} scored tokens, reference perplexity {first['ref_ppl']:.3f})", "",
+        lines += [f"**{titles[text]}** ({saved['tokens_per_text']} scored tokens, reference perplexity {first['ref_ppl']:.3f})", "",
                   "| variant | weight MiB | bits/weight | Δppl | KL mean | KL p99 | top-1 | decode tok/s (layout) |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         base = speeds.get("bf16", {}).get("decode_tok_s")
@@ -193,7 +198,8 @@ def markdown_tables(saved: dict, speeds: dict, names: list[str]) -> str:
                 continue
             r, layout = row["texts"][text], layout_of(name, row)
             speed = speeds.get(layout, {}).get("decode_tok_s") if layout else None
-            speed_cell = f"{speed:.0f} ({layout})" if speed else "—"
+            shown = "native GGUF" if layout and layout.startswith("llama.cpp") else layout
+            speed_cell = f"{speed:.0f} ({shown})" if speed else "—"
             lines.append(f"| {name} | {row['weight_bytes'] / 2**20:.1f} | {row['bits_per_weight']:.2f} | "
                          f"{r['delta_ppl_pct']:+.2f}% | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1_agree']:.3f} | {speed_cell} |")  # fmt: skip
         lines.append("")

@@ -40,3 +40,29 @@ def test_awq_gptq_g64_keeps_the_answers(bf16_model, reference, rotate=None):  # 
     for q, a, b in changed:
         print(f"w4 awq-gptq g64 (rotate {rotate}) changed {q!r}: bf16 {a!r} -> {b!r}")
     assert len(changed) <= 4, changed
+
+
+@pytest.mark.xfail(
+    reason="measured 2026-12-04: 11 of 20 first sentences changed (AWQ + GPTQ: 15); 'Paris' kept",
+    strict=False,
+)
+def test_imatrix_rtn_g64_answers(bf16_model, reference):  # noqa: F811
+    """The g64 method with the lowest loss on both held-out texts (docs/quantization.md): RTN on grids
+    searched with the importance matrix, float zero points, 8-bit table. Prints the changed answers; the
+    bar is the issue's 16 of 20 kept, which it does not reach yet (xfail)."""
+    from slimlm.quant.calibration import calibration_batches
+    from slimlm.quant.quantize import quantize_model
+
+    quantized = copy.copy(bf16_model)
+    quantized.model = copy.deepcopy(bf16_model.model).float()
+    tok = bf16_model.tokenizer
+    calib = calibration_batches(lambda s: tok.encode(s, add_special_tokens=False), num_samples=16)
+    quantize_model(quantized.model, "rtn", 4, 64, calib, progress=False, embedding_bits=8, float_zero=True,
+                   scale_search="imatrix")  # fmt: skip
+    quantized.model.to(bf16_model.model.model.norm.weight.dtype)
+    answers = _answers(quantized, "bf16")
+    changed = [(q, a, b) for q, a, b in zip(QUESTIONS, reference, answers, strict=True) if a != b]
+    for q, a, b in changed:
+        print(f"w4 rtn imatrix g64 changed {q!r}: bf16 {a!r} -> {b!r}")
+    print(f"w4 rtn imatrix g64: {len(changed)} of {len(QUESTIONS)} first sentences changed")
+    assert len(changed) <= 4, changed
