@@ -12,6 +12,8 @@ and runs attention over what was stored, in a dense float32 forward of each 512-
 - residual ("res"): the tokens of the query's own, unfinished block are read unquantized (what a pool
   that keeps its newest tokens in bf16 until the block fills gives a decoding sequence);
 - rotation ("rot"): K and V turned by the pool's orthogonal matrix before quantizing.
+- attention sinks ("sinkN"): the sequence's first N tokens read exact (the int4 pool keeps the blocks of
+  its first 32); a longer residual ("winW"): W more blocks before the query's own read exact.
 
 Without the residual every key and value is read quantized, the token's own included, as the engine's
 prefill reads "as stored". Reference: the same model with float K/V. Metrics per text: Δppl, mean and
