@@ -103,8 +103,7 @@ def _weight_format(
 ) -> tuple[str, int | None, bool]:
     """(format, group size or None for --group-size, whether embeddings are quantized).
 
-    `embeddings` is --embeddings (auto: quantized for w4, float for w8, as `slimlm quantize`); a bool is
-    the old keep-float flag."""
+    `embeddings` is --embeddings (auto: quantized, as `slimlm quantize`); a bool is the old keep-float flag."""
     from slimlm.formats.weights import quantize_embeddings_for
     from slimlm.plan.inference import normalize_weight_format
 
@@ -120,11 +119,19 @@ def _weight_format(
 
 def _checkpoint_choices(requested: str, config) -> dict:
     """A quantized checkpoint's per-tensor choices that change its bytes: the embedding table's own bits
-    and per-linear group sizes (`slimlm quantize --embedding-bits / --group-sizes`)."""
+    and group size and per-linear group sizes (`slimlm quantize --embedding-bits / --embedding-group-size
+    / --group-sizes`). A checkpoint that names no table group has the rule of its time (legacy)."""
+    from slimlm.formats.weights import table_group_size
+
     q = _checkpoint_quantization(requested, config)
     if not q:
         return {}
-    return {"embedding_bits": q.get("embedding_bits"), "group_sizes": q.get("group_sizes")}
+    bits = int(q["bits"])
+    table = q.get("embedding_group_size")
+    if table is None:
+        table = table_group_size(bits, int(q.get("embedding_bits") or bits), q.get("group_size"), legacy=True)
+    return {"embedding_bits": q.get("embedding_bits"), "group_sizes": q.get("group_sizes"),
+            "embedding_group_size": table}  # fmt: skip
 
 
 def _checkpoint_quantization(requested: str, config) -> dict | None:

@@ -41,11 +41,12 @@ class InferenceSettings:
     batch: int = 1  # sequences that must be in flight together at that context
     engine: EngineConfig = field(default_factory=EngineConfig)
     runtime_overheads: bool = True  # False: the classic arithmetic (weights + KV only)
-    # embedding and lm_head quantized; None: w4 only (quantize's auto)
+    # embedding and lm_head quantized; None: as quantize's auto (always)
     quantize_embeddings: bool | None = None
     # a quantized checkpoint's own choices (`quantize --embedding-bits / --group-sizes`), read from its config
     embedding_bits: int | None = None
     group_sizes: dict[str, int] | None = None
+    embedding_group_size: int | None = None  # the table's group (None: formats.weights.table_group_size)
 
     def __post_init__(self) -> None:
         self.weight_format = normalize_weight_format(self.weight_format)
@@ -53,7 +54,7 @@ class InferenceSettings:
         if self.weight_format in FLOAT_BYTES:
             self.dtype = self.weight_format
         if self.quantize_embeddings is None:  # `slimlm quantize --embeddings auto`
-            self.quantize_embeddings = self.weight_format == "w4"
+            self.quantize_embeddings = self.weight_format in ("w4", "w8")
         if self.group_size is None or self.group_size == 0 or self.group_size < -1:
             raise SlimlmError(f"group size must be positive (or -1 for per-channel), got {self.group_size}")
         if self.context is not None and self.context <= 0:
@@ -173,7 +174,7 @@ def plan_inference(
     context = s.context or min(4096, max_model_len)
     weights = weight_bytes(
         config, s.weight_format, s.group_size, dtype=s.dtype, quantize_embeddings=s.quantize_embeddings,
-        embedding_bits=s.embedding_bits, group_sizes=s.group_sizes,
+        embedding_bits=s.embedding_bits, group_sizes=s.group_sizes, embedding_group_size=s.embedding_group_size,
     )  # fmt: skip
     cuda_context = device.cuda_context_bytes if s.runtime_overheads else 0
     block_bytes = kv_block_bytes(config, s.kv_dtype, engine.block_size)

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from slimlm.quant.awq import _clamp_groups, awq_search_clip, awq_search_scale
-from slimlm.quant.embedding import check_embeddings, embedding_scheme, install_embedding, quantize_embeddings
+from slimlm.quant.embedding import (
+    check_embeddings,
+    embedding_scheme,
+    install_embedding,
+    narrow_table,
+    quantize_embeddings,
+)
 from slimlm.quant.gptq import gptq_quantize
 from slimlm.quant.linear import make_quant_linear
 from slimlm.quant.rtn import rtn_quantize
@@ -60,17 +66,19 @@ def quantize_head(
     clip: bool = True,
     scale: bool | None = None,
     float_zero: bool = False,
+    table_group: int | None = None,
 ) -> str:
-    """Quantize the embedding and lm_head in place; returns the method the head actually got."""
-    embed = check_embeddings(model, bits, group_size)
+    """Quantize the embedding and lm_head in place; returns the method the head actually got.
+    `table_group`: the table's own group size (embedding.embedding_scheme)."""
+    embed = check_embeddings(model, bits, group_size, table_group)
     head = getattr(model, "lm_head", None)
     norm = final_norm(model)
     if method == "rtn" or stats is None or not isinstance(head, nn.Linear):
-        quantize_embeddings(model, bits, group_size, sym, float_zero)
+        quantize_embeddings(model, bits, group_size, sym, float_zero, table_group)
         return "rtn"
     tied = head.weight is embed.weight
     scale = not tied if scale is None else scale
-    gs, sym = embedding_scheme(bits, group_size, sym)
+    gs, sym = embedding_scheme(bits, group_size, sym, table_group)
     w = head.weight.detach().float().clone()
     lookup_scale = None
     if method == "gptq":
@@ -92,6 +100,7 @@ def quantize_head(
     if tied:
         install_embedding(model, qweight, dtype, head.bias, lookup_scale=lookup_scale)
     else:
-        install_embedding(model, rtn_quantize(embed.weight.detach(), bits, gs, sym, float_zero), dtype)
+        table = rtn_quantize(embed.weight.detach(), bits, gs, sym, float_zero, narrow_table(bits, gs))
+        install_embedding(model, table, dtype)
         model.lm_head = make_quant_linear(qweight, head.bias)
     return method
