@@ -11,6 +11,9 @@ slimlm's GGUF loader. All compute in bf16 over the same 512-token windows of eac
 p99 KL(reference || variant), top-1 agreement, and bits per weight (all weight bytes x 8 / parameters,
 norms included, a tied table counted once; for a GGUF, its tensor data).
 
+`--layout kernel` runs each quantized variant through the C kernel's GEMMs instead (activations int8 per
+32, as the engine computes; rows named VARIANT@kernel).
+
 Results are merged into --out (default benchmarks/results/weight_fidelity.json) variant by variant, and
 a variant already there is not run again unless --force: a long sweep can be run in parts.
 """
