@@ -11,6 +11,9 @@ slimlm's GGUF loader. All compute in bf16 over the same 512-token windows of eac
 p99 KL(reference || variant), top-1 agreement, and bits per weight (all weight bytes x 8 / parameters,
 norms included, a tied table counted once; for a GGUF, its tensor data).
 
+`--layout kernel` runs each quantized variant through the C kernel's GEMMs instead (activations int8 per
+32, as the engine computes; rows named VARIANT@kernel).
+
 Results are merged into --out (default benchmarks/results/weight_fidelity.json) variant by variant, and
 a variant already there is not run again unless --force: a long sweep can be run in parts.
 """
@@ -108,10 +111,19 @@ VARIANTS = {
         for fz in ("", "-fz")
         for search, tag in (("mse", "mse"), ("imatrix", "imx"))
     },  # fmt: skip
-    "w8-channel": dict(method="rtn", bits=8, group_size=-1),
-    "w8-g64": dict(method="rtn", bits=8, group_size=64),
-    "w8-g32": dict(method="rtn", bits=8, group_size=32),
+    # decoder only (embedding and head float, the 8-bit default until the int8 g32 table)
+    "w8-channel": dict(method="rtn", bits=8, group_size=-1, quantize_embeddings=False),
+    "w8-g64": dict(method="rtn", bits=8, group_size=64, quantize_embeddings=False),
+    "w8-g32": dict(method="rtn", bits=8, group_size=32, quantize_embeddings=False),
     "w8-channel-e8": dict(method="rtn", bits=8, group_size=-1, quantize_embeddings=True),
+    # the 8-bit table: per-channel (wide grid) or Q8_0's groups of 32 (narrow grid), beside a g64 decoder;
+    # w8-g64-t32 is `slimlm quantize --bits 8`'s default on SmolLM2
+    "w8-g64-tch": dict(
+        method="rtn", bits=8, group_size=64, quantize_embeddings=True, embedding_group_size=-1
+    ),
+    "w8-g64-t32": dict(
+        method="rtn", bits=8, group_size=64, quantize_embeddings=True, embedding_group_size=32
+    ),
     "llama.cpp-Q4_0": "Q4_0",
     "llama.cpp-Q4_K_M": "Q4_K_M",
 }
@@ -220,6 +232,13 @@ def main() -> None:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--table", action="store_true", help="print the markdown tables of --out and stop")
     ap.add_argument("--speeds", default="benchmarks/results/weight_decode_speed.json")
+    ap.add_argument(
+        "--layout",
+        choices=("torch", "kernel"),
+        default="torch",
+        help="kernel: run each quantized variant on the C kernel's GEMMs (int8 activations per 32, as the "
+        "engine computes; stored as VARIANT@kernel) instead of PyTorch's bf16 modules",
+    )
     args = ap.parse_args()
     if args.table:
         speeds = Path(args.speeds)
@@ -233,7 +252,8 @@ def main() -> None:
         raise SystemExit(f"{out_path} holds another window setting; use another --out")
     saved.update(tokens_per_text=args.tokens, context=args.context, calib_samples=args.calib_samples)
     results = saved.setdefault("variants", {})
-    todo = [n for n in args.variants.split(",") if args.force or n not in results]
+    suffix = "@kernel" if args.layout == "kernel" else ""
+    todo = [n for n in args.variants.split(",") if args.force or n + suffix not in results]
     if not todo:
         print("nothing to run: every variant is in", out_path)
         return
@@ -259,6 +279,9 @@ def main() -> None:
     for name in todo:
         spec = VARIANTS[name]
         start = time.perf_counter()
+        if suffix and isinstance(spec, str):
+            print(f"{name}: a GGUF variant, not run with --layout kernel")
+            continue
         if isinstance(spec, str):
             path = llama_cpp_variant(spec, Path(args.llama_bin), Path(args.gguf_cache))
             if path is None:
@@ -282,6 +305,16 @@ def main() -> None:
             row = {"recipe": config, "bits_per_weight": 8 * quantized_weight_bytes(model) / n_params}
         row["weight_bytes"] = round(row["bits_per_weight"] * n_params / 8)
         row["quantize_s"] = time.perf_counter() - start
+        if suffix:
+            from slimlm.kernels.qlayout import quantized_reason, to_kernel_layout
+
+            reason = quantized_reason(model)
+            if reason:
+                print(f"{name}: not on the kernel ({reason}); skipped")
+                continue
+            to_kernel_layout(model)
+            row["layout"] = "kernel"
+        name = name + suffix
         row["texts"] = evaluate(model, texts, refs, args.context)
         results[name] = row
         summary = "  ".join(

@@ -53,13 +53,18 @@ def test_planner_quantized_weight_bytes_equal_the_quantized_model(bits, group_si
     from slimlm.quant.quantize import quantize_model, quantized_weight_bytes
 
     loaded = load(None, dtype="bfloat16", progress=False)
+    # the 8-bit table per channel: its PyTorch module holds what the planner counts (the default int8
+    # g32 table holds a fp16 scale and a uint8 zero per group, the kernel two fp16: planned as 4 bytes)
+    table = -1 if bits == 8 else None
     qconfig = quantize_model(
-        loaded.model, "rtn", bits, group_size, progress=False, quantize_embeddings=embeddings
-    )
+        loaded.model, "rtn", bits, group_size, progress=False, quantize_embeddings=embeddings,
+        embedding_group_size=table,
+    )  # fmt: skip
     allocated = quantized_weight_bytes(loaded.model)  # every persistent tensor, the shared table once
     planned = weight_bytes(
-        loaded.config, f"w{bits}", group_size, dtype="bf16", quantize_embeddings=embeddings
-    )
+        loaded.config, f"w{bits}", group_size, dtype="bf16", quantize_embeddings=embeddings,
+        embedding_group_size=table,
+    )  # fmt: skip
     assert planned == allocated
     llm = LLM.from_loaded(loaded, kv_cache_tokens=64)
     assert llm.memory_report()["weights_bytes"] >= allocated
@@ -88,7 +93,7 @@ def test_planner_counts_an_8bit_table_and_per_linear_group_sizes():
     loaded.config.quantization = qconfig
     fmt, group, embeddings = _weight_format("auto", "bf16", loaded.config, False)
     choices = _checkpoint_choices("auto", loaded.config)
-    assert choices == {"embedding_bits": 8, "group_sizes": sizes}
+    assert choices == {"embedding_bits": 8, "group_sizes": sizes, "embedding_group_size": -1}
     planned = weight_bytes(loaded.config, fmt, group, dtype="bf16", quantize_embeddings=embeddings, **choices)
     assert planned == allocated
     # without the checkpoint's choices the plan is the uniform w4 g64 one, which is smaller

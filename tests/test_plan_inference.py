@@ -37,14 +37,22 @@ def test_quantized_weights_count_scales_zeros_and_unquantized_tensors():
     # the embedding and the (untied) lm_head are quantized too: w4 at the same group size ...
     embed_w4 = 2 * (EMBED // 2 + 32000 * (4096 // 128) * 4)
     assert weight_bytes(LLAMA2_7B, "w4", 128) == PROJ // 2 + groups * 4 + embed_w4 + norms
-    # ... w8 per channel whatever the group size: a byte per weight + one bf16 scale per row
-    embed_w8 = 2 * (EMBED + 32000 * 2)
+    # ... w8 in groups of 32 whatever the decoder's group size (Q8_0's blocks): scale and zero per group
+    embed_w8 = 2 * (EMBED + 32000 * (4096 // 32) * 4)
     assert weight_bytes(LLAMA2_7B, "w8", -1, quantize_embeddings=True) == PROJ + ROWS * 2 + embed_w8 + norms
     # w8 group 64: scale and zero per group
     assert (
         weight_bytes(LLAMA2_7B, "w8", 64, quantize_embeddings=True)
         == PROJ + (PROJ // 64) * 4 + embed_w8 + norms
     )
+    # a per-channel 8-bit table (--embedding-group-size -1): a byte per weight + one bf16 scale per row
+    channel = 2 * (EMBED + 32000 * 2)
+    assert (
+        weight_bytes(LLAMA2_7B, "w8", 64, quantize_embeddings=True, embedding_group_size=-1)
+        == PROJ + (PROJ // 64) * 4 + channel + norms
+    )
+    # beside 4-bit weights an 8-bit table stays per channel (the measured w4 recipes)
+    assert weight_bytes(LLAMA2_7B, "w4", 128, embedding_bits=8) == PROJ // 2 + groups * 4 + channel + norms
     assert weight_bytes(LLAMA2_7B, "w4", 128, dtype="fp32") == PROJ // 2 + groups * 4 + embed_w4 + norms * 2
     # --keep-embeddings-float (and checkpoints from before): embeddings, lm_head and norms stay bf16
     rest = (2 * EMBED + NORMS) * 2
@@ -172,11 +180,12 @@ def test_bad_inference_settings():
 def test_embeddings_default_follows_slimlm_quantize_auto_rule():
     from slimlm.commands.plan import _weight_format
 
-    # auto: quantized for w4, float for w8 (`slimlm quantize --embeddings auto`)
+    # auto: quantized for w4 and (as an int8 g32 table) for w8 (`slimlm quantize --embeddings auto`)
     assert weight_bytes(LLAMA2_7B, "w4", 128) == weight_bytes(LLAMA2_7B, "w4", 128, quantize_embeddings=True)
-    assert weight_bytes(LLAMA2_7B, "w8", -1) == weight_bytes(LLAMA2_7B, "w8", -1, quantize_embeddings=False)
+    assert weight_bytes(LLAMA2_7B, "w8", -1) == weight_bytes(LLAMA2_7B, "w8", -1, quantize_embeddings=True)
     assert _weight_format("w4", "bf16", LLAMA2_7B, "auto")[2] is True
-    assert _weight_format("w8", "bf16", LLAMA2_7B, "auto")[2] is False
+    assert _weight_format("w8", "bf16", LLAMA2_7B, "auto")[2] is True
+    assert _weight_format("w8", "bf16", LLAMA2_7B, "float")[2] is False
     assert _weight_format("w8", "bf16", LLAMA2_7B, "quantize")[2] is True
     assert _weight_format("w4", "bf16", LLAMA2_7B, "float")[2] is False
     assert _weight_format("w4", "bf16", LLAMA2_7B, True)[2] is False  # the old keep-float flag

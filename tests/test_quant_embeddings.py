@@ -41,7 +41,10 @@ def _logits(model, ids):
 def test_lookup_rows_are_the_dequantized_rows(arch, bits, group_size):
     model = slimlm_from_hf(make_hf_model(arch))
     weight = model.model.embed_tokens.weight.detach().clone()
-    quantize_model(model, "rtn", bits, group_size, progress=False, quantize_embeddings=True)
+    # the per-channel int8 table (the 8-bit default's g32 table: tests/test_quant_w8_table.py)
+    table = -1 if bits == 8 else None
+    quantize_model(model, "rtn", bits, group_size, progress=False, quantize_embeddings=True,
+                   embedding_group_size=table)  # fmt: skip
     embed = model.model.embed_tokens
     assert isinstance(embed, QuantEmbedding)
     assert type(embed.table) is (Int4TinyGemmLinear if bits == 4 else Int8Linear)
@@ -253,8 +256,9 @@ def test_smollm_w4_checkpoint_loads_and_the_engine_generates(smollm, smollm_w4):
 
 @pytest.mark.parametrize(
     "flags,bits,quantized",
-    [([], 4, True), ([], 8, False), (["--keep-embeddings-float"], 4, False),
-     (["--embeddings", "float"], 4, False), (["--embeddings", "quantize"], 8, True)],
+    [([], 4, True), ([], 8, True), (["--keep-embeddings-float"], 4, False),
+     (["--embeddings", "float"], 4, False), (["--embeddings", "quantize"], 8, True),
+     (["--embeddings", "float"], 8, False)],
 )  # fmt: skip
 def test_quantize_cli_embeddings_modes_and_the_loaded_checkpoint(tmp_path, flags, bits, quantized):
     from slimlm.cli import main

@@ -77,15 +77,17 @@ def test_tied_lookups_stay_close_to_rtn_lookups():
     assert errors["gptq"] < 2 * errors["rtn"] and errors["awq"] < 2 * errors["rtn"], errors
 
 
-def test_auto_rule_quantizes_embeddings_at_4_bits_only():
-    assert quantize_embeddings_for("auto", 4) and not quantize_embeddings_for("auto", 8)
+def test_auto_rule_quantizes_embeddings_at_both_widths():
+    # auto quantizes the table at 8 bits too since it is an int8 g32 table (docs/quantization.md)
+    assert quantize_embeddings_for("auto", 4) and quantize_embeddings_for("auto", 8)
     assert quantize_embeddings_for(None, 4) and quantize_embeddings_for("quantize", 8)
     assert not quantize_embeddings_for("float", 4) and quantize_embeddings_for(True, 8)
-    for bits, group, quantized in [(4, 32, True), (8, -1, False)]:
+    assert not quantize_embeddings_for("float", 8)
+    for bits, group in [(4, 32), (8, -1)]:
         model = slimlm_from_hf(make_hf_model("llama-tied"))
         config = quantize_model(model, "rtn", bits, group, progress=False)
-        assert config["embeddings"] == "auto" and config["quantize_embeddings"] is quantized
-        assert isinstance(model.model.embed_tokens, QuantEmbedding) is quantized
+        assert config["embeddings"] == "auto" and config["quantize_embeddings"] is True
+        assert isinstance(model.model.embed_tokens, QuantEmbedding)
     config = quantize_model(slimlm_from_hf(make_hf_model("llama")), "rtn", 8, -1, progress=False,
                             quantize_embeddings=True)  # fmt: skip
     assert config["embeddings"] == "quantize" and config["quantize_embeddings"] is True

@@ -10,6 +10,7 @@ directory), llama.cpp (llama-cpp-python on the same GGUF).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import subprocess
@@ -19,7 +20,8 @@ from pathlib import Path
 VARIANTS = ("bf16", "native", "w4g32", "w4g64", "w4g128", "w8", "w4g64e8", "w4g64e8rot", "llama.cpp")
 # w4g64e8: the format of the recommended g64 method (int4 g64, 8-bit table; AWQ + GPTQ write the same
 # format, so RTN measures its speed); w4g64e8rot: the same rotated (an untied head beside the table).
-CHECKPOINTS = {"w4g32": ("4", "32"), "w4g64": ("4", "64"), "w4g128": ("4", "128"), "w8": ("8", "-1"),
+# w8: `slimlm quantize --bits 8` as a user runs it (the default recipe: group 64 here, int8 g32 table).
+CHECKPOINTS = {"w4g32": ("4", "32"), "w4g64": ("4", "64"), "w4g128": ("4", "128"), "w8": ("8", "auto"),
                "w4g64e8": ("4", "64", "--embedding-bits", "8"),
                "w4g64e8rot": ("4", "64", "--embedding-bits", "8", "--rotate", "hadamard")}  # fmt: skip
 
@@ -27,7 +29,10 @@ CHECKPOINTS = {"w4g32": ("4", "32"), "w4g64": ("4", "64"), "w4g128": ("4", "128"
 def checkpoint(variant: str, cache: Path) -> Path:
     """The RTN checkpoint of the embedded model for `variant`, quantized once (slimlm quantize)."""
     bits, group, *extra = CHECKPOINTS[variant]
-    out = cache / f"smollm2-{variant}"
+    # the recipe's flags are in the directory's name, so a changed recipe is not served an old checkpoint
+    # (a changed default of `slimlm quantize` is not seen: delete the cache directory then)
+    recipe = hashlib.sha1(" ".join(CHECKPOINTS[variant]).encode()).hexdigest()[:8]
+    out = cache / f"smollm2-{variant}-{recipe}"
     if not (out / "config.json").exists():
         subprocess.run([sys.executable, "-m", "slimlm.cli", "quantize", "--bits", bits, "--group-size", group,
                         "--method", "rtn", *extra, "--out", str(out), "--quiet"], check=True)  # fmt: skip

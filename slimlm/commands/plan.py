@@ -107,8 +107,7 @@ def _weight_format(
 ) -> tuple[str, int | None, bool]:
     """(format, group size or None for --group-size, whether embeddings are quantized).
 
-    `embeddings` is --embeddings (auto: quantized for w4, float for w8, as `slimlm quantize`); a bool is
-    the old keep-float flag."""
+    `embeddings` is --embeddings (auto: quantized, as `slimlm quantize`); a bool is the old keep-float flag."""
     from slimlm.formats.weights import quantize_embeddings_for
     from slimlm.plan.inference import normalize_weight_format
 
@@ -124,11 +123,19 @@ def _weight_format(
 
 def _checkpoint_choices(requested: str, config) -> dict:
     """A quantized checkpoint's per-tensor choices that change its bytes: the embedding table's own bits
-    and per-linear group sizes (`slimlm quantize --embedding-bits / --group-sizes`)."""
+    and group size and per-linear group sizes (`slimlm quantize --embedding-bits / --embedding-group-size
+    / --group-sizes`). A checkpoint that names no table group has the rule of its time (legacy)."""
+    from slimlm.formats.weights import table_group_size
+
     q = _checkpoint_quantization(requested, config)
     if not q:
         return {}
-    return {"embedding_bits": q.get("embedding_bits"), "group_sizes": q.get("group_sizes")}
+    bits = int(q["bits"])
+    table = q.get("embedding_group_size")
+    if table is None:
+        table = table_group_size(bits, int(q.get("embedding_bits") or bits), q.get("group_size"), legacy=True)
+    return {"embedding_bits": q.get("embedding_bits"), "group_sizes": q.get("group_sizes"),
+            "embedding_group_size": table}  # fmt: skip
 
 
 def _checkpoint_zeros(requested: str, config) -> dict:
@@ -136,7 +143,11 @@ def _checkpoint_zeros(requested: str, config) -> dict:
     q = _checkpoint_quantization(requested, config)
     if not q:
         return {}
-    return {"sym": q.get("sym"), "act_order": bool(q.get("act_order"))}
+    return {
+        "sym": q.get("sym"),
+        "act_order": bool(q.get("act_order")),
+        "head_method": q.get("head_method", "rtn"),
+    }
 
 
 def quantized_runtime_layout(config, settings, device_kind: str) -> str:
@@ -156,7 +167,7 @@ def quantized_runtime_layout(config, settings, device_kind: str) -> str:
     reason = kernel_reason(
         config, {"w4": 4, "w8": 8}[settings.weight_format], settings.group_size,
         quantize_embeddings=settings.quantize_embeddings, embedding_bits=settings.embedding_bits,
-        group_sizes=settings.group_sizes,
+        group_sizes=settings.group_sizes, embedding_group_size=settings.embedding_group_size,
     )  # fmt: skip
     return "torch" if reason else "kernel"
 

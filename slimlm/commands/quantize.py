@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("auto", "quantize", "float"),
         default="auto",
         help="token embedding and lm_head: quantize them (the head with --method) or keep them "
-        "float; auto: quantize at 4 bits, float at 8",
+        "float; auto: quantize (at --bits 8 in int8 groups of 32, llama.cpp's Q8_0 grid)",
     )
     p.add_argument(
         "--keep-embeddings-float",
@@ -64,6 +64,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="bits of the quantized embedding/lm_head table (default: --bits); 8 beside 4-bit weights is "
         "the recommended w4 recipe (docs/quantization.md)",
+    )
+    p.add_argument(
+        "--embedding-group-size",
+        type=int,
+        choices=(32, 64, 128, -1),
+        default=None,
+        help="group size of the quantized embedding/lm_head table (-1: per channel); default: --group-size "
+        "for a 4-bit table, 32 for an 8-bit one at --bits 8 (Q8_0's blocks), per channel for an 8-bit "
+        "table beside 4-bit weights",
     )
     p.add_argument(
         "--zero",
@@ -181,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         quantize_embeddings=args.embeddings,
         float_zero=args.zero == "float",
         embedding_bits=args.embedding_bits,
+        embedding_group_size=args.embedding_group_size,
         group_sizes=args.group_sizes,
         rotate=args.rotate,
         scale_search=args.scale_search,

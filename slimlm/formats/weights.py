@@ -2,8 +2,10 @@
 quantizes the token embedding and lm_head (one rule for the quantizer and the planner; torch-free, so
 `slimlm plan` stays light).
 
-auto quantizes them at 4 bits (what takes w4 under a third of bf16) and keeps them float at 8 bits, where
-the table costs little memory but measurable perplexity (SmolLM2-135M w8: +0.55% vs +0.22% decoder only).
+auto quantizes them at both widths. At 4 bits that is what takes w4 under a third of bf16. At 8 bits the
+table was kept float while it was per-channel int8 (SmolLM2-135M w8: +0.55% vs +0.22% decoder only); in
+groups of 32 on llama.cpp's Q8_0 grid (`table_group_size`, rtn.group_qparams `narrow`) it costs about
+nothing measurable on that model and is a third of the bytes a decoding step reads (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ GROUP_SCALE_ZERO_BYTES = 4  # bf16 scale + bf16 zero point per group per output 
 INT8_CHANNEL_SCALE_BYTES = 2  # per-channel symmetric int8: one bf16 scale per output channel
 
 EMBEDDING_MODES = ("auto", "quantize", "float")
+W8_TABLE_GROUP = 32  # the 8-bit default's table: llama.cpp's Q8_0 blocks (docs/quantization.md)
 
 
 def quantize_embeddings_for(mode: str | bool | None, bits: int) -> bool:
@@ -26,7 +29,22 @@ def quantize_embeddings_for(mode: str | bool | None, bits: int) -> bool:
     mode = "auto" if mode is None else mode
     if mode not in EMBEDDING_MODES:
         raise SlimlmError(f"unknown embeddings mode {mode!r}: use one of {', '.join(EMBEDDING_MODES)}")
-    return bits == 4 if mode == "auto" else mode == "quantize"
+    return True if mode == "auto" else mode == "quantize"
+
+
+def table_group_size(
+    bits: int, embedding_bits: int, group_size: int | None, requested: int | None = None, legacy: bool = False
+) -> int | None:
+    """The quantized embedding/lm_head table's group size (-1: per channel): `requested`
+    (`quantize --embedding-group-size`) if given; a 4-bit table takes the decoder's `group_size`; an
+    8-bit table is per-channel beside 4-bit decoder weights and in groups of 32 in an all-8-bit model.
+    `legacy`: the rule before the table had a group size of its own (8 bits: always per-channel), for
+    checkpoints whose config does not name one."""
+    if requested is not None and not legacy:
+        return requested
+    if embedding_bits == 4:
+        return group_size
+    return -1 if legacy or bits != 8 else W8_TABLE_GROUP
 
 
 def weight_format_name(name: str) -> str:

@@ -11,10 +11,11 @@ Weights (`weight_bytes`):
     per output channel, bf16 each (4 bytes per group per row; the int4 tinygemm layout). A row of `in`
     weights has ceil(in / g) groups. g <= 0 means per-channel: for w4 one group per row; for w8 the
     symmetric int8 kernel's layout, one bf16 scale per output channel and no zero point (2 bytes per row).
-    The token embedding and lm_head are quantized when `quantize_embeddings` is True (None: for w4 only,
-    `slimlm quantize --embeddings auto`): w4 at the same group size, w8 per-channel symmetric whatever the
-    group size (the int8 kernel's layout); a tied lm_head is the embedding's table and is counted once.
-    With False (--embeddings float, w8 by default, and checkpoints made before embeddings were
+    The token embedding and lm_head are quantized when `quantize_embeddings` is True (None: as
+    `slimlm quantize --embeddings auto`, always): a 4-bit table at the decoder's group size, an 8-bit one
+    in groups of `embedding_group_size` (default: formats.weights.table_group_size: 32 in an all-8-bit
+    model, per-channel beside 4-bit weights); a tied lm_head is the embedding's table and is counted once.
+    With False (--embeddings float, and checkpoints made before embeddings were
     quantized) they stay in the model dtype. Norms and
     biases always stay in the model dtype (`dtype`).
 
@@ -39,7 +40,9 @@ from slimlm.formats.weights import (
     WEIGHT_BITS,
     WEIGHT_FORMATS,
     linear_group_size,
+    quantize_embeddings_for,
     quantized_linear_bytes,
+    table_group_size,
     weight_format_name,
 )
 from slimlm.plan.shapes import model_params
@@ -62,6 +65,7 @@ def weight_bytes(
     quantize_embeddings: bool | None = None,
     embedding_bits: int | None = None,
     group_sizes: dict[str, int] | None = None,
+    embedding_group_size: int | None = None,
 ) -> int:
     """Bytes of all weights as the engine stores them (see the module docstring for the layout).
 
@@ -75,8 +79,8 @@ def weight_bytes(
     if group_size is not None and group_size > 0 and group_size % 2 and fmt == "w4":
         raise SlimlmError(f"w4 group size must be even, got {group_size}")
     rest = FLOAT_BYTES[normalize_float_dtype(dtype)]
-    if quantize_embeddings is None:  # `slimlm quantize --embeddings auto`: quantized for w4 only
-        quantize_embeddings = WEIGHT_BITS[fmt] == 4
+    if quantize_embeddings is None:  # `slimlm quantize --embeddings auto`
+        quantize_embeddings = quantize_embeddings_for("auto", WEIGHT_BITS[fmt])
     total = 0
     for p in model_params(config):
         if p.kind == "linear":
@@ -85,7 +89,8 @@ def weight_bytes(
             total += quantized_linear_bytes(*p.shape, WEIGHT_BITS[fmt], size)
         elif p.kind in ("embedding", "lm_head") and quantize_embeddings:
             bits = embedding_bits or WEIGHT_BITS[fmt]
-            total += quantized_linear_bytes(*p.shape, bits, group_size if bits == 4 else -1)
+            table = table_group_size(WEIGHT_BITS[fmt], bits, group_size, embedding_group_size)
+            total += quantized_linear_bytes(*p.shape, bits, table)
         else:
             total += p.numel * rest
     return total

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from slimlm.config import ModelConfig
 from slimlm.formats.dtypes import FLOAT_BYTES, float_dtype_name
-from slimlm.formats.weights import linear_group_size
+from slimlm.formats.weights import linear_group_size, table_group_size
 from slimlm.plan.shapes import model_params
 
 TILE_ROWS = 16  # kernels/qweights.py TILE
@@ -58,7 +58,8 @@ def _fused_weights(config: ModelConfig):
 
 
 def kernel_reason(config: ModelConfig, bits: int, group_size: int | None, *, quantize_embeddings: bool,
-                  embedding_bits: int | None = None, group_sizes: dict[str, int] | None = None) -> str | None:  # fmt: skip
+                  embedding_bits: int | None = None, group_sizes: dict[str, int] | None = None,
+                  embedding_group_size: int | None = None) -> str | None:  # fmt: skip
     """None when the kernel runs this quantized model, else why not (the engine's rule,
     kernels/qlayout.py `quantized_reason`, on shapes instead of modules)."""
     from slimlm.kernels.qweights import kernel_scheme_reason
@@ -77,7 +78,8 @@ def kernel_reason(config: ModelConfig, bits: int, group_size: int | None, *, qua
     if quantize_embeddings:
         ebits = embedding_bits or bits
         h = config.hidden_size
-        group = group_size if ebits == 4 and group_size and group_size > 0 else h
+        group = table_group_size(bits, ebits, group_size, embedding_group_size)
+        group = h if not group or group <= 0 else group
         reason = kernel_scheme_reason(ebits, group, h)
         if reason:
             return f"the embedding table: {reason}"
@@ -93,8 +95,10 @@ def kernel_weight_bytes(
     quantize_embeddings: bool,
     embedding_bits: int | None = None,
     group_sizes: dict[str, int] | None = None,
+    embedding_group_size: int | None = None,
     sym: bool = False,
     act_order: bool = False,
+    head_method: str = "rtn",
 ) -> int:
     """Bytes of every weight as the kernel holds them (module docstring), float tensors in `dtype`."""
     rest = FLOAT_BYTES[float_dtype_name(dtype)]
@@ -112,9 +116,17 @@ def kernel_weight_bytes(
             continue
         if p.kind in ("embedding", "lm_head") and quantize_embeddings:
             ebits = embedding_bits or bits
-            # the 8-bit table is per-channel symmetric; a 4-bit one shares the decoder's group and zeros
-            table_scale = kernel_scale_bytes(ebits, ebits == 8, ebits == 8 or sym)
-            total += kernel_linear_bytes(*p.shape, ebits, group_size if ebits == 4 else -1, table_scale)
+            table = table_group_size(bits, ebits, group_size, embedding_group_size)
+            per_channel = not table or table <= 0
+            # 8-bit tables are symmetric: per channel (bf16 scales), or rtn's Q8_0 grid in groups (fp16
+            # scales); gptq's grouped 8-bit head has float32 scales; a 4-bit one shares the decoder's zeros
+            if ebits == 8 and not per_channel and head_method != "rtn":
+                table_scale = 4
+            elif ebits == 8:
+                table_scale = 2
+            else:
+                table_scale = kernel_scale_bytes(ebits, per_channel, sym)
+            total += kernel_linear_bytes(*p.shape, ebits, table, table_scale)
         else:
             total += p.numel * rest
     return total

@@ -41,16 +41,18 @@ class InferenceSettings:
     batch: int = 1  # sequences that must be in flight together at that context
     engine: EngineConfig = field(default_factory=EngineConfig)
     runtime_overheads: bool = True  # False: the classic arithmetic (weights + KV only)
-    # embedding and lm_head quantized; None: w4 only (quantize's auto)
+    # embedding and lm_head quantized; None: as quantize's auto (always)
     quantize_embeddings: bool | None = None
     # a quantized checkpoint's own choices (`quantize --embedding-bits / --group-sizes`), read from its config
     embedding_bits: int | None = None
     group_sizes: dict[str, int] | None = None
+    embedding_group_size: int | None = None  # the table's group (None: formats.weights.table_group_size)
     # how the engine will hold quantized weights: "torch" (QuantLinear) or "kernel" (the C kernel's layout,
     # slimlm/plan/kernel_weights.py), and the checkpoint's choices that change the kernel's bytes
     layout: str = "torch"
     sym: bool | None = None  # None: quantize's default (symmetric at 8 bits)
     act_order: bool = False
+    head_method: str = "rtn"  # a grouped 8-bit table: rtn's Q8_0 grid keeps fp16 scales, gptq's float32
 
     def __post_init__(self) -> None:
         self.weight_format = normalize_weight_format(self.weight_format)
@@ -58,7 +60,7 @@ class InferenceSettings:
         if self.weight_format in FLOAT_BYTES:
             self.dtype = self.weight_format
         if self.quantize_embeddings is None:  # `slimlm quantize --embeddings auto`
-            self.quantize_embeddings = self.weight_format == "w4"
+            self.quantize_embeddings = self.weight_format in ("w4", "w8")
         if self.group_size is None or self.group_size == 0 or self.group_size < -1:
             raise SlimlmError(f"group size must be positive (or -1 for per-channel), got {self.group_size}")
         if self.context is not None and self.context <= 0:
@@ -176,12 +178,12 @@ def _weights_bytes(config: ModelConfig, s: InferenceSettings) -> int:
         bits = {"w4": 4, "w8": 8}[s.weight_format]
         return kernel_weight_bytes(
             config, bits, s.group_size, dtype=s.dtype, quantize_embeddings=s.quantize_embeddings,
-            embedding_bits=s.embedding_bits, group_sizes=s.group_sizes,
-            sym=bits == 8 if s.sym is None else s.sym, act_order=s.act_order,
+            embedding_bits=s.embedding_bits, group_sizes=s.group_sizes, embedding_group_size=s.embedding_group_size,
+            sym=bits == 8 if s.sym is None else s.sym, act_order=s.act_order, head_method=s.head_method,
         )  # fmt: skip
     return weight_bytes(
         config, s.weight_format, s.group_size, dtype=s.dtype, quantize_embeddings=s.quantize_embeddings,
-        embedding_bits=s.embedding_bits, group_sizes=s.group_sizes,
+        embedding_bits=s.embedding_bits, group_sizes=s.group_sizes, embedding_group_size=s.embedding_group_size,
     )  # fmt: skip
 
 

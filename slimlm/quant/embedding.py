@@ -135,19 +135,36 @@ class QuantEmbedding(nn.Module):
                f"tied={self.tied}, table={type(t).__name__}, lookup_scale={self.lookup_scale is not None}"  # fmt: skip
 
 
-def embedding_scheme(bits: int, group_size: int, sym: bool) -> tuple[int, bool]:
-    """(group size, sym) for the embedding/lm_head: 8 bits per-channel symmetric (the int8 kernel's
-    scheme), 4 bits the decoder's group size and symmetry (the int4 kernel's)."""
+def embedding_scheme(
+    bits: int, group_size: int, sym: bool, table_group: int | None = None
+) -> tuple[int, bool]:
+    """(group size, sym) for the embedding/lm_head. `table_group` (`quantize --embedding-group-size`) is
+    the table's own group size when given; else 8 bits are per-channel symmetric (the int8 kernel's
+    scheme) and 4 bits take the decoder's group size and symmetry (the int4 kernel's). 8 bits are
+    symmetric in every case."""
+    if table_group is not None:
+        return table_group, True if bits == 8 else sym
     return (-1, True) if bits == 8 else (group_size, sym)
 
 
-def check_embeddings(model: nn.Module, bits: int, group_size: int) -> nn.Embedding:
+def narrow_table(bits: int, group: int) -> bool:
+    """Whether the RTN table uses the narrow symmetric grid (rtn.group_qparams): 8 bits in groups, i.e.
+    llama.cpp's Q8_0 blocks at group 32 (a Q8_0 table, as GGUFs ship it, is then reproduced). The
+    per-channel 8-bit table keeps the wide grid it was measured with."""
+    return bits == 8 and group != -1
+
+
+def check_embeddings(
+    model: nn.Module, bits: int, group_size: int, table_group: int | None = None
+) -> nn.Embedding:
     """The model's token embedding, validated for quantization (raises SlimlmError)."""
     embed = _get(model, EMBED_PATH)
     if not isinstance(embed, nn.Embedding):
         raise SlimlmError(f"cannot quantize the embeddings: {EMBED_PATH} is not an nn.Embedding; "
                           "pass quantize_embeddings=False (--embeddings float)")  # fmt: skip
-    check_scheme(bits, embedding_scheme(bits, group_size, False)[0], embed.embedding_dim, EMBED_PATH)
+    check_scheme(
+        bits, embedding_scheme(bits, group_size, False, table_group)[0], embed.embedding_dim, EMBED_PATH
+    )
     return embed
 
 
@@ -159,14 +176,18 @@ def quantize_embeddings(
     sym: bool,
     float_zero: bool = False,
     head_importance: torch.Tensor | None = None,
+    table_group: int | None = None,
 ) -> None:
     """RTN-quantize model.model.embed_tokens and lm_head in place (one shared table when tied).
 
     `head_importance` [hidden] (quant/search.py): the lm_head's (or the tied table's) grids are searched
     with it; an untied embedding then gets the unweighted ("mse") search, as its errors see no activation.
+    `table_group`: the table's own group size (embedding_scheme); an 8-bit table in groups takes the
+    narrow Q8_0 grid (rtn.group_qparams), which is never searched.
     """
-    embed = check_embeddings(model, bits, group_size)
-    group_size, sym = embedding_scheme(bits, group_size, sym)
+    embed = check_embeddings(model, bits, group_size, table_group)
+    group_size, sym = embedding_scheme(bits, group_size, sym, table_group)
+    narrow = narrow_table(bits, group_size)
     head = getattr(model, "lm_head", None)
     head = head if isinstance(head, nn.Linear) else None
     tied = head is not None and head.weight is embed.weight
@@ -174,11 +195,11 @@ def quantize_embeddings(
         check_scheme(bits, group_size, head.in_features, "lm_head")
     float_zero = float_zero and not sym
     embed_imp = head_importance if tied or head_importance is None else torch.ones_like(head_importance)
-    qweight = rtn_quantize(embed.weight.detach(), bits, group_size, sym, float_zero, embed_imp)
+    qweight = rtn_quantize(embed.weight.detach(), bits, group_size, sym, float_zero, embed_imp, narrow)
     install_embedding(model, qweight, embed.weight.dtype, head.bias if tied else None)
     if head is not None and not tied:
         model.lm_head = make_quant_linear(
-            rtn_quantize(head.weight.detach(), bits, group_size, sym, float_zero, head_importance),
+            rtn_quantize(head.weight.detach(), bits, group_size, sym, float_zero, head_importance, narrow),
             head.bias,
         )
 

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from slimlm.quant.awq import _clamp_groups, awq_search_clip, awq_search_scale
-from slimlm.quant.embedding import check_embeddings, embedding_scheme, install_embedding, quantize_embeddings
+from slimlm.quant.embedding import (
+    check_embeddings,
+    embedding_scheme,
+    install_embedding,
+    narrow_table,
+    quantize_embeddings,
+)
 from slimlm.quant.gptq import gptq_quantize
 from slimlm.quant.linear import make_quant_linear
 from slimlm.quant.rtn import rtn_quantize
@@ -62,23 +68,25 @@ def quantize_head(
     scale: bool | None = None,
     float_zero: bool = False,
     scale_search: str = "minmax",
+    table_group: int | None = None,
 ) -> str:
     """Quantize the embedding and lm_head in place; returns the method the head actually got.
 
     `scale_search` (quant/search.py): the grids of rtn and gptq heads; "imatrix" weighs the head's input
     columns by the calibration statistics (the unweighted search where there are none).
+    `table_group`: the table's own group size (embedding.embedding_scheme).
     """
-    embed = check_embeddings(model, bits, group_size)
+    embed = check_embeddings(model, bits, group_size, table_group)
     head = getattr(model, "lm_head", None)
     norm = final_norm(model)
     if method == "rtn" or stats is None or not isinstance(head, nn.Linear):
         search = "mse" if scale_search == "imatrix" and stats is None else scale_search
         imp = importance_for(search, embed.embedding_dim, None if stats is None else stats.gram)
-        quantize_embeddings(model, bits, group_size, sym, float_zero, imp)
+        quantize_embeddings(model, bits, group_size, sym, float_zero, imp, table_group)
         return "rtn"
     tied = head.weight is embed.weight
     scale = not tied if scale is None else scale
-    gs, sym = embedding_scheme(bits, group_size, sym)
+    gs, sym = embedding_scheme(bits, group_size, sym, table_group)
     w = head.weight.detach().float().clone()
     lookup_scale = None
     if method == "gptq":
@@ -103,8 +111,9 @@ def quantize_head(
         install_embedding(model, qweight, dtype, head.bias, lookup_scale=lookup_scale)
     else:
         embed_imp = importance_for("minmax" if scale_search == "minmax" else "mse", w.shape[1])
-        install_embedding(
-            model, rtn_quantize(embed.weight.detach(), bits, gs, sym, float_zero, embed_imp), dtype
+        table = rtn_quantize(
+            embed.weight.detach(), bits, gs, sym, float_zero, embed_imp, narrow_table(bits, gs)
         )
+        install_embedding(model, table, dtype)
         model.lm_head = make_quant_linear(qweight, head.bias)
     return method

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.formats.weights import linear_group_size, quantize_embeddings_for
+from slimlm.formats.weights import linear_group_size, quantize_embeddings_for, table_group_size
 from slimlm.progress import progress_bar
 from slimlm.quant.awq import awq_fold_scales, awq_quantize_layer
 from slimlm.quant.embedding import QuantEmbedding, check_embeddings
@@ -122,6 +122,7 @@ def quantize_model(
     embedding_bits: int | None = None,
     group_sizes: dict[str, int] | None = None,
     rotate: str | None = None,
+    embedding_group_size: int | None = None,
     rotate_seed: int = 0,
     scale_search: str = "minmax",
 ) -> dict:
@@ -132,7 +133,8 @@ def quantize_model(
     `sym` defaults to symmetric for 8 bits (the int8 kernel has no zero point) and asymmetric for 4.
     `float_zero` (4-bit asymmetric): float zero points, w = s·q + min per group (see rtn.group_qparams).
     `embedding_bits` (default `bits`): the embedding/lm_head table's own bits, e.g. 8 beside 4-bit
-    decoder weights (llama.cpp keeps these at 6-8 bits; at 8 the table is per-channel symmetric).
+    decoder weights (llama.cpp keeps these at 6-8 bits; at 8 the table is symmetric).
+    `embedding_group_size`: the table's group size (default: formats.weights.table_group_size).
     `group_sizes` maps a linear's name inside a decoder layer (e.g. "mlp.down_proj", every layer) or in
     one layer ("3.mlp.down_proj") to its own group size (mixed precision: the sensitive tensors get
     smaller groups, i.e. more bits per weight; see benchmarks/weight_sensitivity.py).
@@ -179,8 +181,10 @@ def quantize_model(
     quantize_embeddings = quantize_embeddings_for(embeddings, bits)
     embedding_bits = bits if embedding_bits is None else embedding_bits
     check_scheme(embedding_bits, group_size)
+    table_group = table_group_size(bits, embedding_bits, group_size, embedding_group_size)
+    check_scheme(embedding_bits, table_group)
     if quantize_embeddings:
-        check_embeddings(model, embedding_bits, group_size)
+        check_embeddings(model, embedding_bits, group_size, table_group)
     sym = bits == 8 if sym is None else sym
     float_zero = bool(float_zero) and not sym
     calibrated = method != "rtn" or scale_search == "imatrix"
@@ -227,7 +231,7 @@ def quantize_model(
         head_method = quantize_head(model, "gptq" if method == "awq-gptq" else method, stats, embedding_bits, group_size, head_sym, damp=damp,
                                     block_size=block_size, grid=awq_grid, clip=awq_clip,
                                     float_zero=float_zero and not head_sym,
-                                    scale_search=scale_search)  # fmt: skip
+                                    scale_search=scale_search, table_group=table_group)  # fmt: skip
 
     if isinstance(embeddings, bool):
         embeddings = "quantize" if embeddings else "float"
@@ -238,6 +242,10 @@ def quantize_model(
         config["head_method"] = head_method
     if quantize_embeddings and embedding_bits != bits:
         config["embedding_bits"] = embedding_bits
+    if quantize_embeddings and table_group != table_group_size(
+        bits, embedding_bits, group_size, None, legacy=True
+    ):
+        config["embedding_group_size"] = table_group  # the planner reads it; loaders read the scales' shape
     if float_zero:
         config["zero"] = "float"
     if group_sizes:

@@ -8,7 +8,7 @@ from slimlm.quant.scheme import QuantizedWeight, check_scheme, dequantize_codes
 
 
 def group_qparams(
-    w: torch.Tensor, bits: int, sym: bool, float_zero: bool = False
+    w: torch.Tensor, bits: int, sym: bool, float_zero: bool = False, narrow: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points for each row of `w` [..., n] (one group per row).
 
@@ -17,9 +17,16 @@ def group_qparams(
     z = round(-min / s). `float_zero` (asymmetric only): the grid spans exactly [min, max] and z = -min / s
     is a float (float32 zeros), i.e. w = s·q + min as llama.cpp's Q4_1 stores it; a group whose weights
     already lie on such a grid (a Q4_1 GGUF at its own group size) is reproduced exactly.
+    `narrow` (symmetric only): s = absmax / (2^(bits-1) - 1) rounded to fp16, codes z ± (2^(bits-1) - 1):
+    llama.cpp's Q8_0 block (d = fp16(absmax / 127)); a group of Q8_0 weights is then reproduced exactly,
+    where the wide grid (s = 2·absmax / 255) moves every code off it.
     """
     maxq = 2**bits - 1
     w = w.float()
+    if narrow and sym:  # fp16 scales, as Q8_0 stores d (the kernel then keeps them at 2 bytes too)
+        scale = (w.abs().amax(dim=-1) / (2 ** (bits - 1) - 1)).to(torch.float16).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.full_like(scale, 2 ** (bits - 1), dtype=torch.int32)
     if float_zero and not sym:
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)
         scale = (hi - lo) / maxq
@@ -56,6 +63,7 @@ def rtn_quantize(
     sym: bool = False,
     float_zero: bool = False,
     importance: torch.Tensor | None = None,
+    narrow: bool = False,
 ) -> QuantizedWeight:
     """Quantize `weight` [out, in] group-wise by rounding to the nearest grid point.
 
@@ -64,13 +72,16 @@ def rtn_quantize(
     """
     out, n_in = weight.shape
     group_size = check_scheme(bits, group_size, n_in)
-    if importance is None:
-        scales, zeros = group_qparams(weight.view(out, n_in // group_size, group_size), bits, sym, float_zero)
+    if importance is None or narrow:  # narrow: the Q8_0 grid itself (absmax / 127), never searched
+        grouped = weight.view(out, n_in // group_size, group_size)
+        scales, zeros = group_qparams(grouped, bits, sym, float_zero, narrow)
     else:
         from slimlm.quant.search import searched_qparams  # search.py builds on group_qparams above
 
         scales, zeros = searched_qparams(weight, importance, bits, group_size, sym, float_zero and not sym)
     codes = quantize_to_codes(weight, scales, zeros, bits, group_size)
+    if narrow and sym:
+        scales = scales.to(torch.float16)  # exact (see group_qparams): stored at 2 bytes
     return QuantizedWeight(codes, scales, zeros, bits, group_size)
 
 
