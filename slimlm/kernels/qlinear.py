@@ -44,15 +44,25 @@ class KernelLinear(nn.Module):
         return dequantize(self.kernel_weight()).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float().contiguous()
-        n, k = rows.shape
+        k, out, threads = self.in_features, self.out_features, torch.get_num_threads()
+        n = x.numel() // k
         xq = torch.empty(n * k, dtype=torch.int8)
         sums = torch.empty(2, n * (k // QBLOCK), dtype=torch.float32)
-        y = torch.empty(n, self.out_features, dtype=torch.float32)
         weight = self.weight_struct()
-        any_library().slim_linear(ctypes.byref(weight), rows.data_ptr(), n, xq.data_ptr(), sums[0].data_ptr(),
-                                  sums[1].data_ptr(), None, y.data_ptr(), torch.get_num_threads())  # fmt: skip
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if x.dtype == torch.bfloat16:  # bf16 in and out in C: the same bits, no float32 copies
+            rows = x.reshape(n, k).contiguous()
+            xf = torch.empty(threads * k, dtype=torch.float32)
+            yf = torch.empty(n * out, dtype=torch.float32)  # untouched where the GEMM writes bf16 itself
+            y = torch.empty(n, out, dtype=torch.bfloat16)
+            any_library().slim_linear_bf16(ctypes.byref(weight), rows.data_ptr(), n, xq.data_ptr(), sums[0].data_ptr(),
+                                           sums[1].data_ptr(), None, xf.data_ptr(), yf.data_ptr(), y.data_ptr(),
+                                           threads)  # fmt: skip
+        else:
+            rows = x.reshape(n, k).float().contiguous()
+            y = torch.empty(n, out, dtype=torch.float32)
+            any_library().slim_linear(ctypes.byref(weight), rows.data_ptr(), n, xq.data_ptr(), sums[0].data_ptr(),
+                                      sums[1].data_ptr(), None, y.data_ptr(), threads)  # fmt: skip
+        y = y.to(x.dtype).view(*x.shape[:-1], out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
