@@ -84,3 +84,22 @@ def test_bf16_rows_in_and_out_give_the_float_paths_bits_rounded(layout):
             got = lin(x[:n])
             assert got.dtype == torch.bfloat16
             assert torch.equal(got.view(torch.int16), lin(x[:n].float()).to(torch.bfloat16).view(torch.int16))
+
+
+def test_portable_build_keeps_the_same_properties(tmp_path, monkeypatch):
+    """Without AVX512-VNNI every row takes the portable loop: still batch-independent, bf16 = rounded float."""
+    monkeypatch.setenv("SLIMLM_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("SLIMLM_KERNEL_CFLAGS", "-mno-avx512f")
+    build.load_kernel.cache_clear()
+    try:
+        from slimlm.kernels.library import any_library
+
+        assert not any_library().slim_quant_fast_path()
+        lin = random_linear(*LAYOUTS[2], seed=6)
+        x = torch.randn(40, lin.in_features, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+        with torch.inference_mode():
+            together = lin(x.float())
+            assert torch.equal(together, torch.cat([lin(x[i : i + 8].float()) for i in range(0, 40, 8)]))
+            assert torch.equal(lin(x).view(torch.int16), together.to(torch.bfloat16).view(torch.int16))
+    finally:
+        build.load_kernel.cache_clear()
