@@ -106,6 +106,7 @@ def test_planner_counts_an_8bit_table_and_per_linear_group_sizes():
         (4, 64, True, False, None),
         (4, 32, True, True, 8),
         (8, 64, False, False, None),
+        (8, 64, None, False, None),  # `quantize --bits 8`: the int8 g32 table on Q8_0's grid, fp16 scales
         (8, -1, True, False, None),
     ],
 )

@@ -26,6 +26,8 @@
  * cores: 22 -> 14 ms per token), and each thread still streams long runs of rows in address order,
  * which "dynamic" chunks broke (12 against 9 ms per token).
  */
+#include <omp.h>
+
 #include "attend_bf16.h"
 #include "family.h"
 #include "gemm.h"
@@ -88,6 +90,27 @@ void slim_linear(const slim_weight *w, const float *x, int64_t n, int8_t *xq, fl
 #pragma omp parallel for num_threads((int)threads) schedule(static)
     for (int64_t b = 0; b < n; b++) prep_row(w, x + b * w->k, &in, b);
     linear(w, &in, y, w->rows, n, (int)threads);
+}
+
+/* slim_linear for bf16 rows in and out (the PyTorch path of bf16 models): the bits slim_linear gives
+ * for the rows widened to float32, rounded to bf16, without the float32 copies of inputs and outputs
+ * (a tenth of a quantized prefill went to those). xf: threads * k floats of scratch (each thread widens
+ * one row at a time there); yf: n * rows floats of scratch, used where the GEMM cannot write bf16 itself
+ * (qgemm_bf16_out). */
+void slim_linear_bf16(const slim_weight *w, const bf16 *x, int64_t n, int8_t *xq, float *xs, float *xsum, bf16 *xb,
+                      float *xf, float *yf, bf16 *y, int64_t threads) {
+    slim_input in = {xb, xq, xs, xsum};
+    int64_t k = w->k;
+#pragma omp parallel for num_threads((int)threads) schedule(static)
+    for (int64_t b = 0; b < n; b++) {
+        float *row = xf + omp_get_thread_num() * k;
+        for (int64_t i = 0; i < k; i++) row[i] = bf16_to_f32(x[b * k + i]);
+        prep_row(w, row, &in, b);
+    }
+    if (qgemm_bf16_out(w, xq, xs, xsum, y, w->rows, n, (int)threads)) return;
+    linear(w, &in, yf, w->rows, n, (int)threads);
+#pragma omp parallel for num_threads((int)threads) schedule(static)
+    for (int64_t i = 0; i < n * w->rows; i++) y[i] = f32_to_bf16(yf[i]);
 }
 
 /* out [n, w->k] = rows ids of the table w (float32), each divided by div where given. */

@@ -219,7 +219,7 @@ static void qgemm(const slim_weight *w, const int8_t *xq, const float *xs, const
     }
     int64_t tiles = (w->rows + 15) / 16;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (batch >= QPANEL_MIN_ROWS && qgemm_rows(w, xq, xs, xsum, y, ldy, batch, threads)) return;
+    if (batch >= QPANEL_MIN_ROWS && qgemm_rows(w, xq, xs, xsum, y, NULL, ldy, batch, threads)) return;
     int four = w->bits == 4, f16 = w->scale_bits == 16;
 #pragma omp parallel for num_threads(threads) schedule(guided, 2)
     for (int64_t t = 0; t < tiles; t++) {
@@ -250,6 +250,18 @@ static void qgemm(const slim_weight *w, const int8_t *xq, const float *xs, const
                 y[b * ldy + n] = acc;
             }
 #endif
+}
+
+/* qgemm straight into bf16 outputs where the many-rows path runs (int4 / int8, from QPANEL_MIN_ROWS
+ * rows, AVX512-VNNI); returns 0 (nothing written) elsewhere. */
+static int qgemm_bf16_out(const slim_weight *w, const int8_t *xq, const float *xs, const float *xsum, bf16 *y,
+                          int64_t ldy, int64_t batch, int threads) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if ((w->bits == 4 || w->bits == 8) && batch >= QPANEL_MIN_ROWS)
+        return qgemm_rows(w, xq, xs, xsum, NULL, y, ldy, batch, threads);
+#endif
+    (void)w, (void)xq, (void)xs, (void)xsum, (void)y, (void)ldy, (void)batch, (void)threads;
+    return 0;
 }
 
 /* A GEMM's input in the form its weight reads: bf16 rows, or int8 blocks with scales and sums. */

@@ -64,15 +64,27 @@ static int qp_pack(const slim_weight *w, const int8_t *xq, const float *xs, cons
     return 1;
 }
 
+/* 16 floats rounded to bf16 as numerics.h's f32_to_bf16 does (nearest even, NaN kept quiet): the
+ * bf16 output of the PyTorch path's bf16 models, bit for bit what rounding the float result would give. */
+static inline __m256i qp_to_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
 /* nt (<= QP_TILES) tiles of the panel x nr (<= QP_ROWS) rows of one row group. panel: int8-layout codes
  * of the nt tiles (pstride bytes apart); sc: the first tile's scales (sstride values to the next tile's);
- * x / s / ms: the row group's packed activations; y: its first row's first output; the last tile stores
- * nlast (<= 16) outputs. */
+ * x / s / ms: the row group's packed activations; y (float) or yb (bf16, where not NULL): its first
+ * row's first output; the last tile stores nlast (<= 16) outputs. */
 static inline __attribute__((always_inline)) void qpanel_block(const uint8_t *panel, int64_t pstride, const void *sc,
                                                                int64_t sstride, int64_t nblk, int64_t groups,
                                                                const int32_t *x, const float *s, const float *ms,
-                                                               float *y, int64_t ldy, int64_t nlast, const int nt,
-                                                               const int nr, const int f16) {
+                                                               float *y, bf16 *yb, int64_t ldy, int64_t nlast,
+                                                               const int nt, const int nr, const int f16) {
     int64_t bpg = nblk / groups;
     __m512 acc[QP_TILES][QP_ROWS];
 #pragma GCC unroll 4
@@ -119,14 +131,18 @@ static inline __attribute__((always_inline)) void qpanel_block(const uint8_t *pa
 #pragma GCC unroll 4
     for (int t = 0; t < nt; t++)
 #pragma GCC unroll 8
-        for (int r = 0; r < nr; r++)
-            _mm512_mask_storeu_ps(y + r * ldy + t * 16, t == nt - 1 ? last : (__mmask16)0xFFFF, acc[t][r]);
+        for (int r = 0; r < nr; r++) {
+            __mmask16 mask = t == nt - 1 ? last : (__mmask16)0xFFFF;
+            if (yb) _mm256_mask_storeu_epi16(yb + r * ldy + t * 16, mask, qp_to_bf16(acc[t][r]));
+            else _mm512_mask_storeu_ps(y + r * ldy + t * 16, mask, acc[t][r]);
+        }
 }
 
 /* Every row group through one panel; the last group at its own constant width. */
 #define QP_CALL(NT, NR)                                                                                          \
     qpanel_block(panel, pstride, sc, sstride, nblk, groups, a->x + gr * nblk * 8 * QP_ROWS,                     \
-                 a->s + gr * nblk * QP_ROWS, a->ms + gr * groups * QP_ROWS, y + gr * QP_ROWS * ldy + t0 * 16,    \
+                 a->s + gr * nblk * QP_ROWS, a->ms + gr * groups * QP_ROWS,                                     \
+                 y ? y + gr * QP_ROWS * ldy + t0 * 16 : NULL, yb ? yb + gr * QP_ROWS * ldy + t0 * 16 : NULL,    \
                  ldy, nlast, NT, NR, f16)
 #define QP_ROWS_OF(NT)                                                                                           \
     do {                                                                                                         \
@@ -145,7 +161,7 @@ static inline __attribute__((always_inline)) void qpanel_block(const uint8_t *pa
 
 #define QP_FN(NAME, F16)                                                                                         \
     static void NAME(const slim_weight *w, int64_t t0, int64_t nt, const uint8_t *panel, const qp_acts *a,       \
-                     float *y, int64_t ldy, int64_t batch) {                                                     \
+                     float *y, bf16 *yb, int64_t ldy, int64_t batch) {                                           \
         const int f16 = F16;                                                                                     \
         int64_t k = w->k, nblk = k / QBLOCK, groups = k / w->group, pstride = k * 16, sstride = groups * 32;     \
         int64_t nlast = w->rows - (t0 + nt - 1) * 16 < 16 ? w->rows - (t0 + nt - 1) * 16 : 16;                   \
@@ -173,8 +189,9 @@ static void qpanel_unpack4(const slim_weight *w, int64_t t0, int64_t nt, uint8_t
 }
 
 /* y[b, n] = W[n, :] . x[b, :] for int4 / int8 W (bits 4 or 8) over many rows; see the top of the file.
- * Returns 0 (nothing written) when its scratch cannot be allocated. */
-static int qgemm_rows(const slim_weight *w, const int8_t *xq, const float *xs, const float *xsum, float *y,
+ * Into y (float), or rounded to bf16 into yb where yb is not NULL. Returns 0 (nothing written) when its
+ * scratch cannot be allocated. */
+static int qgemm_rows(const slim_weight *w, const int8_t *xq, const float *xs, const float *xsum, float *y, bf16 *yb,
                       int64_t ldy, int64_t batch, int threads) {
     int64_t tiles = (w->rows + 15) / 16, panels = (tiles + QP_TILES - 1) / QP_TILES, k = w->k;
     int64_t per_panel = QP_TILES * k * 16; /* a multiple of 64: k is a multiple of 32 */
@@ -192,7 +209,7 @@ static int qgemm_rows(const slim_weight *w, const int8_t *xq, const float *xs, c
                 qpanel_unpack4(w, t0, nt, own);
                 panel = own;
             }
-            (f16 ? qpanel_rows_h : qpanel_rows_f)(w, t0, nt, panel, &a, y, ldy, batch);
+            (f16 ? qpanel_rows_h : qpanel_rows_f)(w, t0, nt, panel, &a, y, yb, ldy, batch);
         }
     }
     free(scratch);

@@ -137,5 +137,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.slim_decode.restype = ctypes.c_int
     lib.slim_linear.argtypes = [ctypes.POINTER(Weight), _ptr, ctypes.c_int64, *[_ptr] * 5, ctypes.c_int64]
     lib.slim_linear.restype = None
+    lib.slim_linear_bf16.argtypes = [
+        ctypes.POINTER(Weight),
+        _ptr,
+        ctypes.c_int64,
+        *[_ptr] * 7,
+        ctypes.c_int64,
+    ]
+    lib.slim_linear_bf16.restype = None
     lib.slim_embed.argtypes = [ctypes.POINTER(Weight), _ptr, ctypes.c_int64, _ptr, _ptr]
     lib.slim_embed.restype = None

@@ -46,24 +46,40 @@ class KernelLinear(nn.Module):
         return dequantize(self.kernel_weight()).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        n, k = flat.shape
-        out = torch.empty(n, self.out_features, dtype=x.dtype)
-        # A long prefill runs ROW_CHUNK rows per call: the float32 input copy, int8 codes and float32
-        # result are scratch for one chunk, not for the whole prompt (that scratch was the largest part
-        # of a w4 prefill's peak RSS). Each row's result does not depend on the others in the call.
+        k, out_features, threads = self.in_features, self.out_features, torch.get_num_threads()
+        flat = x.reshape(-1, k)
+        n = flat.shape[0]
+        bf16 = x.dtype == torch.bfloat16
+        out = torch.empty(n, out_features, dtype=x.dtype)
+        # A long prefill runs ROW_CHUNK rows per call: the input copy, int8 codes and float32 result are
+        # scratch for one chunk, not for the whole prompt (that scratch was the largest part of a w4
+        # prefill's peak RSS). Each row's result does not depend on the others in the call, and a chunk
+        # is long enough for the many-rows GEMM (gemm_qpanel.h) to amortise its unpacked panels.
         chunk = max(1, min(n, ROW_CHUNK))
         xq = torch.empty(chunk * k, dtype=torch.int8)
         sums = torch.empty(2, chunk * (k // QBLOCK), dtype=torch.float32)
-        y = torch.empty(chunk, self.out_features, dtype=torch.float32)
         weight = self.weight_struct()
+        lib = any_library()
+        if bf16:  # bf16 in and out in C: the same bits, no float32 copies
+            xf = torch.empty(threads * k, dtype=torch.float32)
+            yf = torch.empty(
+                chunk * out_features, dtype=torch.float32
+            )  # untouched where C writes bf16 itself
+        else:
+            y = torch.empty(chunk, out_features, dtype=torch.float32)
         for start in range(0, n, chunk):
-            rows = flat[start : start + chunk].float().contiguous()
-            m = rows.shape[0]
-            any_library().slim_linear(ctypes.byref(weight), rows.data_ptr(), m, xq.data_ptr(), sums[0].data_ptr(),
-                                      sums[1].data_ptr(), None, y.data_ptr(), torch.get_num_threads())  # fmt: skip
-            out[start : start + m] = y[:m]
-        out = out.view(*x.shape[:-1], self.out_features)
+            m = min(chunk, n - start)
+            if bf16:
+                rows = flat[start : start + m].contiguous()
+                lib.slim_linear_bf16(ctypes.byref(weight), rows.data_ptr(), m, xq.data_ptr(), sums[0].data_ptr(),
+                                     sums[1].data_ptr(), None, xf.data_ptr(), yf.data_ptr(),
+                                     out[start : start + m].data_ptr(), threads)  # fmt: skip
+            else:
+                rows = flat[start : start + m].float().contiguous()
+                lib.slim_linear(ctypes.byref(weight), rows.data_ptr(), m, xq.data_ptr(), sums[0].data_ptr(),
+                                sums[1].data_ptr(), None, y.data_ptr(), threads)  # fmt: skip
+                out[start : start + m] = y[:m]
+        out = out.view(*x.shape[:-1], out_features)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:

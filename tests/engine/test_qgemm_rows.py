@@ -70,3 +70,36 @@ def test_prefill_of_a_wide_layer_keeps_every_row():
     x = torch.randn(70, 128, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         assert torch.equal(lin(x), torch.cat([lin(x[i : i + 8]) for i in range(0, 70, 8)]))
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[1], LAYOUTS[2], LAYOUTS[4]], ids=lambda v: "-".join(map(str, v)))
+def test_bf16_rows_in_and_out_give_the_float_paths_bits_rounded(layout):
+    """bf16 models call slim_linear_bf16 (no float32 copies): the float path's result rounded to bf16,
+    on the decode tiles (few rows) and where the many-rows GEMM writes bf16 itself."""
+    lin = random_linear(*layout, seed=4)
+    x = torch.randn(70, lin.in_features, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    x[3, :7] = torch.tensor([1e-40, -1e-40, 3e38, -3e38, 0.0, -0.0, 1.0])  # subnormals, near-overflow sums
+    with torch.inference_mode():
+        for n in (5, 32, 70):
+            got = lin(x[:n])
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got.view(torch.int16), lin(x[:n].float()).to(torch.bfloat16).view(torch.int16))
+
+
+def test_portable_build_keeps_the_same_properties(tmp_path, monkeypatch):
+    """Without AVX512-VNNI every row takes the portable loop: still batch-independent, bf16 = rounded float."""
+    monkeypatch.setenv("SLIMLM_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("SLIMLM_KERNEL_CFLAGS", "-mno-avx512f")
+    build.load_kernel.cache_clear()
+    try:
+        from slimlm.kernels.library import any_library
+
+        assert not any_library().slim_quant_fast_path()
+        lin = random_linear(*LAYOUTS[2], seed=6)
+        x = torch.randn(40, lin.in_features, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+        with torch.inference_mode():
+            together = lin(x.float())
+            assert torch.equal(together, torch.cat([lin(x[i : i + 8].float()) for i in range(0, 40, 8)]))
+            assert torch.equal(lin(x).view(torch.int16), together.to(torch.bfloat16).view(torch.int16))
+    finally:
+        build.load_kernel.cache_clear()
