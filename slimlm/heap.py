@@ -2,8 +2,8 @@
 
 glibc returns freed memory to the OS only from the top of its heap (and mmapped blocks). Tensors freed in
 the middle of the heap stay resident: laying a bf16 model's linears out (q/k/v and gate/up copied into
-one tensor each, the parts freed) left ~130 MiB of SmolLM2-135M's 650 MiB resident as free heap that the
-process never used again (docs/engine.md, "Peak RSS"). `malloc_trim(0)` hands those pages back
+one tensor each, the parts freed) left ~130 MiB of SmolLM2-135M's 650 MiB resident as free heap
+(docs/engine.md, "Peak RSS: where it goes"). `malloc_trim(0)` hands those pages back
 (MADV_DONTNEED on the free chunks' whole pages); it costs well under a millisecond on a heap this size.
 Elsewhere (macOS, musl) there is no such call and this does nothing.
 """

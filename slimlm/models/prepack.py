@@ -148,9 +148,9 @@ def prepare_linears(model: nn.Module, layout: str, include_lm_head: bool = True)
                     delattr(module, p)
                 changed += len(parts)
                 del parts
-                # The parts' storage is freed in the middle of the heap, where glibc keeps it resident
-                # (the fused copy never fits the hole): hand it back now, so the load's peak is one
-                # layer above the final size, not all the parts twice (slimlm/heap.py).
+                # The parts' storage is freed below the fused copies, where glibc keeps it resident:
+                # hand it back now, so the load's peak is about one fusion above the final size, not
+                # all the parts twice (slimlm/heap.py).
                 release_free_heap()
     if not pack:
         return changed
