@@ -62,9 +62,7 @@ class KernelLinear(nn.Module):
         lib = any_library()
         if bf16:  # bf16 in and out in C: the same bits, no float32 copies
             xf = torch.empty(threads * k, dtype=torch.float32)
-            yf = torch.empty(
-                chunk * out_features, dtype=torch.float32
-            )  # untouched where C writes bf16 itself
+            yf = torch.empty(chunk * out_features, dtype=torch.float32)  # untouched where C writes bf16
         else:
             y = torch.empty(chunk, out_features, dtype=torch.float32)
         for start in range(0, n, chunk):
