@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine", "train", "eval", "plan", "guard", "generation"),  # what the commands drive
     ("models", "kv", "quant", "kernels", "loading", "tokenizer", "optim"),  # the building blocks
     # the vocabulary every layer speaks: "" is slimlm/__init__.py
-    ("config", "errors", "progress", "output_dir", "settings", "formats", "devices", ""),
+    ("config", "errors", "progress", "output_dir", "settings", "formats", "devices", "heap", ""),
 ]
 LAYER = {top: len(LAYERS) - i for i, names in enumerate(LAYERS) for top in names}
 
