@@ -108,7 +108,7 @@ def _weight_format(
     """(format, group size or None for --group-size, whether embeddings are quantized).
 
     `embeddings` is --embeddings (auto: quantized, as `slimlm quantize`); a bool is the old keep-float flag."""
-    from slimlm.formats.weights import quantize_embeddings_for
+    from slimlm.formats.weights import WEIGHT_BITS, quantize_embeddings_for
     from slimlm.plan.inference import normalize_weight_format
 
     if isinstance(embeddings, bool):
@@ -117,7 +117,7 @@ def _weight_format(
     if q:  # a quantized checkpoint keeps its format; older ones kept float embeddings
         return f"w{q['bits']}", q.get("group_size"), bool(q.get("quantize_embeddings", False))
     fmt = requested if requested != "auto" else dtype
-    bits = {"w4": 4, "w8": 8}.get(normalize_weight_format(fmt), 16)
+    bits = WEIGHT_BITS.get(normalize_weight_format(fmt), 16)
     return fmt, None, quantize_embeddings_for(embeddings, bits)
 
 
@@ -153,6 +153,7 @@ def _checkpoint_zeros(requested: str, config) -> dict:
 def quantized_runtime_layout(config, settings, device_kind: str) -> str:
     """ "kernel" where the engine will hold these quantized weights in the C kernel's layout, as
     engine/backend.py `quantized_layout` decides for this machine, else "torch"."""
+    from slimlm.formats.weights import WEIGHT_BITS
     from slimlm.plan.inference import FLOAT_BYTES
 
     if settings.weight_format in FLOAT_BYTES or device_kind != "cpu" or settings.dtype != "bf16":
@@ -165,7 +166,7 @@ def quantized_runtime_layout(config, settings, device_kind: str) -> str:
     if quantized_layout(settings.engine, torch.device("cpu"), torch.bfloat16) != "kernel":
         return "torch"
     reason = kernel_reason(
-        config, {"w4": 4, "w8": 8}[settings.weight_format], settings.group_size,
+        config, WEIGHT_BITS[settings.weight_format], settings.group_size,
         quantize_embeddings=settings.quantize_embeddings, embedding_bits=settings.embedding_bits,
         group_sizes=settings.group_sizes, embedding_group_size=settings.embedding_group_size,
     )  # fmt: skip

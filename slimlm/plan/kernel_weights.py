@@ -20,10 +20,11 @@ from __future__ import annotations
 from slimlm.config import ModelConfig
 from slimlm.formats.dtypes import FLOAT_BYTES, float_dtype_name
 from slimlm.formats.weights import linear_group_size, table_group_size
+from slimlm.kernels.qweights import TILE as TILE_ROWS
+from slimlm.models.prepack import FUSIONS
 from slimlm.plan.shapes import model_params
 
-TILE_ROWS = 16  # kernels/qweights.py TILE
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # models/prepack.py FUSIONS
+FUSED = tuple(parts for _fused, parts in FUSIONS)  # q/k/v and gate/up: one weight each in the kernel
 
 
 def kernel_scale_bytes(bits: int, per_channel: bool, sym: bool) -> int:

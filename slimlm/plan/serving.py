@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from slimlm.config import ModelConfig
 from slimlm.engine.config import EngineConfig
 from slimlm.errors import SlimlmError
+from slimlm.formats.weights import WEIGHT_BITS
 from slimlm.plan.components import Component, device_total
 from slimlm.plan.devices import Device
 from slimlm.plan.inference import (
@@ -175,7 +176,7 @@ def _weights_bytes(config: ModelConfig, s: InferenceSettings) -> int:
     if s.layout == "kernel" and s.weight_format not in FLOAT_BYTES:
         from slimlm.plan.kernel_weights import kernel_weight_bytes
 
-        bits = {"w4": 4, "w8": 8}[s.weight_format]
+        bits = WEIGHT_BITS[s.weight_format]
         return kernel_weight_bytes(
             config, bits, s.group_size, dtype=s.dtype, quantize_embeddings=s.quantize_embeddings,
             embedding_bits=s.embedding_bits, group_sizes=s.group_sizes, embedding_group_size=s.embedding_group_size,
