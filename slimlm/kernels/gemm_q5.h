@@ -102,12 +102,7 @@ static inline __attribute__((always_inline)) void q5gemm_tile(const slim_weight 
 static void q5gemm(const slim_weight *w, const int8_t *xq, const float *xs, float *y, int64_t ldy, int64_t batch,
                    int threads) {
     int64_t k = w->k, nblk = k / 32, tiles = (w->rows + 15) / 16;
-    int32_t *s32 = (int32_t *)malloc(sizeof(int32_t) * (size_t)(batch * nblk + 1));
-    for (int64_t i = 0; i < batch * nblk; i++) {
-        int32_t total = 0;
-        for (int j = 0; j < 32; j++) total += xq[i * 32 + j];
-        s32[i] = total;
-    }
+    int32_t *s32 = code_run_sums(xq, batch * k, 32);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #pragma omp parallel for num_threads(threads) schedule(guided, 2)
     for (int64_t t = 0; t < tiles; t++) {

@@ -2,6 +2,7 @@
 #pragma once
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -159,6 +160,18 @@ static inline float f16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
+}
+
+/* The integer sum of each run of `run` int8 activation codes (n codes in all), malloc'ed: the caller frees.
+   Q5_0 and Q6_K subtract their code offset (16, 32) times these sums from each dot product. */
+static inline int32_t *code_run_sums(const int8_t *xq, int64_t n, int run) {
+    int32_t *sums = (int32_t *)malloc(sizeof(int32_t) * (size_t)(n / run + 1));
+    for (int64_t i = 0; i < n / run; i++) {
+        int32_t total = 0;
+        for (int j = 0; j < run; j++) total += xq[i * run + j];
+        sums[i] = total;
+    }
+    return sums;
 }
 
 /* Runs CALL(NB) over sequences b0 .. batch-1: tiles of 8, then one tile of the remainder. NB is a literal
