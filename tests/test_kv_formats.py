@@ -14,7 +14,6 @@ import torch
 from slimlm.formats.kv import KV_FORMATS, KVFormat
 from slimlm.kernels import build
 from slimlm.kv import kv_cache_class, make_kv_cache
-from slimlm.kv.metadata import AttnMetadata
 from slimlm.plan.inference import kv_block_bytes, kv_staging_bytes
 from tests.test_kv_quant import SMOLLM_SHAPE, tiny_config
 from tests.tiny_models import make_hf_model, paged_decode_logits, slimlm_from_hf
@@ -88,13 +87,5 @@ def test_kernel_reads_and_writes_grouped_pools_as_pytorch_does(grouped):
     assert clear.sum() >= len(clear) // 2
     assert torch.equal(fused.argmax(-1)[clear], expected[:-1].argmax(-1)[clear])
     # the last token through PyTorch, over the codes and group scales the kernel wrote
-    p = len(tokens) - 1
-    meta = AttnMetadata(
-        [1],
-        [p + 1],
-        block_tables=torch.tensor([table]),
-        slot_mapping=torch.tensor([table[p // 4] * 4 + p % 4]),
-    )
-    with torch.inference_mode():
-        last = model.compute_logits(model(torch.tensor([tokens[-1]]), torch.tensor([p]), cache, meta))[0]
+    last = paged_decode_logits(model, cache, tokens, table, start=len(tokens) - 1)[0]
     torch.testing.assert_close(last, eager[-1], atol=0.05 * eager[-1].abs().max().item(), rtol=0)

@@ -162,15 +162,7 @@ def test_c_kernel_reads_and_writes_the_int4_pool_as_pytorch_does(v_group, sink_b
     assert fused_err <= (eager[:-1] - expected[:-1]).abs().max()
     assert torch.equal(fused.argmax(-1), expected[:-1].argmax(-1))
     # the PyTorch path continues from what the kernel stored (codes, channel scales, the staged block)
-    p = len(tokens) - 1
-    meta = AttnMetadata(
-        [1],
-        [p + 1],
-        block_tables=torch.tensor([table]),
-        slot_mapping=torch.tensor([table[p // 4] * 4 + p % 4]),
-    )
-    with torch.inference_mode():
-        last = model.compute_logits(model(torch.tensor([tokens[-1]]), torch.tensor([p]), cache, meta))[0]
+    last = paged_decode_logits(model, cache, tokens, table, start=len(tokens) - 1)[0]
     torch.testing.assert_close(last, eager[-1], atol=0.05 * eager[-1].abs().max().item(), rtol=0)
     # only the last, unfinished block and the sink block keep a slot
     assert cache.stage_of.tolist().count(-1) == 11 - sink_blocks

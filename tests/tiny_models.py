@@ -155,14 +155,14 @@ def cached_decode_logits(
     return torch.cat(outs), torch.cat(refs)
 
 
-def paged_decode_logits(model, cache, tokens: list[int], table: list[int]) -> torch.Tensor:
-    """slimlm's eager logits [len, vocab], one token a step through `cache.attend` (any paged pool) with
-    the sequence's blocks at `table`."""
+def paged_decode_logits(model, cache, tokens: list[int], table: list[int], start: int = 0) -> torch.Tensor:
+    """slimlm's eager logits [len - start, vocab], one token a step through `cache.attend` (any paged pool)
+    with the sequence's blocks at `table`, from position `start` on (the earlier ones already in `cache`)."""
     from slimlm.kv.metadata import AttnMetadata
 
     bs, rows = cache.block_size, []
     with torch.inference_mode():
-        for pos, token in enumerate(tokens):
+        for pos, token in enumerate(tokens[start:], start):
             meta = AttnMetadata(
                 query_lens=[1],
                 context_lens=[pos + 1],
