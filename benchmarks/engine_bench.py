@@ -21,13 +21,13 @@ from slimlm.bench.variants import run_variants as run_variants_in
 
 
 def run_variants(args) -> None:
-    """Each variant in a fresh process, one after the other; ratios against bf16 and llama.cpp."""
+    """Each variant in its own process, all loaded, measured in interleaved rounds; ratios against bf16 and llama.cpp."""
     rows = run_variants_in(args.variants.split(","), args.threads, args.runs, args.gen_len, args.prompt_len,
                            args.cpu_time)  # fmt: skip
     print_variants(rows)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / "engine_bench_quant.json"
     meta = {"clock": "process CPU time" if args.cpu_time else "wall", "threads": args.threads, "runs": args.runs, "gen_len": args.gen_len, "prompt_len": args.prompt_len,
-            "concurrency": 16, "note": "machine shared with other jobs; ratios within this run"}  # fmt: skip
+            "concurrency": 16, "note": "machine shared with other jobs; variants interleaved round by round, ratios = median of per-round ratios"}  # fmt: skip
     out.write_text(json.dumps({"settings": meta, "variants": rows}, indent=2))
     print(f"wrote {out}")
 
@@ -49,7 +49,12 @@ if __name__ == "__main__":
     ap.add_argument("--cpu-time", action="store_true", help="--variants: process CPU time, not wall time")
     args = ap.parse_args()
     if args.variants:
-        run_variants(args)
+        from slimlm.errors import SlimlmError
+
+        try:
+            run_variants(args)
+        except SlimlmError as e:
+            raise SystemExit(f"error: {e}") from None
         raise SystemExit(0)
     results = run_bench(
         args.model, args.dtype, tuple(args.peers.split(",")), args.runs, threads=args.threads,

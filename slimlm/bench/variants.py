@@ -39,100 +39,106 @@ def checkpoint(variant: str, cache: Path) -> Path:
     return out
 
 
-def _measure_cpu(runner, prompts, single, gen_len: int, runs: int, log) -> dict:
-    """Process CPU seconds instead of wall time (for a machine shared with other jobs: on 1 thread the
-    CPU time of a step is its work, whatever the scheduler does). Same method for every system: TTFT =
-    CPU of a 2-token request; decode = (CPU of a gen_len request - TTFT) / (gen_len - 2) per token;
-    throughput = generated tokens per CPU second of all prompts together. Reported as *_tok_s = 1/CPU."""
-    import statistics
+def _one_run(runner, prompts, single, gen_len: int, cpu_time: bool) -> dict:
+    """One measurement: TTFT and batch-1 rate of `single`, then all `prompts` at once.
+
+    Wall clock by default. With `cpu_time`, process CPU seconds instead (for a machine shared with other
+    jobs: on 1 thread the CPU time of a step is its work, whatever the scheduler does): TTFT = CPU of a
+    2-token request; decode = (CPU of a gen_len request - TTFT) / (gen_len - 2) per token; throughput =
+    generated tokens per CPU second of all prompts together."""
     import time
+
+    if not cpu_time:
+        first, rate = runner.first_and_rate(single, gen_len)
+        return {
+            "ttft_s": first,
+            "decode_tok_s": rate,
+            "throughput_tok_s": runner.throughput(prompts, gen_len),
+        }
 
     def cpu(fn):
         start = time.process_time()
         fn()
         return time.process_time() - start
 
-    runner.first_and_rate(single[:16], 4)  # warm-up
-    firsts, rates, throughputs = [], [], []
-    for i in range(runs):
-        first = cpu(lambda: runner.first_and_rate(single, 2))  # the runners need 2 tokens for a rate
-        total = cpu(lambda: runner.first_and_rate(single, gen_len))
-        batch = cpu(lambda: runner.throughput(prompts, gen_len))
-        firsts.append(first)
-        rates.append((gen_len - 2) / max(total - first, 1e-9))
-        throughputs.append(len(prompts) * gen_len / batch)
-        log(f"  run {i + 1}/{runs} (CPU time): ttft {first * 1000:.0f} ms, decode {rates[-1]:.1f} tok/s, "
-            f"{len(prompts)}-way {throughputs[-1]:.1f} tok/s")  # fmt: skip
-    return {"clock": "process CPU time", "ttft_s": statistics.median(firsts),
-            "decode_tok_s": statistics.median(rates), "throughput_tok_s": statistics.median(throughputs),
-            "runs": {"ttft_s": firsts, "decode_tok_s": rates, "throughput_tok_s": throughputs}}  # fmt: skip
+    first = cpu(lambda: runner.first_and_rate(single, 2))  # the runners need 2 tokens for a rate
+    total = cpu(lambda: runner.first_and_rate(single, gen_len))
+    batch = cpu(lambda: runner.throughput(prompts, gen_len))
+    return {"ttft_s": first, "decode_tok_s": (gen_len - 2) / max(total - first, 1e-9),
+            "throughput_tok_s": len(prompts) * gen_len / batch}  # fmt: skip
 
 
-def measure(
-    variant: str,
-    cache: Path,
-    runs: int,
-    concurrency: int,
-    prompt_len: int,
-    gen_len: int,
-    cpu_time: bool = False,
-) -> dict:
-    import torch
+class VariantChild:
+    """One variant loaded in this process: `run()` measures once, `result()` gives the medians, the peak
+    RSS and the roofline. The parent (`run_variants`) drives several of these, one process each, in
+    interleaved rounds."""
 
-    from slimlm.bench.peers import LlamaCppRunner, SlimlmRunner
-    from slimlm.bench.run import _measure
-    from slimlm.bench.workload import make_prompts
-    from slimlm.loading import default_model_path
-    from slimlm.tokenizer import Tokenizer  # noqa: F401  (prompts come from slimlm's tokenizer)
+    def __init__(self, variant: str, cache: Path, concurrency: int, prompt_len: int, gen_len: int,
+                 cpu_time: bool = False) -> None:  # fmt: skip
+        import torch
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        from slimlm.bench.peers import LlamaCppRunner, SlimlmRunner
+        from slimlm.bench.workload import make_prompts
+        from slimlm.engine.llm import LLM
+        from slimlm.loading import default_model_path
 
-    kv_tokens = (concurrency + 1) * (prompt_len + gen_len + 16)
-    from slimlm.engine.llm import LLM
-
-    # The process before any model: torch, slimlm and the engine imported (the same in every variant).
-    # Reported beside the peak so that what each variant itself adds can be compared too.
-    baseline_rss = _current_rss()
-
-    if variant in CHECKPOINTS:
-        model, weights = str(checkpoint(variant, cache)), "float"
-    else:
-        model, weights = None, "native" if variant == "native" else "float"
-    llm = LLM(
-        model, dtype="bfloat16", device="cpu", kv_cache_tokens=kv_tokens, progress=False, weights=weights
-    )
-    prompts = make_prompts(llm.tokenizer, concurrency + 1, prompt_len)
-    result: dict = {"variant": variant}
-    if variant == "llama.cpp":
-        path = default_model_path()
-        del llm
-        runner = LlamaCppRunner(path, torch.get_num_threads(), n_ctx=prompt_len + gen_len + 64)
-        result["weights"] = "GGUF Q4_1 linears, Q8_0 embedding (llama.cpp's own kernels)"
-    else:
-        runner = SlimlmRunner(llm)
-        report = llm.memory_report()
-        result.update(weights=report["weights_format"], weights_bytes=report["weights_bytes"],
-                      decode_kernel=report["decode_kernel"], notes=report["notes"])  # fmt: skip
-    if cpu_time:
-        result.update(_measure_cpu(runner, prompts[1:], prompts[0], gen_len, runs, log))
-    else:
-        result.update(_measure(runner, prompts[1:], prompts[0], gen_len, runs, log))
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if baseline_rss is not None:
-        result.update(
-            baseline_rss_bytes=baseline_rss,
-            peak_rss_above_baseline_bytes=result["peak_rss_bytes"] - baseline_rss,
+        self.gen_len, self.cpu_time = gen_len, cpu_time
+        kv_tokens = (concurrency + 1) * (prompt_len + gen_len + 16)
+        # The process before any model: torch, slimlm and the engine imported (the same in every variant).
+        # Reported beside the peak so that what each variant itself adds can be compared too.
+        self.baseline_rss = _current_rss()
+        if variant in CHECKPOINTS:
+            model, weights = str(checkpoint(variant, cache)), "float"
+        else:
+            model, weights = None, "native" if variant == "native" else "float"
+        llm = LLM(
+            model, dtype="bfloat16", device="cpu", kv_cache_tokens=kv_tokens, progress=False, weights=weights
         )
-    if variant != "llama.cpp":  # the read-bandwidth roofline: weight bytes streamed per token
-        from slimlm.bench.ceiling import read_bandwidth
+        prompts = make_prompts(llm.tokenizer, concurrency + 1, prompt_len)
+        self.single, self.prompts = prompts[0], prompts[1:]
+        self.info: dict = {"variant": variant, "clock": "process CPU time" if cpu_time else "wall"}
+        self.llm = None
+        if variant == "llama.cpp":
+            del llm
+            self.runner = LlamaCppRunner(
+                default_model_path(), torch.get_num_threads(), n_ctx=prompt_len + gen_len + 64
+            )
+            self.info["weights"] = "GGUF Q4_1 linears, Q8_0 embedding (llama.cpp's own kernels)"
+        else:
+            self.llm = llm
+            self.runner = SlimlmRunner(llm)
+            report = llm.memory_report()
+            self.info.update(weights=report["weights_format"], weights_bytes=report["weights_bytes"],
+                             decode_kernel=report["decode_kernel"], notes=report["notes"])  # fmt: skip
+        self.runner.first_and_rate(self.single[:16], 4)  # warm-up: allocator, kernels, caches
+        self.runs: list[dict] = []
 
-        per_token = result["weights_bytes"] - _lookup_only_bytes(llm.loaded.model)
-        bandwidth = read_bandwidth(256 * 2**20)
-        result.update(bytes_per_token=per_token, read_bandwidth_gb_s=bandwidth / 1e9,
-                      roofline_tok_s=bandwidth / per_token,
-                      roofline_fraction=result["decode_tok_s"] * per_token / bandwidth)  # fmt: skip
-    return result
+    def run(self) -> dict:
+        self.runs.append(_one_run(self.runner, self.prompts, self.single, self.gen_len, self.cpu_time))
+        return self.runs[-1]
+
+    def result(self) -> dict:
+        import statistics
+
+        result = dict(self.info)
+        for key in ("ttft_s", "decode_tok_s", "throughput_tok_s"):
+            result[key] = statistics.median(r[key] for r in self.runs)
+        result["runs"] = {
+            key: [r[key] for r in self.runs] for key in ("ttft_s", "decode_tok_s", "throughput_tok_s")
+        }
+        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if self.baseline_rss is not None:
+            result.update(baseline_rss_bytes=self.baseline_rss,
+                          peak_rss_above_baseline_bytes=result["peak_rss_bytes"] - self.baseline_rss)  # fmt: skip
+        if self.llm is not None:  # the read-bandwidth roofline: weight bytes streamed per token
+            from slimlm.bench.ceiling import read_bandwidth
+
+            per_token = result["weights_bytes"] - _lookup_only_bytes(self.llm.loaded.model)
+            bandwidth = read_bandwidth(256 * 2**20)
+            result.update(bytes_per_token=per_token, read_bandwidth_gb_s=bandwidth / 1e9,
+                          roofline_tok_s=bandwidth / per_token,
+                          roofline_fraction=result["decode_tok_s"] * per_token / bandwidth)  # fmt: skip
+        return result
 
 
 def _current_rss() -> int | None:
@@ -160,39 +166,20 @@ def _lookup_only_bytes(model) -> int:
 
 def run_variants(names: list[str], threads: int, runs: int, gen_len: int, prompt_len: int, cpu_time: bool = False,
                  log=print) -> dict:  # fmt: skip
-    """Each variant in a fresh process (its own peak RSS), one after the other; ratios against bf16 and
-    llama.cpp in the same run. Unknown names are a SlimlmError."""
+    """Each variant in its own process (its own peak RSS), measured in interleaved rounds: every process
+    loads its model first, then round r runs each variant once, in an order rotated by r. So every
+    variant sees the same stretch of a shared machine's noise, and each ratio against bf16 / llama.cpp
+    is the median of the per-round ratios (paired), beside the medians of the values. Unknown names are
+    a SlimlmError."""
+    from slimlm.bench.rounds import run_rounds
     from slimlm.errors import SlimlmError
 
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SlimlmError(f"unknown --variants {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
-    rows = {}
-    for variant in names:
-        done = subprocess.run(
-            [sys.executable, "-m", "slimlm.bench.variants", variant, "--threads", str(threads), "--runs", str(runs),
-             "--gen-len", str(gen_len), "--prompt-len", str(prompt_len), *(["--cpu-time"] if cpu_time else [])],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if done.returncode != 0:
-            rows[variant] = {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-        else:
-            rows[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        log(f"{variant} " + json.dumps({k: v for k, v in rows[variant].items() if k != "runs"}))
-    base, peer = rows.get("bf16", {}), rows.get("llama.cpp", {})
-    for r in rows.values():
-        for key in (
-            "decode_tok_s",
-            "throughput_tok_s",
-            "ttft_s",
-            "peak_rss_bytes",
-            "peak_rss_above_baseline_bytes",
-        ):
-            if key in r and key in base:
-                r[f"{key}_vs_bf16"] = r[key] / base[key]
-            if key in r and key in peer:
-                r[f"{key}_vs_llama_cpp"] = r[key] / peer[key]
-    return rows
+    child = [sys.executable, "-m", "slimlm.bench.variants", "--threads", str(threads), "--gen-len", str(gen_len),
+             "--prompt-len", str(prompt_len), "--rounds", *(["--cpu-time"] if cpu_time else [])]  # fmt: skip
+    return run_rounds({name: [*child, name] for name in names}, runs, log)
 
 
 def print_variants(rows: dict, log=print) -> None:
@@ -220,13 +207,25 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--cpu-time", action="store_true", help="measure process CPU time (shared machines)")
+    ap.add_argument("--rounds", action="store_true",
+                    help="driven by a parent over stdin/stdout (slimlm.bench.rounds); --runs is ignored")  # fmt: skip
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    out = measure(args.variant, Path(args.cache), args.runs, args.concurrency, args.prompt_len, args.gen_len,
-                  args.cpu_time)  # fmt: skip
-    print(json.dumps(out))
+    child = VariantChild(
+        args.variant, Path(args.cache), args.concurrency, args.prompt_len, args.gen_len, args.cpu_time
+    )
+    if args.rounds:
+        from slimlm.bench.rounds import serve_rounds
+
+        serve_rounds(child)
+        return
+    for i in range(args.runs):
+        r = child.run()
+        print(f"  run {i + 1}/{args.runs}: ttft {r['ttft_s'] * 1000:.0f} ms, decode {r['decode_tok_s']:.1f} tok/s, "
+              f"{len(child.prompts)}-way {r['throughput_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)  # fmt: skip
+    print(json.dumps(child.result()))
 
 
 if __name__ == "__main__":
