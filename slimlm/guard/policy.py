@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from slimlm.errors import SlimlmError
@@ -19,6 +19,11 @@ from slimlm.guard.library import Library
 
 MODES = ("snap", "deny")
 DEFAULT_FALLBACK = "I'm sorry, I can't help with that here. Please contact our support team."
+# Answers seen lately keep their vectors (384 floats: 1.5 KiB each, so 6 MiB at most by default). A
+# model answering the same question the same way (greedy decoding, FAQ traffic) then pays the search
+# alone. Exact: a vector depends on the answer's text only; the search still runs every time, so a
+# rebuilt library is seen at once.
+DEFAULT_VECTOR_CACHE = 4096
 
 
 @dataclass
@@ -43,7 +48,10 @@ class Guard:
         threshold: float,
         fallbacks: Fallbacks | None = None,
         mode: str = "snap",
+        vector_cache: int = DEFAULT_VECTOR_CACHE,
     ) -> None:
+        if vector_cache < 0:
+            raise SlimlmError(f"--guard-cache is a number of answers (0 turns it off), got {vector_cache}")
         if mode not in MODES:
             raise SlimlmError(f"--guard-mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not -1.0 <= threshold <= 1.0:
@@ -58,12 +66,38 @@ class Guard:
         self.counts: Counter[tuple[str, str, int]] = Counter()
         self.seconds = 0.0
         self._lock = threading.Lock()
+        self.vector_cache = int(vector_cache)
+        self._vectors: OrderedDict[str, object] = OrderedDict()
+        self.cache_hits = 0
+
+    def _vectors_for(self, texts: list[str]):
+        """Unit vectors of `texts`: remembered ones from the cache, the rest embedded in one call."""
+        import numpy as np
+
+        with self._lock:
+            found = [self._vectors.get(t) for t in texts]
+            for t, v in zip(texts, found, strict=True):
+                if v is not None:
+                    self._vectors.move_to_end(t)
+            self.cache_hits += sum(v is not None for v in found)
+        missing = [i for i, v in enumerate(found) if v is None]
+        if missing:
+            fresh = self.embedder.encode_query([texts[i] for i in missing])
+            for i, row in zip(missing, fresh, strict=True):
+                found[i] = row
+            if self.vector_cache:
+                with self._lock:
+                    for i, row in zip(missing, fresh, strict=True):
+                        self._vectors[texts[i]] = row.copy()
+                    while len(self._vectors) > self.vector_cache:
+                        self._vectors.popitem(last=False)
+        return np.stack(found)
 
     def decide_many(self, answers: list[str], stage: str | None, user: str | None) -> list[Decision]:
         start = time.perf_counter()
         choice = self.fallbacks.choose(stage, user)
         texts = [a if a.strip() else " " for a in answers]
-        hits = self.library.search(self.embedder.encode_query(texts), k=1, stage=stage)
+        hits = self.library.search(self._vectors_for(texts), k=1, stage=stage)
         out = [self._decide(a, h[0] if h else None, choice) for a, h in zip(answers, hits, strict=True)]
         elapsed = time.perf_counter() - start
         with self._lock:
@@ -102,6 +136,7 @@ class Guard:
             counts = sorted(self.counts.items())
             seconds = self.seconds
             total = sum(self.counts.values())
+            cache_hits = self.cache_hits
         lines = [
             "# HELP slimlm_guard_responses_total Guarded answers by action (matched, fallback, blocked, passed), stage and arm.",
             "# TYPE slimlm_guard_responses_total counter",
@@ -117,6 +152,9 @@ class Guard:
             "# HELP slimlm_guard_decisions_total Guard decisions made (one per choice).",
             "# TYPE slimlm_guard_decisions_total counter",
             f"slimlm_guard_decisions_total {total}",
+            "# HELP slimlm_guard_vector_cache_hits_total Answers whose vector came from the cache (seen lately).",
+            "# TYPE slimlm_guard_vector_cache_hits_total counter",
+            f"slimlm_guard_vector_cache_hits_total {cache_hits}",
         ]
         return lines
 
@@ -132,15 +170,18 @@ def load_guard(
     mode: str = "snap",
     embedding_model: str | None = None,
     embedder=None,
+    vector_cache: int = DEFAULT_VECTOR_CACHE,
 ) -> Guard:
     """Everything `slimlm serve --guard` needs, checked before the LLM loads (fail fast)."""
     from slimlm.guard.embedder import Embedder
 
     if mode not in MODES:
         raise SlimlmError(f"--guard-mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if vector_cache < 0:
+        raise SlimlmError(f"--guard-cache is a number of answers (0 turns it off), got {vector_cache}")
     fb = Fallbacks.load(fallbacks) if fallbacks else None
     lib = Library(library)
     embedder = embedder or Embedder(embedding_model)
     if hasattr(embedder, "prepare_query"):
         embedder.prepare_query()  # the ONNX query path's one-time export: at startup, not on a response
-    return Guard(lib, embedder, threshold, fb, mode)
+    return Guard(lib, embedder, threshold, fb, mode, vector_cache)

@@ -31,6 +31,13 @@ def add_guard_arguments(p: argparse.ArgumentParser) -> None:
         help="snap: send the closest approved reply (default); deny: LIB holds forbidden examples, block answers close to one",
     )
     g.add_argument(
+        "--guard-cache",
+        type=int,
+        default=None,
+        metavar="N",
+        help="remember the vectors of the last N answers (default 4096; 0: off): a repeated answer pays the search only",
+    )
+    g.add_argument(
         "--embedding-model",
         default=None,
         metavar="DIR",
@@ -45,7 +52,9 @@ def guard_from_args(args: argparse.Namespace):
     """(guard or None, embedder or None), loaded before the LLM so mistakes fail fast."""
     if args.guard is None:
         given = [
-            f for f in ("guard_threshold", "guard_fallbacks", "guard_mode") if getattr(args, f) is not None
+            f
+            for f in ("guard_threshold", "guard_fallbacks", "guard_mode", "guard_cache")
+            if getattr(args, f, None) is not None
         ]
         if given:
             raise SlimlmError(f"--{given[0].replace('_', '-')} needs --guard LIB")
@@ -57,7 +66,11 @@ def guard_from_args(args: argparse.Namespace):
     from slimlm.guard.policy import load_guard
 
     threshold = DEFAULT_THRESHOLD if args.guard_threshold is None else args.guard_threshold
+    from slimlm.guard.policy import DEFAULT_VECTOR_CACHE
+
+    cache = DEFAULT_VECTOR_CACHE if getattr(args, "guard_cache", None) is None else args.guard_cache
     guard = load_guard(
-        args.guard, threshold, args.guard_fallbacks, args.guard_mode or "snap", args.embedding_model
-    )
+        args.guard, threshold, args.guard_fallbacks, args.guard_mode or "snap", args.embedding_model,
+        vector_cache=cache,
+    )  # fmt: skip
     return guard, guard.embedder

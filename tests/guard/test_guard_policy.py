@@ -133,3 +133,50 @@ def test_guard_rejects_bad_settings(shop_lib, embedder):
         Guard(Library(shop_lib), embedder, 1.5)
     with pytest.raises(SlimlmError, match="--guard-mode"):
         Guard(Library(shop_lib), embedder, 0.5, mode="block")
+
+
+class _CountingEmbedder:
+    """The real embedder, counting the texts it is asked to embed (a spy, not a stand-in)."""
+
+    def __init__(self, real) -> None:
+        self.real, self.texts = real, []
+        self.dim = real.dim
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def encode_query(self, texts):
+        self.texts += list(texts)
+        return self.real.encode_query(texts)
+
+
+def test_a_repeated_answer_reuses_its_vector_and_decides_the_same(shop_lib, embedder):
+    from slimlm.guard.library import Library
+    from slimlm.guard.policy import Guard
+
+    spy = _CountingEmbedder(embedder)
+    guard = Guard(Library(shop_lib), spy, 0.6, vector_cache=2)
+    answers = ["Refunds usually take 5-7 business days.", "We ship to Canada and Mexico.", "Hello there!"]
+    first = guard.decide(answers[0], None, "u")
+    again = guard.decide(answers[0], None, "v")
+    assert spy.texts == [answers[0]]  # embedded once
+    assert (again.text, again.record["id"], again.record["score"]) == (
+        first.text,
+        first.record["id"],
+        first.record["score"],
+    )
+    # a batch of choices: the known one comes from the cache, the two new ones are embedded together
+    many = guard.decide_many(answers, None, "u")
+    assert spy.texts == [answers[0], answers[1], answers[2]]
+    assert many[0].record["score"] == first.record["score"]
+    # the cache holds 2 answers: answers[0] (least recent) was dropped, so it is embedded again
+    guard.decide(answers[0], None, "u")
+    assert spy.texts[-1] == answers[0] and len(spy.texts) == 4
+    assert "slimlm_guard_vector_cache_hits_total 2" in "\n".join(guard.metrics_lines())
+    # off: every answer is embedded
+    off = Guard(Library(shop_lib), spy, 0.6, vector_cache=0)
+    off.decide(answers[1], None, "u")
+    off.decide(answers[1], None, "u")
+    assert spy.texts[-2:] == [answers[1], answers[1]]
+    with pytest.raises(SlimlmError, match="--guard-cache is a number of answers"):
+        Guard(Library(shop_lib), embedder, 0.6, vector_cache=-1)

@@ -269,6 +269,10 @@ def test_guard_routes_need_the_api_key(guard_server):
 def test_serve_guard_flags_fail_before_loading_the_model(tmp_path, shop_lib, capsys):
     assert main(["serve", "--guard-threshold", "0.5"]) == 2
     assert "--guard-threshold needs --guard LIB" in capsys.readouterr().err
+    assert main(["serve", "--guard-cache", "8"]) == 2
+    assert "--guard-cache needs --guard LIB" in capsys.readouterr().err
+    assert main(["serve", "--guard", str(shop_lib), "--guard-cache", "-1"]) == 2
+    assert "--guard-cache is a number of answers (0 turns it off), got -1" in capsys.readouterr().err
     assert main(["serve", "--guard", str(tmp_path)]) == 2
     assert "is not a guard library" in capsys.readouterr().err
     bad = tmp_path / "fb.json"
