@@ -25,6 +25,7 @@ from slimlm.errors import SlimlmError
 Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 2, 3, 6, 8, 12, 14
 NATIVE = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q8_0: "Q8_0", Q4_K: "Q4_K", Q6_K: "Q6_K"}
 NATIVE_BITS = {Q4_0: 4, Q4_1: 4, Q5_0: 5, Q8_0: 8, Q4_K: 4, Q6_K: 6}  # the kernel format each type goes to
+TABLE_BLOCK_ROWS = 4096  # rows unpacked at once for tensors this tall (vocab tables): a multiple of 16
 # Fused with a part of another width (Gemma's q/k Q5_0 beside a Q8_0 v), Q5_0 goes to int8 g32 (exact).
 WIDENED_BITS = {Q5_0: 8}
 FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16
@@ -49,8 +50,9 @@ def block_codes(raw: np.ndarray, qtype: int) -> tuple[torch.Tensor, torch.Tensor
     blocks = raw.reshape(rows, -1, size)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     if qtype == Q8_0:
-        q = blocks[..., 2:].copy().view(np.int8).astype(np.int16) + 128
-        codes, m, bits = q.astype(np.uint8), -128.0 * d, 8
+        # code = q + 128 for the signed byte q: in two's complement that is the raw byte with its top bit
+        # flipped, so one uint8 array (the table's size) instead of int16 temporaries 4x that
+        codes, m, bits = blocks[..., 2:] ^ np.uint8(0x80), -128.0 * d, 8
     else:
         start = 2 if qtype == Q4_0 else 4
         qs = blocks[..., start:]
@@ -73,7 +75,7 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
     """Like slimlm.loading._load_gguf, with Q4_0/Q4_1/Q8_0 linears (and embedding) on the C kernel."""
     from slimlm.kernels.library import library
     from slimlm.kernels.qlinear import KernelEmbedding, KernelLinear
-    from slimlm.kernels.qweights import concat, pack
+    from slimlm.kernels.qweights import concat, pack, stack_rows
     from slimlm.loading import LoadedModel, _one_torch_thread
     from slimlm.loading.gguf_file import GGUFFile, config_and_tokenizer, gguf_weights
     from slimlm.loading.weights import fill_weights
@@ -105,9 +107,14 @@ def load_gguf_native(path: Path, dtype: torch.dtype, device, progress: bool):
                 return _q6k_weight(file, src)
             if src.info.qtype == Q5_0 and not widen:
                 return _q5_0_weight(file, src)
-            codes, d, m, bits = block_codes(file.raw(src.info), src.info.qtype)
-            heads = src.unpermute_heads
-            w = pack(_hf_rows(codes, heads), _hf_rows(d, heads), _hf_rows(m, heads), bits, 32)
+            raw, heads = file.raw(src.info), src.unpermute_heads
+            if heads or raw.shape[0] <= TABLE_BLOCK_ROWS:
+                codes, d, m, bits = block_codes(raw, src.info.qtype)
+                w = pack(_hf_rows(codes, heads), _hf_rows(d, heads), _hf_rows(m, heads), bits, 32)
+            else:  # a vocab-sized table: unpacked a block of rows at a time (tiles are independent)
+                blocks = (block_codes(raw[r : r + TABLE_BLOCK_ROWS], src.info.qtype)
+                          for r in range(0, raw.shape[0], TABLE_BLOCK_ROWS))  # fmt: skip
+                w = stack_rows([pack(codes, d, m, bits, 32) for codes, d, m, bits in blocks])
             file.release(src.info)
             return w
 

@@ -111,6 +111,24 @@ def test_q5_0_beside_a_q8_0_part_goes_to_int8_exactly(tmp_path):
     assert model.model.layers[0].self_attn.qkv_proj.kernel_weight().describe() == "q5_0 g32"
 
 
+@pytest.mark.parametrize("embed_type", [T.Q8_0, T.Q4_1, T.Q4_0])
+def test_a_tall_table_unpacked_in_row_blocks_is_the_same_bytes(tmp_path, monkeypatch, embed_type):
+    """Vocab-sized tables are unpacked TABLE_BLOCK_ROWS at a time (peak memory); the blocks, the last
+    one partial, must give exactly the layout of the whole table packed at once."""
+    import slimlm.loading.gguf_native as native
+
+    path = write_model(tmp_path / "t.gguf", T.Q4_1, embed_type, tied=False)
+    whole = load(str(path), dtype="bfloat16", weights="native", progress=False).model
+    monkeypatch.setattr(native, "TABLE_BLOCK_ROWS", 48)
+    blocks = load(str(path), dtype="bfloat16", weights="native", progress=False).model
+    assert whole.config.vocab_size % 48 != 0  # a partial last block
+    for get in (lambda m: m.model.embed_tokens.table.kernel_weight(), lambda m: m.lm_head.kernel_weight()):
+        a, b = get(whole), get(blocks)
+        assert (a.rows, a.k, a.bits, a.group) == (b.rows, b.k, b.bits, b.group)
+        assert torch.equal(a.codes, b.codes) and a.scales.dtype == b.scales.dtype
+        assert torch.equal(a.scales, b.scales)
+
+
 def check_native_run(path):
     reference = load(str(path), dtype="float32", progress=False).model
     native = load(str(path), dtype="bfloat16", weights="native", progress=False)
