@@ -34,11 +34,16 @@ def test_rtn_error_is_at_most_half_a_step(bits, group_size, sym):
     assert bool((err <= step * 0.5 * (1 + 1e-5) + 1e-7).all())
     if sym:
         assert bool((q.zeros == 2 ** (bits - 1)).all())
-    # Each group's range spans exactly 2^bits - 1 steps around its extremes (it includes zero).
+    # Each group's 2^bits - 1 steps span its range around its extremes (it includes zero), with the scale
+    # rounded up onto fp16-exact d and m = -z·d (7 significant bits at 4 bits: quant/kernel_scales.py)
     grouped = w.view(16, -1, gs)
     span = grouped.amax(-1).clamp(min=0) - grouped.amin(-1).clamp(max=0)
     if not sym:
-        torch.testing.assert_close(q.scales * (2**bits - 1), span)
+        covered = q.scales * (2**bits - 1)
+        assert bool((covered >= span * (1 - 1e-6)).all()) and bool((covered <= span * (1 + 2.0**-6)).all())
+    d, m = q.scales.float(), -q.zeros.float() * q.scales.float()
+    if bits == 4 or sym:  # what the C kernel then holds at 2 bytes per value
+        assert torch.equal(d.half().float(), d) and torch.equal(m.half().float(), m)
 
 
 def test_rtn_keeps_zero_groups_and_zero_weights_exact():
@@ -46,14 +51,24 @@ def test_rtn_keeps_zero_groups_and_zero_weights_exact():
     w[:, 40] = 1.0
     q = rtn_quantize(w, 4, 32)
     assert torch.equal(q.dequantize()[:, :32], torch.zeros(16, 32))
-    assert float((q.dequantize() - w).abs().max()) < 1e-6
+    assert torch.equal(q.dequantize()[:, 32:40], torch.zeros(16, 8))
+    # the group maximum lies within half a step (the step is rounded up to fp16-exact: kernel_scales.py)
+    assert float((q.dequantize() - w).abs().max()) <= float(q.scales[0, 1]) / 2
 
 
 def test_fake_quantize_is_idempotent():
     torch.manual_seed(1)
     w = torch.randn(8, 128)
+    # float-zero grids (not rounded) find themselves again
+    once = fake_quantize(w, 4, 64, float_zero=True)
+    torch.testing.assert_close(fake_quantize(once, 4, 64, float_zero=True), once)
+    # integer zero points: the scale is rounded up to 7 significant bits (kernel_scales.py), so a group's
+    # top weight can land one code below the top and the second pass fits a slightly narrower grid; the
+    # weights then move by less than one step of the first grid
     once = fake_quantize(w, 4, 64)
-    torch.testing.assert_close(fake_quantize(once, 4, 64), once)
+    step = (once.view(8, 2, 64).amax(-1) - once.view(8, 2, 64).amin(-1)) / 14
+    moved = (fake_quantize(once, 4, 64) - once).abs().view(8, 2, 64).amax(-1)
+    assert bool((moved <= step).all())
 
 
 @pytest.mark.parametrize(

@@ -147,6 +147,7 @@ def _checkpoint_zeros(requested: str, config) -> dict:
         "sym": q.get("sym"),
         "act_order": bool(q.get("act_order")),
         "head_method": q.get("head_method", "rtn"),
+        "fp16_scales": bool(q.get("fp16_scales")),
     }
 
 

@@ -8,10 +8,13 @@ A bf16 CPU engine with the kernel holds a quantized checkpoint this way (engine/
 - every group has a scale d and a minimum m (w = d·code + m), both fp16 where every d and m of the tensor
   survives fp16 exactly, else both float32 (kernels/qweights.py `pack`). Which one a slimlm checkpoint
   gets follows from how `slimlm quantize` stores its scales (measured against the engine in
-  tests/test_plan_engine_parity.py): symmetric per-channel int8 (bf16 scales, m = −128·d) fits fp16;
-  everything else is float32 — integer zero points (m = −z·d needs up to 12 significant bits, fp16 has
-  11), float zero points (m = −z·d computed from a float32 z) and grouped int8 (float32 scales). A
-  tensor whose every value happens to fit fp16 would be held smaller than planned;
+  tests/test_plan_engine_parity.py). Checkpoints whose config says `"fp16_scales": true` (every 4-bit
+  and symmetric one `quantize` makes since issue 15's w8 pass: quant/kernel_scales.py rounds d and m
+  onto fp16 before the codes are taken) are fp16 throughout. Older ones: symmetric per-channel int8
+  (bf16 scales, m = −128·d) and rtn's int8 g32 table (Q8_0's fp16 grid) fit fp16; everything else is
+  float32 — integer zero points (m = −z·d needs up to 12 significant bits, fp16 has 11), float zero
+  points (m = −z·d computed from a float32 z) and grouped int8 (float32 scales). A tensor whose every
+  value happens to fit fp16 would be held smaller than planned;
 - act-order (GPTQ) adds one int32 input permutation per fused weight.
 """
 
@@ -27,8 +30,11 @@ from slimlm.plan.shapes import model_params
 FUSED = tuple(parts for _fused, parts in FUSIONS)  # q/k/v and gate/up: one weight each in the kernel
 
 
-def kernel_scale_bytes(bits: int, per_channel: bool, sym: bool) -> int:
-    """Bytes of one of d or m (module docstring): fp16 for symmetric per-channel int8, else float32."""
+def kernel_scale_bytes(bits: int, per_channel: bool, sym: bool, fp16_scales: bool = False) -> int:
+    """Bytes of one of d or m (module docstring): fp16 for a checkpoint with fp16-exact scales (4-bit or
+    symmetric) and for symmetric per-channel int8, else float32."""
+    if fp16_scales and (bits == 4 or sym):
+        return 2
     return 2 if bits == 8 and per_channel and sym else 4
 
 
@@ -100,6 +106,7 @@ def kernel_weight_bytes(
     sym: bool = False,
     act_order: bool = False,
     head_method: str = "rtn",
+    fp16_scales: bool = False,
 ) -> int:
     """Bytes of every weight as the kernel holds them (module docstring), float tensors in `dtype`."""
     rest = FLOAT_BYTES[float_dtype_name(dtype)]
@@ -108,7 +115,7 @@ def kernel_weight_bytes(
         name, (_, k) = weights[0]
         rows = sum(shape[0] for _, shape in weights)
         group = linear_group_size(group_sizes, layer, name, group_size)
-        scale = kernel_scale_bytes(bits, not group or group <= 0 or group == k, sym)
+        scale = kernel_scale_bytes(bits, not group or group <= 0 or group == k, sym, fp16_scales)
         total += kernel_linear_bytes(rows, k, bits, group, scale)
         if act_order:
             total += k * 4
@@ -122,11 +129,11 @@ def kernel_weight_bytes(
             # 8-bit tables are symmetric: per channel (bf16 scales), or rtn's Q8_0 grid in groups (fp16
             # scales); gptq's grouped 8-bit head has float32 scales; a 4-bit one shares the decoder's zeros
             if ebits == 8 and not per_channel and head_method != "rtn":
-                table_scale = 4
+                table_scale = 2 if fp16_scales else 4
             elif ebits == 8:
                 table_scale = 2
             else:
-                table_scale = kernel_scale_bytes(ebits, per_channel, sym)
+                table_scale = kernel_scale_bytes(ebits, per_channel, sym, fp16_scales)
             total += kernel_linear_bytes(*p.shape, ebits, table, table_scale)
         else:
             total += p.numel * rest

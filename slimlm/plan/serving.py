@@ -54,6 +54,8 @@ class InferenceSettings:
     sym: bool | None = None  # None: quantize's default (symmetric at 8 bits)
     act_order: bool = False
     head_method: str = "rtn"  # a grouped 8-bit table: rtn's Q8_0 grid keeps fp16 scales, gptq's float32
+    # (d, m) fp16-exact, as `quantize` makes them since issue 15's w8 pass (older checkpoints: False)
+    fp16_scales: bool = True
 
     def __post_init__(self) -> None:
         self.weight_format = normalize_weight_format(self.weight_format)
@@ -181,6 +183,7 @@ def _weights_bytes(config: ModelConfig, s: InferenceSettings) -> int:
             config, bits, s.group_size, dtype=s.dtype, quantize_embeddings=s.quantize_embeddings,
             embedding_bits=s.embedding_bits, group_sizes=s.group_sizes, embedding_group_size=s.embedding_group_size,
             sym=bits == 8 if s.sym is None else s.sym, act_order=s.act_order, head_method=s.head_method,
+            fp16_scales=s.fp16_scales,
         )  # fmt: skip
     return weight_bytes(
         config, s.weight_format, s.group_size, dtype=s.dtype, quantize_embeddings=s.quantize_embeddings,

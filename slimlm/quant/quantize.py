@@ -248,6 +248,8 @@ def quantize_model(
         config["embedding_group_size"] = table_group  # the planner reads it; loaders read the scales' shape
     if float_zero:
         config["zero"] = "float"
+    if sym or (bits == 4 and not float_zero):  # d and m = -z·d fp16-exact (quant/kernel_scales.py): the
+        config["fp16_scales"] = True  # C kernel holds them at 2 bytes; the planner reads this
     if group_sizes:
         config["group_sizes"] = group_sizes
     if scale_search != "minmax":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.quant.kernel_scales import round_significant, scale_bits_for
 from slimlm.quant.rtn import group_qparams
 
 SCALE_SEARCHES = ("minmax", "mse", "imatrix")
@@ -135,9 +136,27 @@ def search_qparams(
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, scale, best_s)
         best_z = torch.where(better, zero, best_z)
-    if not float_zero:
-        return best_s, best_z.round().to(torch.int32)
-    return best_s, best_z
+    # the winner moved onto fp16-exact d and m (kernel_scales.py) can lose to the min/max grid, which
+    # group_qparams rounded the same way: keep whichever is better after rounding
+    first_s, first_z = group_qparams(w, bits, sym, float_zero)
+    best_s, best_z = fp16_exact(best_s, best_z, bits, sym, float_zero)
+    worse = weighted_error(w, imp, best_s, best_z.float(), bits) > weighted_error(
+        w, imp, first_s, first_z.float(), bits
+    )
+    return torch.where(worse, first_s, best_s), torch.where(worse, first_z, best_z)
+
+
+def fp16_exact(
+    scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool, float_zero: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fitted grid moved onto fp16-exact d and m (kernel_scales.py), as rtn.group_qparams makes them;
+    the caller quantizes the codes against it."""
+    if float_zero:  # stored through PyTorch's bf16 (scale, minimum) pairs: left as fitted
+        return scale, zero
+    keep = scale_bits_for(bits, sym)
+    if keep is not None:
+        scale = round_significant(scale, keep, up=True)
+    return scale, zero.round().to(torch.int32)
 
 
 def searched_qparams(

@@ -1,0 +1,52 @@
+"""Group parameters the C kernel can hold at 2 bytes: d and m = −z·d of every group exact in fp16.
+
+The kernel's layout (kernels/qweights.py `pack`) stores each group's scale d and minimum m as fp16 where
+every value of a tensor survives fp16 exactly, else as float32: 8 bytes per group instead of 4, which is
+6% of an int8 g64 weight's bytes and 11% of an int4 g64 one's, read on every decode step. So every
+quantizer here rounds its grid onto fp16 first and then quantizes the codes against the rounded grid, as
+GGUF's Q4_1 / Q8_0 store fp16 d and m. The codes absorb the rounding; what moves is the grid's step:
+the scale is rounded up, so the grid still spans the group's range, by less than one unit in the last
+kept bit (2^-10 relative for symmetric grids, 2^-6 for 4-bit integer zero points).
+
+- Symmetric (z = 2^(bits-1), a power of two): d on fp16's grid; m = −z·d is then exact too.
+- Integer zero points z ≤ 2^bits − 1 (asymmetric): m = −z·d has up to (bits of d) + bits significant
+  bits, and fp16 keeps 11, so d keeps 11 − bits (7 at 4 bits). At 8 bits that would leave 3: such grids
+  (never made by `slimlm quantize`, whose 8 bits are symmetric) keep float32.
+- Float zero points (w = d·q + m, z = −m / d) are left as they are: PyTorch's int4 modules, which the
+  checkpoint is written from, keep them as bf16 (scale, minimum) pairs, and m = −z·d of those is not
+  fp16-exact; such checkpoints keep float32 (d, m) in the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP16_SIGNIFICANT_BITS = 11
+FP16_MIN_EXPONENT = -24  # fp16's smallest subnormal is 2^-24: every fp16 value is a multiple of it
+FP16_MAX = 65504.0
+
+
+def scale_bits_for(bits: int, sym: bool) -> int | None:
+    """Significant bits a scale may keep so that d and −z·d are fp16-exact; None: too few to bother."""
+    if sym:
+        return FP16_SIGNIFICANT_BITS
+    keep = FP16_SIGNIFICANT_BITS - bits
+    return keep if keep >= 7 else None
+
+
+def round_significant(x: torch.Tensor, keep: int, up: bool = False) -> torch.Tensor:
+    """x (positive float32) rounded with `keep` significant bits, on fp16's grid (multiples of 2^-24, at
+    most 65504), to nearest or `up` (a grid whose step only grows still spans its group's range); never 0."""
+    x = x.float().clamp(max=FP16_MAX)
+    _, exp = torch.frexp(x)  # x = mantissa · 2^exp, mantissa in [0.5, 1)
+    quantum = torch.ldexp(torch.ones_like(x), (exp - keep).clamp(min=FP16_MIN_EXPONENT))
+    # up: a scale a float rounding above a grid point (a grid already on fp16) stays on it
+    out = (torch.ceil(x / quantum * (1 - 2.0**-20)) if up else torch.round(x / quantum)) * quantum
+    return torch.where(out > 0, out, quantum).clamp(max=FP16_MAX)
+
+
+def is_fp16_exact(t: torch.Tensor) -> bool:
+    """Every value of t survives a round trip through fp16 (what `pack` checks before storing fp16)."""
+    t = t.float()
+    half = t.to(torch.float16)
+    return bool(torch.isfinite(half).all()) and torch.equal(half.float(), t)
