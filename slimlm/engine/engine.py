@@ -18,6 +18,7 @@ from slimlm.engine.sampler import Sampler
 from slimlm.engine.scheduler import Scheduler
 from slimlm.engine.sequence import Sequence
 from slimlm.errors import SlimlmError
+from slimlm.heap import keep_freed_heap
 from slimlm.kv import kv_cache_class, kv_storage_dtype, make_kv_cache
 
 
@@ -112,6 +113,7 @@ class LLMEngine:
         self.stop_checkers: dict[int, StopChecker] = {}
         self.seqs: dict[int, Sequence] = {}
         self.stats = EngineStats()
+        keep_freed_heap()  # steps reuse their activations' pages instead of faulting them in (slimlm/heap.py)
 
     # ---- requests ----
     def add_request(

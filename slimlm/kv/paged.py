@@ -7,9 +7,10 @@ the attention logic is shared.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from slimlm.config import ModelConfig
-from slimlm.kv.attention import attend_decode_batch, attend_one, decode_mask
+from slimlm.kv.attention import attend_decode_batch, attend_one, causal_mask, decode_mask
 from slimlm.kv.metadata import AttnMetadata
 
 
@@ -123,6 +124,8 @@ class PagedKVCache:
             if keys.dtype != q.dtype:  # an fp32 pool under a bf16 model, say
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
             return attend_decode_batch(q, keys, values, mask, self.scale, self.softcap)
+        if not self.softcap and meta.query_lens == meta.context_lens:  # prompts with nothing cached
+            return self._attend_fresh(layer, q, tables, meta.query_lens, window)
         outs = []
         start = 0
         for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens, strict=True)):
@@ -140,6 +143,54 @@ class PagedKVCache:
             )
             start += q_len
         return torch.cat(outs, dim=0)
+
+    def _attend_fresh(
+        self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: list[int], window: int | None
+    ) -> torch.Tensor:
+        """Prefill of prompts with no cached prefix: the sequences of one length share one causal SDPA
+        call (a batch dimension), instead of one call per sequence and layer.
+
+        Keys and values are read back from the pool as stored, as the per-sequence path does, and each
+        sequence's rows go through the same kernel on the same shapes, so the result is bit for bit the
+        per-sequence one (tests/test_kv_fresh_prefill.py). Lengths are not padded to one another:
+        padding would change the flash kernel's blocking and the rounding with it.
+        """
+        h, d = q.shape[1], q.shape[2]
+        starts = [0]
+        for n in lens[:-1]:
+            starts.append(starts[-1] + n)
+        by_len: dict[int, list[int]] = {}
+        for i, n in enumerate(lens):
+            by_len.setdefault(n, []).append(i)
+        out = None if len(by_len) == 1 else torch.empty_like(q)
+        for n, seqs in by_len.items():
+            b, n_blocks = len(seqs), -(-n // self.block_size)
+            index = torch.tensor(seqs, device=tables.device)
+            keys, values = self._load(layer, tables.index_select(0, index)[:, :n_blocks])  # [KVH, b, L, D]
+            keys = keys[:, :, :n].transpose(0, 1).to(q.dtype)  # [b, KVH, n, D]
+            values = values[:, :, :n].transpose(0, 1).to(q.dtype)
+            if out is None:  # one length: the step's rows are these sequences' rows, in order
+                rows = None
+                qb = q.view(b, n, h, d)
+            else:
+                rows = torch.cat([torch.arange(starts[i], starts[i] + n, device=q.device) for i in seqs])
+                qb = q.index_select(0, rows).view(b, n, h, d)
+            qh = qb.transpose(1, 2)  # [b, H, n, D]
+            gqa = h != keys.shape[1]
+            if window is None:  # as attend_one decides, so that one sequence gives its bits
+                o = F.scaled_dot_product_attention(
+                    qh, keys, values, is_causal=True, scale=self.scale, enable_gqa=gqa
+                )
+            else:
+                mask = causal_mask(n, n, window, q.device)
+                o = F.scaled_dot_product_attention(
+                    qh, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=gqa
+                )
+            o = o.transpose(1, 2).reshape(b * n, h, d)  # [b n, H, D]
+            if rows is None:
+                return o
+            out.index_copy_(0, rows, o)
+        return out
 
     def _decode_mask(self, meta: AttnMetadata, max_blocks: int, device, window: int | None) -> torch.Tensor:
         lens = torch.tensor(meta.context_lens, device=device)
