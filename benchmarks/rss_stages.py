@@ -34,7 +34,9 @@ def _status(field: str) -> int:
     return -1
 
 
-def child(variant: str, concurrency: int, prompt_len: int, gen_len: int) -> list[dict]:
+def child(
+    variant: str, concurrency: int, prompt_len: int, gen_len: int, model_arg: str | None = None
+) -> list[dict]:
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = _Mallinfo2
     rows: list[dict] = []
@@ -55,14 +57,14 @@ def child(variant: str, concurrency: int, prompt_len: int, gen_len: int) -> list
     from slimlm.engine.llm import LLM
 
     stage("import slimlm engine")
-    from slimlm.bench.variants import CHECKPOINTS, checkpoint
+    from slimlm.bench.models import variant_model
+    from slimlm.bench.variants import checkpoint
     from slimlm.bench.workload import make_prompts
     from slimlm.engine.params import SamplingParams
 
-    if variant in CHECKPOINTS:
-        model, weights = str(checkpoint(variant, Path.home() / ".cache" / "slimlm" / "bench")), "float"
-    else:
-        model, weights = None, "native" if variant == "native" else "float"
+    model, weights = variant_model(
+        variant, model_arg, Path.home() / ".cache" / "slimlm" / "bench", checkpoint
+    )
     kv_tokens = (concurrency + 1) * (prompt_len + gen_len + 16)  # as slimlm/bench/variants.py
     llm = LLM(
         model, dtype="bfloat16", device="cpu", kv_cache_tokens=kv_tokens, progress=False, weights=weights
@@ -94,14 +96,16 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--model", default=None, help="HF dir or synthetic alias (default: the embedded SmolLM2)")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.concurrency, args.prompt_len, args.gen_len)))
+        print(json.dumps(child(args.child, args.concurrency, args.prompt_len, args.gen_len, args.model)))
         return
     results = {}
     for variant in args.variants.split(","):
         done = subprocess.run([sys.executable, __file__, "--child", variant, "--concurrency", str(args.concurrency),
-                               "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len)],
+                               "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len),
+                               *(["--model", args.model] if args.model else [])],
                               capture_output=True, text=True, check=False)  # fmt: skip
         if done.returncode != 0:
             raise SystemExit(f"{variant}: {done.stderr.strip()[-2000:]}")
@@ -122,6 +126,7 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "gen_len": args.gen_len,
         "threads": 2,
+        "model": args.model or "embedded SmolLM2-135M",
     }
     Path(args.out).write_text(json.dumps({"settings": settings, "variants": results}, indent=2))
     print(f"wrote {args.out}")

@@ -26,16 +26,19 @@ CHECKPOINTS = {"w4g32": ("4", "32"), "w4g64": ("4", "64"), "w4g128": ("4", "128"
                "w4g64e8rot": ("4", "64", "--embedding-bits", "8", "--rotate", "hadamard")}  # fmt: skip
 
 
-def checkpoint(variant: str, cache: Path) -> Path:
-    """The RTN checkpoint of the embedded model for `variant`, quantized once (slimlm quantize)."""
+def checkpoint(variant: str, cache: Path, model: str | None = None) -> Path:
+    """The RTN checkpoint of `model` (default: the embedded one) for `variant`, quantized once."""
+    from slimlm.bench.models import model_tag
+
     bits, group, *extra = CHECKPOINTS[variant]
     # the recipe's flags are in the directory's name, so a changed recipe is not served an old checkpoint
     # (a changed default of `slimlm quantize` is not seen: delete the cache directory then)
     recipe = hashlib.sha1(" ".join(CHECKPOINTS[variant]).encode()).hexdigest()[:8]
-    out = cache / f"smollm2-{variant}-{recipe}"
+    out = cache / f"{model_tag(model)}-{variant}-{recipe}"
     if not (out / "config.json").exists():
         subprocess.run([sys.executable, "-m", "slimlm.cli", "quantize", "--bits", bits, "--group-size", group,
-                        "--method", "rtn", *extra, "--out", str(out), "--quiet"], check=True)  # fmt: skip
+                        "--method", "rtn", *extra, "--out", str(out), "--quiet",
+                        *(["--model", model] if model else [])], check=True)  # fmt: skip
     return out
 
 
@@ -74,7 +77,7 @@ class VariantChild:
     interleaved rounds."""
 
     def __init__(self, variant: str, cache: Path, concurrency: int, prompt_len: int, gen_len: int,
-                 cpu_time: bool = False) -> None:  # fmt: skip
+                 cpu_time: bool = False, model_arg: str | None = None) -> None:  # fmt: skip
         import torch
 
         from slimlm.bench.peers import LlamaCppRunner, SlimlmRunner
@@ -87,10 +90,9 @@ class VariantChild:
         # The process before any model: torch, slimlm and the engine imported (the same in every variant).
         # Reported beside the peak so that what each variant itself adds can be compared too.
         self.baseline_rss = _current_rss()
-        if variant in CHECKPOINTS:
-            model, weights = str(checkpoint(variant, cache)), "float"
-        else:
-            model, weights = None, "native" if variant == "native" else "float"
+        from slimlm.bench.models import variant_model
+
+        model, weights = variant_model(variant, model_arg, cache, checkpoint)
         llm = LLM(
             model, dtype="bfloat16", device="cpu", kv_cache_tokens=kv_tokens, progress=False, weights=weights
         )
@@ -165,7 +167,7 @@ def _lookup_only_bytes(model) -> int:
 
 
 def run_variants(names: list[str], threads: int, runs: int, gen_len: int, prompt_len: int, cpu_time: bool = False,
-                 log=print) -> dict:  # fmt: skip
+                 log=print, model: str | None = None) -> dict:  # fmt: skip
     """Each variant in its own process (its own peak RSS), measured in interleaved rounds: every process
     loads its model first, then round r runs each variant once, in an order rotated by r. So every
     variant sees the same stretch of a shared machine's noise, and each ratio against bf16 / llama.cpp
@@ -177,8 +179,13 @@ def run_variants(names: list[str], threads: int, runs: int, gen_len: int, prompt
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SlimlmError(f"unknown --variants {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    if model is not None:
+        from slimlm.bench.models import check_model_variants
+
+        check_model_variants(names)
     child = [sys.executable, "-m", "slimlm.bench.variants", "--threads", str(threads), "--gen-len", str(gen_len),
-             "--prompt-len", str(prompt_len), "--rounds", *(["--cpu-time"] if cpu_time else [])]  # fmt: skip
+             "--prompt-len", str(prompt_len), "--rounds", *(["--cpu-time"] if cpu_time else []),
+             *(["--model", model] if model else [])]  # fmt: skip
     return run_rounds({name: [*child, name] for name in names}, runs, log)
 
 
@@ -209,13 +216,13 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true", help="measure process CPU time (shared machines)")
     ap.add_argument("--rounds", action="store_true",
                     help="driven by a parent over stdin/stdout (slimlm.bench.rounds); --runs is ignored")  # fmt: skip
+    ap.add_argument("--model", default=None, help="HF dir or synthetic alias (slimlm/bench/models.py)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    child = VariantChild(
-        args.variant, Path(args.cache), args.concurrency, args.prompt_len, args.gen_len, args.cpu_time
-    )
+    child = VariantChild(args.variant, Path(args.cache), args.concurrency, args.prompt_len, args.gen_len,
+                         args.cpu_time, args.model)  # fmt: skip
     if args.rounds:
         from slimlm.bench.rounds import serve_rounds
 

@@ -160,7 +160,11 @@ def _load_hf_dir(
         model = load_quantized_dir(path, config, files, dtype, device, progress, quantized_layout)
     else:
         model = build_model(config, dtype, device)
-        fill_weights(model, iter_safetensors(files), count_tensors(files), f"loading {path.name}", progress)
+        from slimlm.loading.file_pages import released_after_copy
+
+        # each tensor's file pages dropped once copied: not the whole file resident beside the model
+        tensors = released_after_copy(iter_safetensors(files), files)
+        fill_weights(model, tensors, count_tensors(files), f"loading {path.name}", progress)
     config.torch_dtype = str(dtype).removeprefix("torch.")
     tokenizer = Tokenizer.from_hf_dir(path)
     gen = read_generation_config(path)
