@@ -5,12 +5,13 @@
 Per variant, in this process one after the other: the median wall time of `LLM.generate(prompts,
 max_tokens=1)` on `--prompts` fresh prompts of `--prompt-len` tokens (the prefill step and one sampled
 token; the prefix cache is reset before each run), and of the whole `--gen-len` run (engine_bench's
-16-way workload). `--profile` adds a torch profile of one whole run per variant: the top ops by self
+16-way workload), with the minor page faults of each. `--profile` adds a torch profile of one whole run per variant: the top ops by self
 CPU time. Writes benchmarks/results/prefill_bench.json (or --out).
 """
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -28,14 +29,20 @@ def load(variant: str, cache: Path, kv_tokens: int):
     )
 
 
+FAULTS: list[int] = []  # minor page faults of each timed_generate call
+
+
 def timed_generate(llm, prompts, n: int) -> float:
     from slimlm.engine.params import SamplingParams
 
     llm.engine.block_manager.reset_prefix_cache()  # real prefill, not a cache hit
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     llm.generate(prompts, params)
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    FAULTS.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+    return elapsed
 
 
 def profile_run(llm, prompts, n: int, top: int) -> list[dict]:
@@ -85,19 +92,27 @@ def main() -> None:
         llm = load(variant, Path(args.cache), kv_tokens)
         prompts = make_prompts(llm.tokenizer, args.prompts, args.prompt_len)
         timed_generate(llm, prompts, 2)  # warm-up
+        FAULTS.clear()
         prefill = [timed_generate(llm, prompts, 1) for _ in range(args.runs)]
         whole = [timed_generate(llm, prompts, args.gen_len) for _ in range(args.runs)]
+        prefill_faults, whole_faults = FAULTS[: args.runs], FAULTS[args.runs :]
         row = {
             "prefill_ms": statistics.median(prefill) * 1000,
             "whole_run_ms": statistics.median(whole) * 1000,
             "throughput_tok_s": args.prompts * args.gen_len / statistics.median(whole),
-            "runs": {"prefill_ms": [t * 1000 for t in prefill], "whole_run_ms": [t * 1000 for t in whole]},
+            "prefill_minor_faults": statistics.median(prefill_faults),
+            "runs": {
+                "prefill_ms": [t * 1000 for t in prefill],
+                "whole_run_ms": [t * 1000 for t in whole],
+                "prefill_minor_faults": prefill_faults,
+                "whole_run_minor_faults": whole_faults,
+            },  # fmt: skip
         }
         if args.profile:
             row["profile"] = profile_run(llm, prompts, args.gen_len, args.top)
         rows[variant] = row
         print(f"{variant:8} prefill {row['prefill_ms']:7.0f} ms  whole run {row['whole_run_ms']:7.0f} ms  "
-              f"{row['throughput_tok_s']:6.1f} tok/s", file=sys.stderr, flush=True)  # fmt: skip
+              f"{row['throughput_tok_s']:6.1f} tok/s, {row['prefill_minor_faults']:.0f} page faults a prefill", file=sys.stderr, flush=True)  # fmt: skip
         if args.profile:
             for r in row["profile"]:
                 print(f"    {r['op'][:60]:60} {r['calls']:7d} {r['self_ms']:9.1f} ms", file=sys.stderr)
