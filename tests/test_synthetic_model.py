@@ -88,3 +88,14 @@ def test_merge_joins_per_hold_results_and_recomputes_the_ratios(tmp_path):
     w4 = merged["variants"]["w4g64"]
     assert w4["decode_tok_s_vs_bf16"] == 2.5 and w4["peak_rss_bytes_vs_bf16"] == 0.5  # stale 9.9 replaced
     assert [s["file"] for s in merged["settings"]["merged_from"]] == [str(a), str(b)]
+
+
+def test_slimlm_bench_variants_with_a_model_refuses_the_gguf_only_ones_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    model = build_synthetic(tmp_path / "m", TINY)
+    done = subprocess.run([sys.executable, "-m", "slimlm.cli", "bench", "--variants", "bf16,llama.cpp",
+                           "--model", str(model)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0
+    assert "llama.cpp run the embedded GGUF only" in done.stderr and "Traceback" not in done.stderr
