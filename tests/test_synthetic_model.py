@@ -74,3 +74,28 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         build_synthetic(tmp_path / "y", {**TINY, "vocab_size": 128})
     with pytest.raises(SlimlmError, match="native run the embedded GGUF only"):
         check_model_variants(["bf16", "native"])
+
+
+def test_merge_joins_per_hold_results_and_recomputes_the_ratios(tmp_path):
+    from slimlm.bench.models import merge_variant_results
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"settings": {"runs": 1}, "variants": {
+        "bf16": {"decode_tok_s": 10.0, "peak_rss_bytes": 400, "decode_tok_s_vs_bf16": 1.0}}}))  # fmt: skip
+    b.write_text(json.dumps({"settings": {"runs": 1}, "variants": {
+        "w4g64": {"decode_tok_s": 25.0, "peak_rss_bytes": 200, "peak_rss_bytes_vs_bf16": 9.9}}}))  # fmt: skip
+    merged = merge_variant_results([a, b])
+    w4 = merged["variants"]["w4g64"]
+    assert w4["decode_tok_s_vs_bf16"] == 2.5 and w4["peak_rss_bytes_vs_bf16"] == 0.5  # stale 9.9 replaced
+    assert [s["file"] for s in merged["settings"]["merged_from"]] == [str(a), str(b)]
+
+
+def test_slimlm_bench_variants_with_a_model_refuses_the_gguf_only_ones_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    model = build_synthetic(tmp_path / "m", TINY)
+    done = subprocess.run([sys.executable, "-m", "slimlm.cli", "bench", "--variants", "bf16,llama.cpp",
+                           "--model", str(model)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0
+    assert "llama.cpp run the embedded GGUF only" in done.stderr and "Traceback" not in done.stderr

@@ -194,9 +194,6 @@ def model_tag(model: str | None) -> str:
     return "smollm2" if model is None else Path(model).expanduser().resolve().name
 
 
-RATIO_KEYS = ("decode_tok_s", "throughput_tok_s", "ttft_s", "peak_rss_bytes", "peak_rss_above_baseline_bytes")
-
-
 def merge_variant_results(files: list[Path]) -> dict:
     """Join the variant rows of several `engine_bench.py --variants` results (e.g. one variant per quiet
     hold: a 1.7B model's variants do not fit one) and recompute the ratios against bf16 and llama.cpp.
@@ -207,11 +204,7 @@ def merge_variant_results(files: list[Path]) -> dict:
         settings.append({"file": str(file), **data.get("settings", {})})
         for name, row in data.get("variants", {}).items():
             rows[name] = {k: v for k, v in row.items() if "_vs_" not in k}
-    base, peer = rows.get("bf16", {}), rows.get("llama.cpp", {})
-    for r in rows.values():
-        for key in RATIO_KEYS:
-            if key in r and key in base:
-                r[f"{key}_vs_bf16"] = r[key] / base[key]
-            if key in r and key in peer:
-                r[f"{key}_vs_llama_cpp"] = r[key] / peer[key]
+    from slimlm.bench.rounds import add_ratios
+
+    add_ratios(rows, [])  # separate holds have no rounds to pair: ratios of the medians
     return {"settings": {"merged_from": settings}, "variants": rows}

@@ -126,7 +126,8 @@ def run_rounds(children: dict[str, list[str]], rounds: int, log=print) -> dict:
 
 def add_ratios(rows: dict[str, dict], per_round: list[dict[str, dict]]) -> None:
     """`KEY_vs_bf16` / `KEY_vs_llama_cpp`: for per-run figures, the median over rounds of the ratio within
-    each round (paired; `KEY_vs_bf16_rounds` lists them); for the peak RSS, the ratio of the results."""
+    each round (paired; `KEY_vs_bf16_rounds` lists them), or the ratio of the medians where there are no
+    rounds to pair (results joined from separate runs); for the peak RSS, the ratio of the results."""
     for ref, suffix in REFERENCES.items():
         base = rows.get(ref, {})
         if "error" in base or not base:
@@ -139,6 +140,8 @@ def add_ratios(rows: dict[str, dict], per_round: list[dict[str, dict]]) -> None:
                 if paired:
                     row[f"{key}_{suffix}"] = statistics.median(paired)
                     row[f"{key}_{suffix}_rounds"] = paired
+                elif key in row and key in base:
+                    row[f"{key}_{suffix}"] = row[key] / base[key]
             for key in RESULT_RATIO_KEYS:
                 if key in row and key in base:
                     row[f"{key}_{suffix}"] = row[key] / base[key]

@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         from slimlm.bench.variants import print_variants, run_variants
 
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
-        rows = run_variants(names, args.threads or 2, args.runs, args.gen_len, args.prompt_len)
+        rows = run_variants(
+            names, args.threads or 2, args.runs, args.gen_len, args.prompt_len, model=args.model
+        )
         print_variants(rows)
         results = {"variants": rows}
         if args.json:

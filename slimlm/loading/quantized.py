@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from slimlm.config import ModelConfig
+from slimlm.heap import release_free_heap
 from slimlm.loading.safetensors_dir import iter_safetensors
 from slimlm.loading.weights import fill_weights
 from slimlm.models import materialize_empty, meta_model
@@ -103,6 +104,7 @@ def _load_kernel_layout(
         del parts, first
         for t in entry.tensors.values():  # converted: the file's pages need not stay resident
             release_pages(t, mapped)
+        release_free_heap()  # the conversion's freed temporaries, below the kept weights (slimlm/heap.py)
         if entry.is_embedding:
             tied = config.tie_word_embeddings
             table = KernelLinear(weight, bias if tied else None)
