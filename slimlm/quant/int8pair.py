@@ -112,8 +112,13 @@ class Int8PairLinear(QuantLinear):
     def _set_weight(self, qweight: QuantizedWeight) -> None:
         device = qweight.codes.device
         self.register_buffer("packed", _pack_pairs(qweight.codes, self.group_size, device))
-        # Exact scales and zero points: quantized_weight() and the many-row path read these.
-        self.register_buffer("scales", qweight.scales.clone())
+        # Exact scales (float32 or float16, as given) and zero points: quantized_weight() and the
+        # many-row path read these. Stored as integer bits so that model.to(dtype) cannot round them.
+        scales = qweight.scales
+        scales = scales if scales.dtype in (torch.float32, torch.float16, torch.bfloat16) else scales.float()
+        self.scale_dtype = scales.dtype
+        bits = torch.int32 if scales.element_size() == 4 else torch.int16
+        self.register_buffer("scale_bits", scales.contiguous().view(bits).clone())
         self.register_buffer("zeros", storage_zeros(qweight.zeros))
         scale = qweight.scales.to(torch.bfloat16)
         zero = (136 - qweight.zeros.to(torch.float32)) * scale.float() / 17
@@ -130,6 +135,11 @@ class Int8PairLinear(QuantLinear):
         rows = torch.cat([torch.arange(min(64, n)), torch.arange(max(0, n - 64), n)]).to(device)
         if self.row_plan() is not None and not torch.equal(self.row_codes(rows), qweight.codes[rows]):
             self._plan_key, self._plan = (device, self.packed.data_ptr()), None
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """The exact scales [out, groups] (float32 or float16)."""
+        return self.scale_bits.view(self.scale_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
