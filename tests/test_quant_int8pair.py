@@ -144,3 +144,39 @@ def test_cuda_pair_kernel_and_device_moves(rows):
     moved = module.cpu()
     assert torch.equal(moved.quantized_weight().codes, qweight.codes)
     assert torch.equal(moved.cuda().quantized_weight().scales.cpu(), qweight.scales)
+
+
+@pytest.mark.slow
+def test_smollm_w8_default_on_the_torch_path(smollm):
+    """The 8-bit default (int8 g64 linears, int8 g32 tied table) of the real SmolLM2: every linear and
+    the table on the pair kernel; logits against float32 matmuls on the dequantized weights; the
+    engine's PyTorch path generates what the model's own forward does."""
+    from slimlm.engine.llm import LLM
+    from slimlm.engine.params import SamplingParams
+    from slimlm.generation import generate_tokens
+    from slimlm.loading import load
+    from slimlm.train.merge import dequantize_model
+
+    loaded = load(None, dtype="bfloat16", progress=False)
+    model = loaded.model
+    quantize_model(model, "rtn", 8, 64, progress=False)
+    quant = [m for m in model.modules() if isinstance(m, Int8PairLinear)]
+    assert len(quant) == 30 * 7 + 1 and model.lm_head is model.model.embed_tokens.table
+    dequantized = copy.deepcopy(model)
+    dequantize_model(dequantized, torch.float32)
+    dequantized.float()
+    ids = smollm.tokenizer.encode("The capital of France is", add_special_tokens=False)
+    llm = LLM.from_loaded(loaded, kv_cache_tokens=256, decode_kernel="torch")
+    [result] = llm.generate(ids, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert result.token_ids == list(generate_tokens(model, ids, 12))
+    # teacher-forced over the prompt and the generated text: top-1 and logits against float32
+    tokens = torch.tensor([ids + result.token_ids])
+    with torch.no_grad():
+        got = _model_logits(model, tokens)
+        want = _model_logits(dequantized, tokens)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    assert _rel_err(got, want) < 5e-2
+
+
+def _model_logits(model, tokens):
+    return model.forward_dense(tokens).float()  # [1, S, vocab]: the many-row path up to 32 rows
