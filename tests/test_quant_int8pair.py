@@ -88,6 +88,18 @@ def test_codes_scales_and_zeros_round_trip_exactly_through_dtype_casts(narrow):
     assert torch.equal(unpair_codes(pair_codes(qweight.codes, 32), 32), qweight.codes)
 
 
+@pytest.mark.parametrize("perm", [False, True])
+def test_dequantized_weight_is_exact(monkeypatch, perm):
+    monkeypatch.setattr(int8pair, "CHUNK_ROWS", 128)
+    qweight = _weight(320, 128, 32, sym=False)
+    if perm:
+        qweight.perm = torch.randperm(128, generator=torch.Generator().manual_seed(2))
+    module = make_quant_linear(qweight)
+    assert module._cpu_blocks()
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(module.dequantized_weight(dtype), qweight.dequantize(dtype))
+
+
 def test_act_order_permutation_is_applied():
     qweight = _weight(64, 128, 32)
     qweight.perm = torch.randperm(128, generator=torch.Generator().manual_seed(1))

@@ -82,8 +82,9 @@ _workspaces = threading.local()
 
 def workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A flat scratch tensor reused across calls (per thread, grown as needed): the many-row path would
-    otherwise allocate and page-fault megabytes per linear per step. At most ~3 bytes x in_features x
-    CHUNK_ROWS per (dtype, device), 5.3 MB for SmolLM2 (the tied table's chunks)."""
+    otherwise allocate and page-fault megabytes per linear per step. Its size is that of the largest
+    chunk seen: 2 bytes (bf16) + 1 byte (two uint8 halves) per weight of in_features x min(out, CHUNK_ROWS),
+    3,538,944 bytes for SmolLM2 (a 2048-row chunk of the 576-wide table); kept for the thread's life."""
     cache = getattr(_workspaces, "tensors", None)
     if cache is None:
         cache = _workspaces.tensors = {}
@@ -239,6 +240,23 @@ class Int8PairLinear(QuantLinear):
                 plan = None
             self._plan_key, self._plan = key, plan
         return self._plan
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [out, in] (original column order); QLoRA's backward calls this every step,
+        so the CPU layout is read with the many-row path's byte ops instead of an index gather."""
+        if not self._cpu_blocks():
+            return super().dequantized_weight(dtype)
+        n, k = self.out_features, self.in_features
+        wt = torch.empty(k, n, dtype=torch.float32, device=self.packed.device)  # float32, then rounded once
+        for start in range(0, n, CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, n)
+            self._dequantize_t(start, stop, wt[:, start:stop])
+        w = wt.T.to(dtype)
+        if self.perm is None:
+            return w.contiguous()
+        unpermuted = torch.empty(n, k, dtype=dtype, device=w.device)
+        unpermuted[:, self.perm] = w
+        return unpermuted
 
     def quantized_weight(self) -> QuantizedWeight:
         codes = self.row_codes(torch.arange(self.out_features, device=self.packed.device))
