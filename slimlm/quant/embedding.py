@@ -86,7 +86,7 @@ class QuantEmbedding(nn.Module):
                 codes, scales, torch.full_like(scales, 128, dtype=torch.int32), 8, table.in_features
             )
         if isinstance(table, Int8PairLinear):
-            return QuantizedWeight(table.row_codes(ids), table.scales[ids], portable_zeros(table.zeros[ids]), 8,
+            return QuantizedWeight(table.row_codes(ids), table.scales[ids], table.row_zeros(ids), 8,
                                    table.group_size)  # fmt: skip
         if isinstance(table, DequantLinear):
             codes = unpack_nibbles(table.codes[ids]) if table.bits == 4 else table.codes[ids]

@@ -120,7 +120,9 @@ class Int8PairLinear(QuantLinear):
         self.scale_dtype = scales.dtype
         bits = torch.int32 if scales.element_size() == 4 else torch.int16
         self.register_buffer("scale_bits", scales.contiguous().view(bits).clone())
-        self.register_buffer("zeros", storage_zeros(qweight.zeros))
+        self.symmetric = bool((qweight.zeros == 128).all())
+        # zero points only where they are not all 128 (the symmetric 8-bit default needs none)
+        self.register_buffer("zeros", None if self.symmetric else storage_zeros(qweight.zeros))
         scale = qweight.scales.to(torch.bfloat16)
         zero = (136 - qweight.zeros.to(torch.float32)) * scale.float() / 17
         scale_and_zero = torch.stack([scale, zero.to(torch.bfloat16)], dim=-1)  # [out, groups, 2]
@@ -128,7 +130,6 @@ class Int8PairLinear(QuantLinear):
         self.register_buffer("scale_and_zero", scale_and_zero.transpose(0, 1).contiguous().view(torch.int16))
         mult = torch.tensor([16.0, 1.0], dtype=torch.bfloat16, device=device).view(2, 1)
         self.register_buffer("input_mult", mult.view(torch.int16))  # int16 bits: model casts skip it
-        self.symmetric = bool((qweight.zeros == 128).all())
         self._blocks = None
         self._plan_key, self._plan = None, None
         # The row period was found on a probe matrix: check it on this one's first and last rows.
@@ -260,7 +261,15 @@ class Int8PairLinear(QuantLinear):
 
     def quantized_weight(self) -> QuantizedWeight:
         codes = self.row_codes(torch.arange(self.out_features, device=self.packed.device))
-        return QuantizedWeight(codes, self.scales, portable_zeros(self.zeros), 8, self.group_size, self.perm)
+        rows = torch.arange(self.out_features, device=self.packed.device)
+        return QuantizedWeight(codes, self.scales, self.row_zeros(rows), 8, self.group_size, self.perm)
+
+    def row_zeros(self, rows: torch.Tensor) -> torch.Tensor:
+        """int32 zero points [len(rows), groups] of the given rows."""
+        if self.zeros is None:
+            groups = self.in_features // self.group_size
+            return torch.full((len(rows), groups), 128, dtype=torch.int32, device=self.packed.device)
+        return portable_zeros(self.zeros[rows])
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", int4 nibble pairs"
