@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slimlm.quant.int8pair import Int8PairLinear
 from slimlm.quant.linear import DequantLinear, Int4TinyGemmLinear, Int8Linear, make_quant_linear
 from slimlm.quant.rtn import rtn_quantize
 from slimlm.quant.scheme import QuantizedWeight
@@ -32,7 +33,8 @@ def test_quant_linear_equals_dequantized_matmul(bits, group_size, sym):
     qweight = _random_quantized(48, 256, bits, group_size, sym)
     bias = torch.randn(48)
     module = make_quant_linear(qweight, bias)
-    expected = Int4TinyGemmLinear if bits == 4 else DequantLinear  # group-wise 8-bit has no kernel
+    # group-wise 8-bit runs as nibble pairs on the int4 kernel (quant/int8pair.py)
+    expected = Int4TinyGemmLinear if bits == 4 else Int8PairLinear
     assert type(module) is expected
     _assert_matches_dequantized(module, qweight, torch.randn(2, 5, 256), bias)
     _assert_matches_dequantized(module, qweight, torch.randn(1, 256), bias)  # decode-like M=1

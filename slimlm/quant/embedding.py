@@ -8,6 +8,8 @@ QuantLinear. Untied, the embedding owns its table (a registered child) and the l
 
 Row gathers per backend:
 - Int8Linear: the int8 weight is row-major [V, K]; index it.
+- Int8PairLinear (grouped int8 as nibble pairs on the int4 kernel's layout): its own `row_codes`, by the
+  same row period as below; the exact scales and zero points are plain [V, groups] tensors.
 - DequantLinear: nibble-packed rows [V, K/2]; index and unpack.
 - Int4TinyGemmLinear: the kernel's packed layout is tiled. linear.py probes it on a small [256, K] matrix
   (`_periodic_layout`) for a row period P (16..128): nibble(r, c) = (r // P)·P·K + offsets[r % P, c].
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.quant.int8pair import Int8PairLinear
 from slimlm.quant.linear import (
     DequantLinear,
     Int4TinyGemmLinear,
@@ -82,6 +85,9 @@ class QuantEmbedding(nn.Module):
             return QuantizedWeight(
                 codes, scales, torch.full_like(scales, 128, dtype=torch.int32), 8, table.in_features
             )
+        if isinstance(table, Int8PairLinear):
+            return QuantizedWeight(table.row_codes(ids), table.scales[ids], table.row_zeros(ids), 8,
+                                   table.group_size)  # fmt: skip
         if isinstance(table, DequantLinear):
             codes = unpack_nibbles(table.codes[ids]) if table.bits == 4 else table.codes[ids]
             return QuantizedWeight(codes, table.scales[ids], portable_zeros(table.zeros[ids]), table.bits,
@@ -231,6 +237,8 @@ def build_table(qweight: QuantizedWeight, bias: torch.Tensor | None, gather: boo
     """The fastest QuantLinear for this weight whose rows we can gather (see the module docstring)."""
     table = make_quant_linear(qweight, bias)
     if gather and isinstance(table, Int4TinyGemmLinear) and int4_row_plan(table) is None:
+        table = DequantLinear(qweight, bias)
+    if gather and isinstance(table, Int8PairLinear) and table.row_plan() is None:
         table = DequantLinear(qweight, bias)
     return table
 

@@ -9,6 +9,8 @@ Backends, picked by `make_quant_linear` from the weight's scheme and the device:
   (the fp32 variants of these CPU kernels are much slower: docs/measured_choices.md).
 - `Int8Linear`: 8-bit per-channel symmetric via `_weight_int8pack_mm` (the kernel takes one scale per
   output channel and no zero point; group-wise or asymmetric 8-bit weights use the fallback).
+- `Int8PairLinear` (quant/int8pair.py): 8-bit group-wise (groups of 32/64/128), each code as two
+  nibbles on the same int4 kernels (PyTorch has no grouped int8 kernel).
 - `DequantLinear`: everything else; dequantizes the weight each forward and calls F.linear.
 
 Kernel-specific packed tensors are bf16/int tensors stored under integer dtypes so that `model.to(dtype)`
@@ -178,6 +180,11 @@ def make_quant_linear(qweight: QuantizedWeight, bias: torch.Tensor | None = None
     per_channel = qweight.group_size == qweight.in_features
     if qweight.bits == 8 and per_channel and qweight.is_symmetric and device_type in ("cpu", "cuda"):
         return Int8Linear(qweight, bias)
+    if qweight.bits == 8 and not per_channel:
+        from slimlm.quant.int8pair import Int8PairLinear, pair_fits  # it builds on this module
+
+        if pair_fits(qweight, device_type):
+            return Int8PairLinear(qweight, bias)
     return DequantLinear(qweight, bias)
 
 
