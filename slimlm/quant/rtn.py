@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimlm.quant.kernel_scales import round_significant, scale_bits_for
+from slimlm.quant.kernel_scales import rounded_group_scale, scale_bits_for
 from slimlm.quant.scheme import QuantizedWeight, check_scheme, dequantize_codes
 
 
@@ -45,7 +45,7 @@ def group_qparams(
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: any scale is exact
     keep = scale_bits_for(bits, sym)
     if keep is not None:  # d and m = -z·d exact in fp16 (kernel_scales.py); zeros taken on that grid
-        scale = round_significant(scale, keep, up=True)
+        scale = rounded_group_scale(w, lo, scale, bits, sym, keep)
     if sym:
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:

@@ -155,7 +155,7 @@ def fp16_exact(
         return scale, zero
     keep = scale_bits_for(bits, sym)
     if keep is not None:
-        scale = round_significant(scale, keep, up=True)
+        scale = round_significant(scale, keep)
     return scale, zero.round().to(torch.int32)
 
 
