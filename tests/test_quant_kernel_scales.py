@@ -16,7 +16,7 @@ from slimlm.quant.quantize import quantize_model
 from slimlm.quant.rtn import rtn_quantize
 from tests.tiny_models import make_hf_model
 
-SCHEMES = [(8, 64, True), (8, -1, True), (8, 32, True), (4, 64, False), (4, 32, False), (4, 64, True)]
+SCHEMES = [(8, 64, True), (8, 32, True), (8, 128, True), (4, 64, False), (4, 32, False), (4, 64, True)]
 
 
 def _weight(seed: int = 0) -> torch.Tensor:
@@ -72,6 +72,15 @@ def test_rounding_the_grid_costs_next_to_nothing(bits, group, sym):
     err_ref = (ref.view_as(w) - w).pow(2).mean().sqrt()
     err = (q.dequantize() - w).pow(2).mean().sqrt()
     assert float(err) <= float(err_ref) * (1 + (2.0**-10 if bits == 8 else 2.0**-6))
+
+
+def test_per_channel_grids_are_left_as_they_were():
+    """A grid spanning the whole row keeps the min/max scale (PyTorch's int8 module stores it as bf16,
+    fp16-exact anyway); only groups of 32/64/128 are rounded."""
+    w = _weight(5)
+    q = rtn_quantize(w, 8, -1, sym=True)
+    torch.testing.assert_close(q.scales.squeeze(-1)[1:], w[1:].abs().amax(-1) * 2 / 255, rtol=1e-6, atol=0)
+    assert not is_fp16_exact(q.scales[2:])
 
 
 def test_older_float32_grids_still_pack_and_are_planned_at_four_bytes():

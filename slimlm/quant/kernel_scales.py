@@ -12,6 +12,9 @@ zero points): each group takes whichever neighbour gives the smaller squared err
 - Integer zero points z ≤ 2^bits − 1 (asymmetric): m = −z·d has up to (bits of d) + bits significant
   bits, and fp16 keeps 11, so d keeps 11 − bits (7 at 4 bits). At 8 bits that would leave 3: such grids
   (never made by `slimlm quantize`, whose 8 bits are symmetric) keep float32.
+- Per-channel grids (`--group-size -1`, and the 8-bit table beside 4-bit weights) are left as they are:
+  PyTorch's int8 module holds their scales as bf16 (fp16-exact, m = −128·d too), and the recommended w4
+  recipe's answers (tests/test_kv_answers.py) were measured with that table as it was.
 - Float zero points (w = d·q + m, z = −m / d) are left as they are: PyTorch's int4 modules, which the
   checkpoint is written from, keep them as bf16 (scale, minimum) pairs, and m = −z·d of those is not
   fp16-exact; such checkpoints keep float32 (d, m) in the kernel.
@@ -26,8 +29,14 @@ FP16_MIN_EXPONENT = -24  # fp16's smallest subnormal is 2^-24: every fp16 value 
 FP16_MAX = 65504.0
 
 
-def scale_bits_for(bits: int, sym: bool) -> int | None:
-    """Significant bits a scale may keep so that d and −z·d are fp16-exact; None: too few to bother."""
+ROUNDED_GROUPS = (32, 64, 128)  # per-channel grids (a group spanning the row) are left as they are
+
+
+def scale_bits_for(bits: int, sym: bool, group: int = 64) -> int | None:
+    """Significant bits a scale may keep so that d and −z·d are fp16-exact; None: leave it (too few bits
+    to bother, or a per-channel grid)."""
+    if group not in ROUNDED_GROUPS:
+        return None
     if sym:
         return FP16_SIGNIFICANT_BITS
     keep = FP16_SIGNIFICANT_BITS - bits
