@@ -4,8 +4,8 @@ A weight [rows, k] is codes (4 or 8 bits) with a scale d and a float minimum m p
 w = d * code + m. That holds every format slimlm meets without requantizing:
 - slimlm / AutoAWQ / GPTQ integer zero points z (slimlm/quant/scheme.py): m = -z * d;
 - GGUF Q4_1 (d, m per 32): as is; Q4_0: m = -8 d; Q8_0 (signed q): code = q + 128, m = -128 d.
-Scales are stored as fp16 where d and m survive the round trip exactly (GGUF's are fp16 already),
-else float32. Codes are tiled by 16 rows (see gemm_q.h), rows padded to a multiple of 16.
+Scales are stored as fp16 where d and m survive the round trip exactly (GGUF's are fp16 already, and
+`slimlm quantize` rounds its integer-zero grids onto fp16: quant/kernel_scales.py), else float32. Codes are tiled by 16 rows (see gemm_q.h), rows padded to a multiple of 16.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ A bf16 CPU engine with the kernel holds a quantized checkpoint this way (engine/
   gets follows from how `slimlm quantize` stores its scales (measured against the engine in
   tests/test_plan_engine_parity.py). Checkpoints whose config says `"fp16_scales": true` (every 4-bit
   and symmetric one `quantize` makes since issue 15's w8 pass: quant/kernel_scales.py rounds d and m
-  onto fp16 before the codes are taken) are fp16 throughout. Older ones: symmetric per-channel int8
+  onto fp16 before the codes are taken, in groups of 32/64/128; per-channel grids are left) are fp16. Older ones: symmetric per-channel int8
   (bf16 scales, m = −128·d) and rtn's int8 g32 table (Q8_0's fp16 grid) fit fp16; everything else is
   float32 — integer zero points (m = −z·d needs up to 12 significant bits, fp16 has 11), float zero
   points (m = −z·d computed from a float32 z) and grouped int8 (float32 scales). A tensor whose every
@@ -31,9 +31,10 @@ FUSED = tuple(parts for _fused, parts in FUSIONS)  # q/k/v and gate/up: one weig
 
 
 def kernel_scale_bytes(bits: int, per_channel: bool, sym: bool, fp16_scales: bool = False) -> int:
-    """Bytes of one of d or m (module docstring): fp16 for a checkpoint with fp16-exact scales (4-bit or
-    symmetric) and for symmetric per-channel int8, else float32."""
-    if fp16_scales and (bits == 4 or sym):
+    """Bytes of one of d or m (module docstring): fp16 for a checkpoint with fp16-exact scales (groups of a
+    4-bit or symmetric grid; per-channel grids are not rounded) and for symmetric per-channel int8, else
+    float32."""
+    if fp16_scales and not per_channel and (bits == 4 or sym):
         return 2
     return 2 if bits == 8 and per_channel and sym else 4
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimlm.quant.kernel_scales import round_significant, scale_bits_for
+from slimlm.quant.kernel_scales import rounded_group_scale, scale_bits_for
 from slimlm.quant.scheme import QuantizedWeight, check_scheme, dequantize_codes
 
 
@@ -21,7 +21,7 @@ def group_qparams(
     `narrow` (symmetric only): s = absmax / (2^(bits-1) - 1) rounded to fp16, codes z ± (2^(bits-1) - 1):
     llama.cpp's Q8_0 block (d = fp16(absmax / 127)); a group of Q8_0 weights is then reproduced exactly,
     where the wide grid (s = 2·absmax / 255) moves every code off it.
-    Integer-zero grids (symmetric, or 4-bit) are rounded so that d and m = -z·d are exact in fp16
+    Integer-zero groups of 32/64/128 (symmetric, or 4-bit) are rounded so that d and m = -z·d are exact in fp16
     (kernel_scales.py: the C kernel then holds them at 2 bytes each); zeros and codes are taken on the
     rounded grid.
     """
@@ -43,9 +43,9 @@ def group_qparams(
         lo = -hi
     scale = (hi - lo) / maxq
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: any scale is exact
-    keep = scale_bits_for(bits, sym)
+    keep = scale_bits_for(bits, sym, w.shape[-1])
     if keep is not None:  # d and m = -z·d exact in fp16 (kernel_scales.py); zeros taken on that grid
-        scale = round_significant(scale, keep, up=True)
+        scale = rounded_group_scale(w, lo, scale, bits, sym, keep)
     if sym:
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:

@@ -139,7 +139,7 @@ def search_qparams(
     # the winner moved onto fp16-exact d and m (kernel_scales.py) can lose to the min/max grid, which
     # group_qparams rounded the same way: keep whichever is better after rounding
     first_s, first_z = group_qparams(w, bits, sym, float_zero)
-    best_s, best_z = fp16_exact(best_s, best_z, bits, sym, float_zero)
+    best_s, best_z = fp16_exact(best_s, best_z, bits, sym, float_zero, w.shape[-1])
     worse = weighted_error(w, imp, best_s, best_z.float(), bits) > weighted_error(
         w, imp, first_s, first_z.float(), bits
     )
@@ -147,15 +147,15 @@ def search_qparams(
 
 
 def fp16_exact(
-    scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool, float_zero: bool
+    scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool, float_zero: bool, group: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fitted grid moved onto fp16-exact d and m (kernel_scales.py), as rtn.group_qparams makes them;
     the caller quantizes the codes against it."""
     if float_zero:  # stored through PyTorch's bf16 (scale, minimum) pairs: left as fitted
         return scale, zero
-    keep = scale_bits_for(bits, sym)
+    keep = scale_bits_for(bits, sym, group)
     if keep is not None:
-        scale = round_significant(scale, keep, up=True)
+        scale = round_significant(scale, keep)
     return scale, zero.round().to(torch.int32)
 
 

@@ -10,7 +10,10 @@ tests/test_gemma3_real_kernel.py allows for the reference), and most prompts agr
 Measured (2026-12-04, these prompts and three more, 32 tokens): on tokens both paths pick, the chosen
 token's log-probability differs between them by up to 0.29 nats; 5 of 8 prompts agree whole; the three
 splits are at reference gaps of 0.0, 0.125 and 0.5 nats (kernel gaps 0.38, 0.07, 0.21 the other way),
-hence NEAR_TIE = 0.5 (four bf16 logit steps). Most of the ~20 s is quantizing SmolLM2 first."""
+hence NEAR_TIE = 0.5 (four bf16 logit steps). With the fp16-exact scales of `quantize` since
+(quant/kernel_scales.py: a slightly different checkpoint), 2 of 5 prompts agree whole and the other three
+part where the reference's two best bf16 logits are exactly equal (its pick is then a tie-break); there the
+kernel's pick lies 0.0-0.25 nats below the reference's best, which is what is checked. Most of the ~20 s is quantizing SmolLM2 first."""
 
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ def greedy(path, decode_kernel: str):
 
     llm = LLM(str(path), dtype="bfloat16", device="cpu", kv_cache_tokens=512, progress=False,
               decode_kernel=decode_kernel)  # fmt: skip
-    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, logprobs=2)
+    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, logprobs=4)
     outs = llm.generate([llm.tokenizer.encode(p) for p in PROMPTS], params)
     return outs, llm.memory_report()["decode_kernel"]
 
@@ -55,7 +58,7 @@ def test_greedy_text_of_the_c_kernel_equals_the_pytorch_path_on_a_w4_checkpoint(
     kernel_outs, kernel = greedy(checkpoint, "c")
     torch_outs, other = greedy(checkpoint, "torch")
     assert "C kernel" in kernel and "C kernel" not in other
-    whole = 0
+    whole = tie_breaks = 0
     for prompt, got, ref in zip(PROMPTS, kernel_outs, torch_outs, strict=True):
         assert len(got.token_ids) == len(ref.token_ids) == TOKENS
         split = next(
@@ -64,11 +67,17 @@ def test_greedy_text_of_the_c_kernel_equals_the_pytorch_path_on_a_w4_checkpoint(
         if split is None:
             whole += 1
             continue
-        (first, lp1), (second, lp2) = ref.logprobs[split].top[:2]
-        (k_first, k1), (k_second, k2) = got.logprobs[split].top[:2]
+        (_, lp1), (_, lp2) = ref.logprobs[split].top[:2]
+        (_, k1), (_, k2) = got.logprobs[split].top[:2]
         print(f"{prompt!r}: parts at token {split}, top-2 {lp1 - lp2:.3f} nats apart (reference), "
               f"{k1 - k2:.3f} (kernel)")  # fmt: skip
-        pair = {got.token_ids[split], ref.token_ids[split]}
-        assert pair == {first, second} == {k_first, k_second}, (prompt, split)
-        assert lp1 - lp2 <= NEAR_TIE and k1 - k2 <= NEAR_TIE, (prompt, split, lp1 - lp2, k1 - k2)
-    assert whole >= len(PROMPTS) - 2
+        # each path rates the other's token within NEAR_TIE nats of its own best (among its top 4); where
+        # the reference's best logits are exactly equal (bf16) its pick is a tie-break, so only the kernel's
+        # pick is checked against it (seen with the fp16-exact scales' checkpoint)
+        ref_top, kernel_top = dict(ref.logprobs[split].top), dict(got.logprobs[split].top)
+        assert lp1 - ref_top.get(got.token_ids[split], float("-inf")) <= NEAR_TIE, (prompt, split)
+        if lp1 - lp2 >= 1e-3:
+            assert k1 - kernel_top.get(ref.token_ids[split], float("-inf")) <= NEAR_TIE, (prompt, split)
+        else:
+            tie_breaks += 1
+    assert whole + tie_breaks >= len(PROMPTS) - 2  # at most two split where the reference did not tie
