@@ -68,3 +68,25 @@ def test_no_ratio_against_a_reference_that_failed():
     rows = {"bf16": {"error": "x"}, "w4": {"decode_tok_s": 2.0}}
     add_ratios(rows, [{"w4": {"decode_tok_s": 2.0}}])
     assert "decode_tok_s_vs_bf16" not in rows["w4"]
+
+
+def test_the_roofline_uses_one_bandwidth_for_every_variant_the_highest_measured():
+    from slimlm.bench.variants import add_roofline
+
+    rows = {"bf16": {"decode_tok_s": 100.0, "bytes_per_token": 2e8},
+            "w4": {"decode_tok_s": 300.0, "bytes_per_token": 5e7},
+            "llama.cpp": {"decode_tok_s": 120.0}}  # fmt: skip
+    add_roofline(rows, [30e9, 40e9])
+    assert rows["bf16"]["read_bandwidth_gb_s"] == rows["w4"]["read_bandwidth_gb_s"] == 40.0
+    assert rows["bf16"]["read_bandwidth_measured_gb_s"] == [30.0, 40.0]
+    assert rows["bf16"]["roofline_tok_s"] == pytest.approx(200.0)
+    assert rows["bf16"]["roofline_fraction"] == pytest.approx(0.5)
+    assert rows["w4"]["roofline_fraction"] == pytest.approx(300 * 5e7 / 40e9)
+    assert "roofline_fraction" not in rows["llama.cpp"]  # no bytes reported: no roofline invented
+
+
+def test_the_bandwidth_is_measured_in_a_fresh_process():
+    from slimlm.bench.variants import fresh_read_bandwidth
+
+    bandwidth = fresh_read_bandwidth()
+    assert 1e8 < bandwidth < 1e13  # bytes/s: a real figure, neither zero nor absurd

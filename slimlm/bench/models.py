@@ -207,4 +207,9 @@ def merge_variant_results(files: list[Path]) -> dict:
     from slimlm.bench.rounds import add_ratios
 
     add_ratios(rows, [])  # separate holds have no rounds to pair: ratios of the medians
+    from slimlm.bench.variants import add_roofline
+
+    measured = [b * 1e9 for row in rows.values() for b in row.get("read_bandwidth_measured_gb_s", [])]
+    if measured:  # one machine, one bandwidth: the highest any of the files measured
+        add_roofline(rows, measured)
     return {"settings": {"merged_from": settings}, "variants": rows}

@@ -132,14 +132,8 @@ class VariantChild:
         if self.baseline_rss is not None:
             result.update(baseline_rss_bytes=self.baseline_rss,
                           peak_rss_above_baseline_bytes=result["peak_rss_bytes"] - self.baseline_rss)  # fmt: skip
-        if self.llm is not None:  # the read-bandwidth roofline: weight bytes streamed per token
-            from slimlm.bench.ceiling import read_bandwidth
-
-            per_token = result["weights_bytes"] - _lookup_only_bytes(self.llm.loaded.model)
-            bandwidth = read_bandwidth(256 * 2**20)
-            result.update(bytes_per_token=per_token, read_bandwidth_gb_s=bandwidth / 1e9,
-                          roofline_tok_s=bandwidth / per_token,
-                          roofline_fraction=result["decode_tok_s"] * per_token / bandwidth)  # fmt: skip
+        if self.llm is not None:  # weight bytes streamed per token; the parent adds the roofline
+            result["bytes_per_token"] = result["weights_bytes"] - _lookup_only_bytes(self.llm.loaded.model)
         return result
 
 
@@ -186,7 +180,33 @@ def run_variants(names: list[str], threads: int, runs: int, gen_len: int, prompt
     child = [sys.executable, "-m", "slimlm.bench.variants", "--threads", str(threads), "--gen-len", str(gen_len),
              "--prompt-len", str(prompt_len), "--rounds", *(["--cpu-time"] if cpu_time else []),
              *(["--model", model] if model else [])]  # fmt: skip
-    return run_rounds({name: [*child, name] for name in names}, runs, log)
+    # The roofline's bandwidth is the machine's, not a variant's: measured in a fresh process with nothing
+    # else loaded, before the children start and after they exit (measured inside each child at the end,
+    # it fell 59 -> 15 GB/s from child to child and made the fractions meaningless); the higher is used.
+    before = fresh_read_bandwidth()
+    rows = run_rounds({name: [*child, name] for name in names}, runs, log)
+    add_roofline(rows, [before, fresh_read_bandwidth()])
+    return rows
+
+
+def fresh_read_bandwidth() -> float:
+    """Bytes/s that torch.sum streams from memory, measured in a new process (torch imported, no model)."""
+    code = "from slimlm.bench.ceiling import read_bandwidth; print(read_bandwidth(512 * 2**20, repeats=7))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return float(out.split()[-1])
+
+
+def add_roofline(rows: dict, bandwidths: list[float]) -> None:
+    """`roofline_tok_s` (bandwidth / weight bytes per token) and `roofline_fraction` (decode rate over it)
+    for every row that reports its `bytes_per_token`. The bandwidth is the highest of the measurements
+    (bytes/s): what the machine can stream, the same figure for every row; all of them are kept."""
+    bandwidth = max(bandwidths)
+    for row in rows.values():
+        if "bytes_per_token" in row and "decode_tok_s" in row:
+            row.update(read_bandwidth_gb_s=bandwidth / 1e9,
+                       read_bandwidth_measured_gb_s=[b / 1e9 for b in bandwidths],
+                       roofline_tok_s=bandwidth / row["bytes_per_token"],
+                       roofline_fraction=row["decode_tok_s"] * row["bytes_per_token"] / bandwidth)  # fmt: skip
 
 
 def print_variants(rows: dict, log=print) -> None:
