@@ -76,6 +76,32 @@ def test_planner_quantized_weight_bytes_equal_the_quantized_model(bits, group_si
     assert _weight_format("auto", "bf16", loaded.config, False)[2] is False
 
 
+@pytest.mark.parametrize("group_size,sym", [(64, None), (64, False), (32, None)])
+def test_planner_grouped_8bit_on_the_pytorch_path_counts_the_pair_layout(group_size, sym):
+    """Grouped 8-bit weights on the PyTorch path (`--decode-kernel torch`, CUDA, a CPU without VNNI) run as
+    nibble pairs (quant/int8pair.py), which also keep the exact scales (float32 per linear group, fp16
+    for rtn's Q8_0-grid table) and, when asymmetric, uint8 zeros: `slimlm plan -m CKPT` counts them. It
+    planned 144.7 MB for the 153.1 MB SmolLM2's `quantize --bits 8` holds there."""
+    from slimlm.commands.plan import _checkpoint_choices, _checkpoint_zeros, _weight_format
+    from slimlm.loading import load
+    from slimlm.plan.serving import InferenceSettings, _weights_bytes
+    from slimlm.quant.quantize import quantize_model, quantized_weight_bytes
+
+    loaded = load(None, dtype="bfloat16", progress=False)
+    qconfig = quantize_model(loaded.model, "rtn", 8, group_size, progress=False, sym=sym)
+    kinds = {type(m).__name__ for m in loaded.model.modules()}
+    assert "Int8PairLinear" in kinds  # the layout this test is about
+    allocated = quantized_weight_bytes(loaded.model)
+    loaded.config.quantization = qconfig
+    fmt, group, embeddings = _weight_format("auto", "bf16", loaded.config, False)
+    settings = InferenceSettings(
+        weight_format=fmt, group_size=group, dtype="bf16", quantize_embeddings=embeddings,
+        **_checkpoint_choices("auto", loaded.config), **_checkpoint_zeros("auto", loaded.config),
+    )  # fmt: skip
+    settings.layout = "torch"
+    assert _weights_bytes(loaded.config, settings) == allocated
+
+
 def test_planner_counts_an_8bit_table_and_per_linear_group_sizes():
     """The recommended w4 recipe (8-bit embedding table) and mixed group sizes: `slimlm plan -m CKPT`
     reads them from the checkpoint's config and plans the bytes the quantized model holds."""

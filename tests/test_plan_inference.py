@@ -37,19 +37,28 @@ def test_quantized_weights_count_scales_zeros_and_unquantized_tensors():
     # the embedding and the (untied) lm_head are quantized too: w4 at the same group size ...
     embed_w4 = 2 * (EMBED // 2 + 32000 * (4096 // 128) * 4)
     assert weight_bytes(LLAMA2_7B, "w4", 128) == PROJ // 2 + groups * 4 + embed_w4 + norms
-    # ... w8 in groups of 32 whatever the decoder's group size (Q8_0's blocks): scale and zero per group
-    embed_w8 = 2 * (EMBED + 32000 * (4096 // 32) * 4)
+    # ... w8 in groups of 32 whatever the decoder's group size (Q8_0's blocks): scale and zero per group,
+    # and, as nibble pairs on PyTorch's int4 kernel (quant/int8pair.py), the exact fp16 scale per group
+    # and the two bf16 input multipliers per table
+    embed_w8 = 2 * (EMBED + 32000 * (4096 // 32) * 4) + 2 * (32000 * (4096 // 32) * 2 + 4)
     assert weight_bytes(LLAMA2_7B, "w8", -1, quantize_embeddings=True) == PROJ + ROWS * 2 + embed_w8 + norms
-    # w8 group 64: scale and zero per group
+    # w8 group 64: scale and zero per group, nibble pairs: + the exact float32 scale per group, + 4 bytes
+    # of input multipliers per linear (7 a layer)
+    pairs = (PROJ // 64) * 4 + 32 * 7 * 4
     assert (
         weight_bytes(LLAMA2_7B, "w8", 64, quantize_embeddings=True)
-        == PROJ + (PROJ // 64) * 4 + embed_w8 + norms
+        == PROJ + (PROJ // 64) * 4 + pairs + embed_w8 + norms
+    )
+    # asymmetric (quantize --sym false): + a uint8 zero point per group
+    assert (
+        weight_bytes(LLAMA2_7B, "w8", 64, quantize_embeddings=True, sym=False)
+        == PROJ + (PROJ // 64) * 4 + pairs + PROJ // 64 + embed_w8 + norms
     )
     # a per-channel 8-bit table (--embedding-group-size -1): a byte per weight + one bf16 scale per row
     channel = 2 * (EMBED + 32000 * 2)
     assert (
         weight_bytes(LLAMA2_7B, "w8", 64, quantize_embeddings=True, embedding_group_size=-1)
-        == PROJ + (PROJ // 64) * 4 + channel + norms
+        == PROJ + (PROJ // 64) * 4 + pairs + channel + norms
     )
     # beside 4-bit weights an 8-bit table stays per channel (the measured w4 recipes)
     assert weight_bytes(LLAMA2_7B, "w4", 128, embedding_bits=8) == PROJ // 2 + groups * 4 + channel + norms

@@ -11,6 +11,9 @@ Weights (`weight_bytes`):
     per output channel, bf16 each (4 bytes per group per row; the int4 tinygemm layout). A row of `in`
     weights has ceil(in / g) groups. g <= 0 means per-channel: for w4 one group per row; for w8 the
     symmetric int8 kernel's layout, one bf16 scale per output channel and no zero point (2 bytes per row).
+    Grouped w8 runs as nibble pairs on the int4 kernel where its shapes fit (quant/int8pair.py), which
+    also keeps each group's exact scale as stored (float32; fp16 for rtn's Q8_0-grid table), a uint8
+    zero point unless symmetric, and 4 bytes of input multipliers per weight.
     The token embedding and lm_head are quantized when `quantize_embeddings` is True (None: as
     `slimlm quantize --embeddings auto`, always): a 4-bit table at the decoder's group size, an 8-bit one
     in groups of `embedding_group_size` (default: formats.weights.table_group_size: 32 in an all-8-bit
@@ -66,13 +69,22 @@ def weight_bytes(
     embedding_bits: int | None = None,
     group_sizes: dict[str, int] | None = None,
     embedding_group_size: int | None = None,
+    sym: bool | None = None,
+    head_method: str = "rtn",
 ) -> int:
     """Bytes of all weights as the engine stores them (see the module docstring for the layout).
 
     `dtype` is the model dtype that unquantized tensors keep under w8/w4 (ignored for float formats).
     `embedding_bits` (default: the format's bits) and `group_sizes` (per-linear group sizes) as
     `slimlm quantize --embedding-bits / --group-sizes` write them into the checkpoint's config.
+    `sym` (None: quantize's default, symmetric at 8 bits) and `head_method` matter for grouped 8-bit
+    weights only: on the PyTorch path they run as nibble pairs (quant/int8pair.py), which also keep the
+    exact scales (float32 as `quantize` stores a linear's; fp16 for rtn's Q8_0-grid table) and, when
+    asymmetric, uint8 zero points.
     """
+    from slimlm.quant.int8pair import pair_extra_bytes, pair_shape_fits
+
+    sym8 = True if sym is None else sym
     fmt = normalize_weight_format(weight_format)
     if fmt in FLOAT_BYTES:
         return config.num_parameters() * FLOAT_BYTES[fmt]
@@ -87,10 +99,14 @@ def weight_bytes(
             name = p.name.removeprefix(f"model.layers.{p.layer}.").removesuffix(".weight")
             size = linear_group_size(group_sizes, p.layer, name, group_size)
             total += quantized_linear_bytes(*p.shape, WEIGHT_BITS[fmt], size)
+            if WEIGHT_BITS[fmt] == 8 and pair_shape_fits(*p.shape, size):
+                total += pair_extra_bytes(*p.shape, size, 4, sym8)
         elif p.kind in ("embedding", "lm_head") and quantize_embeddings:
             bits = embedding_bits or WEIGHT_BITS[fmt]
             table = table_group_size(WEIGHT_BITS[fmt], bits, group_size, embedding_group_size)
             total += quantized_linear_bytes(*p.shape, bits, table)
+            if bits == 8 and pair_shape_fits(*p.shape, table):  # 8-bit tables are symmetric
+                total += pair_extra_bytes(*p.shape, table, 2 if head_method == "rtn" else 4, True)
         else:
             total += p.numel * rest
     return total

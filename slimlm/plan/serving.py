@@ -188,6 +188,7 @@ def _weights_bytes(config: ModelConfig, s: InferenceSettings) -> int:
     return weight_bytes(
         config, s.weight_format, s.group_size, dtype=s.dtype, quantize_embeddings=s.quantize_embeddings,
         embedding_bits=s.embedding_bits, group_sizes=s.group_sizes, embedding_group_size=s.embedding_group_size,
+        sym=s.sym, head_method=s.head_method,
     )  # fmt: skip
 
 

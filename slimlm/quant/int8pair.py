@@ -49,18 +49,40 @@ CHUNK_ROWS = 2048  # output rows dequantized at a time (the scratch is CHUNK_ROW
 
 def pair_fits(qweight: QuantizedWeight, device_type: str) -> bool:
     """Whether this 8-bit group-wise weight can run as nibble pairs on the device's int4 kernel."""
-    gs, n, k = qweight.group_size, qweight.out_features, qweight.in_features
+    if qweight.bits != 8 or qweight.zeros.is_floating_point():
+        return False
+    if not pair_shape_fits(qweight.out_features, qweight.in_features, qweight.group_size, device_type):
+        return False
+    return _kernel_works("int4", device_type)
+
+
+INPUT_MULT_BYTES = 4  # Int8PairLinear's `input_mult`: (16, 1) in bf16
+
+
+def pair_shape_fits(
+    out_features: int, in_features: int, group_size: int | None, device_type: str = "cpu"
+) -> bool:
+    """Whether an 8-bit weight of this shape and group size takes the nibble-pair layout (the int4
+    kernel's group sizes and row / column multiples); the planner asks this too."""
     if (
-        qweight.bits != 8
-        or gs == k
-        or 2 * gs not in TINYGEMM_GROUP_SIZES
-        or qweight.zeros.is_floating_point()
+        not group_size
+        or group_size <= 0
+        or group_size == in_features
+        or 2 * group_size not in TINYGEMM_GROUP_SIZES
     ):
         return False
-    if not _kernel_works("int4", device_type):
-        return False
     n_multiple, k_multiple = (16, 2) if device_type == "cpu" else (8, 32)
-    return n % n_multiple == 0 and (2 * k) % k_multiple == 0
+    return out_features % n_multiple == 0 and (2 * in_features) % k_multiple == 0
+
+
+def pair_extra_bytes(
+    out_features: int, in_features: int, group_size: int, scale_bytes: int, sym: bool
+) -> int:
+    """What Int8PairLinear holds beyond QuantLinear's layout (codes + a bf16 scale and zero per group):
+    the exact scales as stored (`scale_bytes`: 4 for float32, 2 for fp16) and, unless symmetric, a uint8
+    zero point, per group per row; and the input multipliers (16, 1) as two bf16."""
+    groups = -(-in_features // group_size)
+    return out_features * groups * (scale_bytes + (0 if sym else 1)) + INPUT_MULT_BYTES
 
 
 def pair_codes(codes: torch.Tensor, group_size: int) -> torch.Tensor:
