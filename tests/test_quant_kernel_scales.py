@@ -116,3 +116,27 @@ def test_checkpoints_say_when_their_scales_are_fp16_exact(tmp_path, bits, kwargs
         d = scales.float()
         exact = is_fp16_exact(d) and is_fp16_exact(-zeros * d)
         assert exact or not fp16, name  # what the config promises holds for every tensor written
+
+
+@pytest.mark.parametrize("bits,sym,group", [(4, False, 64), (8, True, 32), (4, False, 128)])
+def test_the_scale_search_in_chunks_chooses_what_the_whole_tensor_would(monkeypatch, bits, sym, group):
+    """rounded_group_scale runs a chunk of groups at a time (speed); each group's choice is its own, so the
+    chunked result equals the whole-tensor one bit for bit, across chunk edges and a short last chunk."""
+    from slimlm.quant import kernel_scales
+
+    torch.manual_seed(0)
+    w = torch.randn(37, 11, group) * 0.02  # [rows, groups, group]: 407 groups, chunks of 5 groups below
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    if sym:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    scale = (hi - lo) / (2**bits - 1)
+    keep = kernel_scales.scale_bits_for(bits, sym, group)
+    monkeypatch.setattr(kernel_scales, "SCALE_CHUNK_ELEMENTS", 2**40)
+    whole = kernel_scales.rounded_group_scale(w, lo, scale, bits, sym, keep)
+    monkeypatch.setattr(kernel_scales, "SCALE_CHUNK_ELEMENTS", 5 * group)
+    chunked = kernel_scales.rounded_group_scale(w, lo, scale, bits, sym, keep)
+    assert chunked.shape == scale.shape and torch.equal(chunked, whole)
+    # and the choice is a real one: some groups round down, some up
+    up = kernel_scales.round_significant(scale, keep, "up")
+    assert 0 < int((whole != up).sum()) < whole.numel()

@@ -67,8 +67,26 @@ def rounded_group_scale(
     the smaller squared rounding error. Measured on SmolLM2's linears at 4 bits g64: always rounding up
     costs +1.1% squared error over float32 scales, to nearest +0.03%, the better neighbour -1.6%."""
     maxq = 2**bits - 1
-    w = w.float()
+    n = w.shape[-1]
+    flat_w, flat_lo, flat_scale = w.reshape(-1, n), lo.reshape(-1), scale.reshape(-1)
+    out = torch.empty(flat_scale.shape, dtype=torch.float32, device=scale.device)
+    # Groups a chunk at a time: each group's choice is its own, so the result is the same, and ~1 MiB
+    # temporaries stay in cache where whole-tensor ones went to memory (w4 RTN of SmolLM2 spent 3.3 of
+    # its 5.4 s here; 2-5x faster chunked, measured with /tmp harnesses, docs/quantization.md).
+    rows = max(1, SCALE_CHUNK_ELEMENTS // n)
+    for i in range(0, flat_scale.shape[0], rows):
+        out[i : i + rows] = _better_neighbour(
+            flat_w[i : i + rows].float(), flat_lo[i : i + rows], flat_scale[i : i + rows], bits, sym, keep, maxq
+        )
+    return out.view(scale.shape)
 
+
+SCALE_CHUNK_ELEMENTS = 2**18  # weights per chunk of rounded_group_scale: 1 MiB of float32 temporaries
+
+
+def _better_neighbour(
+    w: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bits: int, sym: bool, keep: int, maxq: int
+) -> torch.Tensor:
     def error(s: torch.Tensor) -> torch.Tensor:
         z = torch.full_like(s, 2 ** (bits - 1)) if sym else torch.round(-lo / s).clamp(0, maxq)
         q = torch.clamp(torch.round(w / s.unsqueeze(-1) + z.unsqueeze(-1)), 0, maxq)
