@@ -18,7 +18,14 @@ def start_serve(
     """Start `python -m slimlm.cli serve --port 0 ARGS`. Returns (the process, its base URL, or None when
     it exited or printed none within `timeout` seconds, and its stderr lines, which keep growing)."""
     cmd = [sys.executable, "-m", "slimlm.cli", "serve", "--port", "0", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
+    )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     deadline = time.monotonic() + timeout
@@ -28,6 +35,13 @@ def start_serve(
         url = found[0].group(1) if found else None
         time.sleep(0.1)
     return proc, url, lines
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT at its default in the server, as in a terminal. A test run launched in the background by a
+    non-interactive shell (`.ci/run &`, nohup) inherits SIGINT ignored, and Python then keeps ignoring
+    it: the server would rightly not stop on the Ctrl-C this module sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stop_serve(proc: subprocess.Popen) -> None:
