@@ -48,9 +48,8 @@ def keep_freed_heap() -> bool:
 
     By default glibc maps every block above a (self-adjusting) threshold on its own and unmaps it on free,
     and trims the heap's top whenever a few MiB lie free there, so every prefill step faulted its
-    activations' pages in afresh: ~190,000 minor faults in one 16 x 128-token prefill of SmolLM2, about
-    a seventh of its time (docs/engine.md, "Fifth pass"). Fixed thresholds make those blocks come from the
-    heap and stay there, up to KEEP_TRIM_BYTES of free top. Blocks of KEEP_MMAP_BYTES and more (a big
+    activations' pages in afresh (how many, and what it cost: docs/engine.md, "Fifth pass"). Fixed
+    thresholds make those blocks come from the heap and stay there, up to KEEP_TRIM_BYTES of free top. Blocks of KEEP_MMAP_BYTES and more (a big
     model's weights, the KV pool) are still mapped on their own, and `release_free_heap` still returns
     everything free on request. Process-wide, set once (the engine calls it after its pool is allocated);
     False where the C library has no mallopt (nothing done).

@@ -182,7 +182,8 @@ def run_variants(names: list[str], threads: int, runs: int, gen_len: int, prompt
              *(["--model", model] if model else [])]  # fmt: skip
     # The roofline's bandwidth is the machine's, not a variant's: measured in a fresh process with nothing
     # else loaded, before the children start and after they exit (measured inside each child at the end,
-    # it fell 59 -> 15 GB/s from child to child and made the fractions meaningless); the higher is used.
+    # it fell from child to child and made the fractions meaningless: docs/engine.md, "The final
+    # measurement"); the higher is used.
     before = fresh_read_bandwidth()
     rows = run_rounds({name: [*child, name] for name in names}, runs, log)
     add_roofline(rows, [before, fresh_read_bandwidth()])

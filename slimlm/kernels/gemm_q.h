@@ -105,7 +105,7 @@ static void embed_row(const slim_weight *w, int64_t row, const float *div, float
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* Software prefetch QPF bytes ahead in the code stream, into L2 (T1): at batch 1 the tile loop is
  * bound by how many lines are in flight, and L2 prefetches ahead of the hardware's own stream measured
- * 13-18% faster than L1 (T0) ones 1-2 KiB ahead (docs/engine.md, "w8 fast"). */
+ * faster than L1 (T0) ones 1-2 KiB ahead (figures: docs/engine.md, "w8 and w4 faster"). */
 #ifndef QPF
 #define QPF 4096
 #endif

@@ -27,6 +27,7 @@ import torch
 FP16_SIGNIFICANT_BITS = 11
 FP16_MIN_EXPONENT = -24  # fp16's smallest subnormal is 2^-24: every fp16 value is a multiple of it
 FP16_MAX = 65504.0
+SCALE_CHUNK_ELEMENTS = 2**18  # weights per chunk of rounded_group_scale: 1 MiB of float32 temporaries
 
 
 ROUNDED_GROUPS = (32, 64, 128)  # per-channel grids (a group spanning the row) are left as they are
@@ -71,8 +72,8 @@ def rounded_group_scale(
     flat_w, flat_lo, flat_scale = w.reshape(-1, n), lo.reshape(-1), scale.reshape(-1)
     out = torch.empty(flat_scale.shape, dtype=torch.float32, device=scale.device)
     # Groups a chunk at a time: each group's choice is its own, so the result is the same, and ~1 MiB
-    # temporaries stay in cache where whole-tensor ones went to memory (w4 RTN of SmolLM2 spent 3.3 of
-    # its 5.4 s here; 2-5x faster chunked, measured with /tmp harnesses, docs/quantization.md).
+    # temporaries stay in cache where whole-tensor ones all went through memory (what this saves:
+    # docs/engine.md, "A model where the weights dominate").
     rows = max(1, SCALE_CHUNK_ELEMENTS // n)
     for i in range(0, flat_scale.shape[0], rows):
         part = slice(i, i + rows)
@@ -80,9 +81,6 @@ def rounded_group_scale(
             flat_w[part].float(), flat_lo[part], flat_scale[part], bits, sym, keep, maxq
         )
     return out.view(scale.shape)
-
-
-SCALE_CHUNK_ELEMENTS = 2**18  # weights per chunk of rounded_group_scale: 1 MiB of float32 temporaries
 
 
 def _better_neighbour(
