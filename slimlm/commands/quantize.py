@@ -136,26 +136,11 @@ def _group_sizes(text: str) -> dict[str, int]:
 
 def _stored_dtypes(model: str | None) -> set[str]:
     """The safetensors dtypes of an HF directory's floating tensors (empty for a GGUF or anything else)."""
-    import json
-
     from slimlm.loading.default_model import resolve_model_path
-    from slimlm.loading.safetensors_dir import is_hf_dir, safetensors_files
+    from slimlm.loading.safetensors_dir import is_hf_dir, safetensors_files, stored_float_dtypes
 
     path = resolve_model_path(model)
-    if not is_hf_dir(path):
-        return set()
-    found = set()
-    for file in safetensors_files(path):
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            try:
-                header = json.loads(f.read(size)) if size < 1 << 28 else None
-            except (ValueError, UnicodeDecodeError):
-                header = None
-            if not isinstance(header, dict):
-                return set()  # not readable here: the loader reports it
-        found |= {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
-    return {d for d in found if d in ("F64", "F32", "F16", "BF16")} if found else set()
+    return stored_float_dtypes(safetensors_files(path)) if is_hf_dir(path) else set()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -63,11 +63,9 @@ def guard_from_args(args: argparse.Namespace):
         from slimlm.guard.embedder import Embedder
 
         return None, Embedder(args.embedding_model)
-    from slimlm.guard.policy import load_guard
+    from slimlm.guard.policy import DEFAULT_VECTOR_CACHE, load_guard
 
     threshold = DEFAULT_THRESHOLD if args.guard_threshold is None else args.guard_threshold
-    from slimlm.guard.policy import DEFAULT_VECTOR_CACHE
-
     cache = DEFAULT_VECTOR_CACHE if getattr(args, "guard_cache", None) is None else args.guard_cache
     guard = load_guard(
         args.guard, threshold, args.guard_fallbacks, args.guard_mode or "snap", args.embedding_model,

@@ -70,6 +70,24 @@ def count_tensors(files: list[Path]) -> int:
     return total
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def stored_float_dtypes(files: list[Path]) -> set[str]:
+    """The safetensors dtypes ("BF16", "F32", ...) of the files' floating tensors, read from their headers
+    without loading a tensor; empty when a file cannot be read (the loader then says why)."""
+    from safetensors import SafetensorError, safe_open
+
+    found: set[str] = set()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                found |= {f.get_slice(name).get_dtype() for name in f.keys()}
+        except (SafetensorError, OSError, ValueError):
+            return set()
+    return {d for d in found if d in FLOAT_DTYPES}
+
+
 def read_generation_config(path: Path) -> dict[str, Any]:
     file = path / "generation_config.json"
     if not file.is_file():
