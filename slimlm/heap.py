@@ -15,17 +15,22 @@ import functools
 import sys
 
 
-@functools.cache
-def _malloc_trim():
+def _glibc(name: str, argtypes: tuple):
+    """glibc's function `name` (returning int), or None elsewhere (macOS, musl: no such call)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        trim = ctypes.CDLL(None).malloc_trim  # glibc only
+        fn = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes = (ctypes.c_size_t,)
-    trim.restype = ctypes.c_int
-    return trim
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@functools.cache
+def _malloc_trim():
+    return _glibc("malloc_trim", (ctypes.c_size_t,))
 
 
 def release_free_heap() -> bool:
@@ -49,19 +54,14 @@ def keep_freed_heap() -> bool:
     By default glibc maps every block above a (self-adjusting) threshold on its own and unmaps it on free,
     and trims the heap's top whenever a few MiB lie free there, so every prefill step faulted its
     activations' pages in afresh (how many, and what it cost: docs/engine.md, "Fifth pass"). Fixed
-    thresholds make those blocks come from the heap and stay there, up to KEEP_TRIM_BYTES of free top. Blocks of KEEP_MMAP_BYTES and more (a big
-    model's weights, the KV pool) are still mapped on their own, and `release_free_heap` still returns
-    everything free on request. Process-wide, set once (the engine calls it after its pool is allocated);
+    thresholds make those blocks come from the heap and stay there, up to KEEP_TRIM_BYTES of free top.
+    Blocks of KEEP_MMAP_BYTES and more (a big model's weights, the KV pool) are still mapped on their own,
+    and `release_free_heap` still returns everything free on request. Process-wide, set once (the engine calls it after its pool is allocated);
     False where the C library has no mallopt (nothing done).
     """
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc("mallopt", (ctypes.c_int, ctypes.c_int))
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # glibc only
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
     # Older glibc caps the mmap threshold at 32 MiB (half its heap size): take what it allows.
     mapped = mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_BYTES) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
     return bool(mapped and mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_BYTES))
